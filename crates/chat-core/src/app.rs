@@ -1,0 +1,330 @@
+//! The HTTP API as one axum [`Router`], served by Lambda (Function URL,
+//! response streaming) and by the local server alike.
+//!
+//! Every response passes [`request_context`]: it assigns the request id,
+//! adds `x-request-id` and `Server-Timing`, and writes the one JSON log line
+//! per request (streams write theirs when they end, see [`crate::relay`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::error::{ApiError, UpstreamError};
+use crate::provider::ModelProvider;
+use crate::relay;
+use crate::validate::{body_too_large, parse_chat_request};
+
+/// Shared, read-only after init (plus the health record).
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    config: Config,
+    provider: Arc<dyn ModelProvider>,
+    health: ModelHealth,
+}
+
+impl AppState {
+    pub fn new(config: Config, provider: Arc<dyn ModelProvider>) -> Self {
+        Self(Arc::new(Inner {
+            config,
+            provider,
+            health: ModelHealth::default(),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    pub fn provider(&self) -> &Arc<dyn ModelProvider> {
+        &self.0.provider
+    }
+
+    pub(crate) fn health(&self) -> &ModelHealth {
+        &self.0.health
+    }
+}
+
+/// Per-request facts every handler may need.
+#[derive(Clone, Debug)]
+pub struct RequestCtx {
+    pub id: Arc<str>,
+    pub start: Instant,
+}
+
+/// Marks a response whose log line is written when its body ends.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LogDeferred;
+
+/// The error code behind an error response, for the log line.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ErrorCode(pub &'static str);
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/chat", post(chat))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(request_context))
+        .with_state(state)
+}
+
+pub(crate) fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn incoming_request_id(headers: &HeaderMap) -> Option<Arc<str>> {
+    let v = headers.get("x-request-id")?.to_str().ok()?;
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    ok.then(|| Arc::from(v))
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+async fn request_context(mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let id = incoming_request_id(req.headers()).unwrap_or_else(|| Arc::from(new_id()));
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    req.extensions_mut().insert(RequestCtx {
+        id: id.clone(),
+        start,
+    });
+
+    let mut resp = next.run(req).await;
+
+    let elapsed = start.elapsed();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    if !resp.headers().contains_key("server-timing") {
+        if let Ok(v) = HeaderValue::from_str(&format!("total;dur={:.3}", ms(elapsed))) {
+            resp.headers_mut().insert("server-timing", v);
+        }
+    }
+    if resp.extensions().get::<LogDeferred>().is_none() {
+        let code = resp.extensions().get::<ErrorCode>().map(|c| c.0);
+        tracing::info!(
+            request_id = %id,
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            error_code = code,
+            total_ms = ms(elapsed),
+            "request"
+        );
+    }
+    resp
+}
+
+pub(crate) fn error_response(e: ApiError) -> Response {
+    let code = e.code;
+    let mut resp = e.into_response();
+    resp.extensions_mut().insert(ErrorCode(code));
+    resp
+}
+
+async fn not_found() -> Response {
+    error_response(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see POST /chat and GET /health",
+    ))
+}
+
+async fn method_not_allowed() -> Response {
+    error_response(ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    ))
+}
+
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    match headers.get(header::CONTENT_TYPE) {
+        None => true, // be lenient with clients that send none
+        Some(v) => v
+            .to_str()
+            .map(|s| {
+                let mime = s
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            })
+            .unwrap_or(false),
+    }
+}
+
+async fn chat(State(state): State<AppState>, req: Request) -> Response {
+    match chat_inner(state, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(e),
+    }
+}
+
+async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let ctx = parts
+        .extensions
+        .get::<RequestCtx>()
+        .cloned()
+        .unwrap_or_else(|| RequestCtx {
+            id: Arc::from(new_id()),
+            start: Instant::now(),
+        });
+    let limits = state.config().limits;
+    if !is_json_content_type(&parts.headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        return Err(body_too_large(limits.max_body_bytes));
+    }
+    let bytes = read_body(body, limits.max_body_bytes).await?;
+    let chat_req = parse_chat_request(&bytes, &limits)?;
+    relay::start(state, ctx, chat_req).await
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        if inner.is::<http_body_util::LengthLimitError>() {
+            body_too_large(limit)
+        } else {
+            ApiError::bad_request(
+                "body_read_failed",
+                format!("could not read the request body: {inner}"),
+            )
+        }
+    })
+}
+
+/// What we last saw of the model provider: lets `/health` report its state
+/// without calling it.
+#[derive(Default)]
+pub(crate) struct ModelHealth(Mutex<HealthInner>);
+
+#[derive(Default)]
+struct HealthInner {
+    last_ok: Option<Instant>,
+    last_error: Option<(Instant, &'static str)>,
+    consecutive_failures: u32,
+}
+
+impl ModelHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn record_ok(&self) {
+        let mut h = self.lock();
+        h.last_ok = Some(Instant::now());
+        h.consecutive_failures = 0;
+    }
+
+    /// Only failures that say something about the provider count; a request
+    /// the provider rejected as invalid does not make it unhealthy.
+    pub(crate) fn record_error(&self, e: &UpstreamError) {
+        let provider_fault = e.retryable()
+            || matches!(
+                e,
+                UpstreamError::Status {
+                    status: 401 | 403,
+                    ..
+                }
+            );
+        if provider_fault {
+            let mut h = self.lock();
+            h.last_error = Some((Instant::now(), e.code()));
+            h.consecutive_failures += 1;
+        }
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        let h = self.lock();
+        let state = match (h.last_ok, h.consecutive_failures) {
+            (_, n) if n >= 3 => "failing",
+            (_, n) if n > 0 => "degraded",
+            (Some(_), _) => "ok",
+            (None, _) => "unknown",
+        };
+        json!({
+            "state": state,
+            "consecutive_failures": h.consecutive_failures,
+            "last_success_ms_ago": h.last_ok.map(|t| t.elapsed().as_millis() as u64),
+            "last_error": h.last_error.map(|(t, code)| json!({"code": code, "ms_ago": t.elapsed().as_millis() as u64})),
+        })
+    }
+}
+
+/// `GET /health`: each dependency's last known state. `?probe=1` also
+/// checks the model provider live (a connection, no tokens), and answers
+/// 503 if that fails.
+async fn health(State(state): State<AppState>, req: Request) -> Response {
+    let probe_requested = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "probe" || kv == "probe=1" || kv == "probe=true")
+    });
+    let mut model = state.health().snapshot();
+    model["provider"] = json!(state.provider().name());
+    let mut ok = true;
+    if probe_requested {
+        let t = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(3), state.provider().prewarm()).await;
+        let (probe_ok, error) = match result {
+            Ok(Ok(())) => (true, None),
+            Ok(Err(e)) => (false, Some(e.code())),
+            Err(_) => (false, Some("upstream_timeout")),
+        };
+        ok = probe_ok;
+        model["probe"] = json!({"ok": probe_ok, "latency_ms": ms(t.elapsed()), "error": error});
+    }
+    let status_word = match model["state"].as_str() {
+        _ if !ok => "down",
+        Some("failing") | Some("degraded") => "degraded",
+        _ => "ok",
+    };
+    let body = json!({
+        "status": status_word,
+        "version": env!("CARGO_PKG_VERSION"),
+        "dependencies": {"model": model},
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(body),
+    )
+        .into_response()
+}

@@ -1,0 +1,383 @@
+//! Typed configuration, parsed once at init from an injectable source.
+//!
+//! Production reads the process environment ([`EnvSource`]); tests pass a
+//! `HashMap`. Every variable is validated here, and a bad value fails init
+//! with an error naming the variable, so a misconfigured function never
+//! serves traffic. Secrets are wrapped in [`Secret`], whose `Debug` and
+//! `Display` never show the value.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Where configuration values come from.
+pub trait ConfigSource {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnvSource;
+
+impl ConfigSource for EnvSource {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl ConfigSource for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+impl ConfigSource for HashMap<&str, &str> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).map(|v| (*v).to_owned())
+    }
+}
+
+/// Looks in `first`, then in `second`: e.g. command-line flags over the
+/// environment.
+pub struct Layered<A, B>(pub A, pub B);
+
+impl<A: ConfigSource, B: ConfigSource> ConfigSource for Layered<A, B> {
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.get(key).or_else(|| self.1.get(key))
+    }
+}
+
+/// Turns `--bind-addr 1.2.3.4:5` / `--bind-addr=..` flags into config keys
+/// (`BIND_ADDR`), so flags and env vars share one set of names and one parser.
+pub fn flags_to_source(
+    args: impl IntoIterator<Item = String>,
+) -> Result<HashMap<String, String>, ConfigError> {
+    let mut out = HashMap::new();
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let Some(flag) = arg.strip_prefix("--") else {
+            return Err(ConfigError::new(
+                "arguments",
+                format!("unexpected argument {arg:?}; flags look like --bind-addr=127.0.0.1:3000"),
+            ));
+        };
+        let (name, value) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_owned(), v.to_owned()),
+            None => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| ConfigError::new(flag, "flag needs a value"))?;
+                (flag.to_owned(), v)
+            }
+        };
+        out.insert(name.replace('-', "_").to_ascii_uppercase(), value);
+    }
+    Ok(out)
+}
+
+/// A value that must never be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A configuration value was missing or malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration {variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(variable: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            variable: variable.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Where the model API key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiKeySource {
+    /// `ANTHROPIC_API_KEY` (local runs).
+    Value(Secret),
+    /// `ANTHROPIC_API_KEY_SECRET_ARN`: fetched from Secrets Manager at init.
+    SecretsManager { arn: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnthropicConfig {
+    pub base_url: String,
+    pub api_key: ApiKeySource,
+    pub version: String,
+}
+
+/// Deadlines for one model call. See README "Configuration".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_token: Duration,
+    pub idle: Duration,
+    pub total: Duration,
+}
+
+/// Request limits enforced before any upstream work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_message_chars: usize,
+    pub max_system_chars: usize,
+    pub max_tokens: u32,
+    pub default_max_tokens: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub bind_addr: SocketAddr,
+    pub log_level: tracing::Level,
+    pub anthropic: AnthropicConfig,
+    pub default_model: String,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// Open the upstream connection at init so the first request does not
+    /// pay for TCP + TLS.
+    pub prewarm: bool,
+}
+
+struct Reader<'a, S: ConfigSource + ?Sized>(&'a S);
+
+impl<S: ConfigSource + ?Sized> Reader<'_, S> {
+    fn string(&self, key: &str) -> Option<String> {
+        self.0
+            .get(key)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        key: &str,
+        default: T,
+        what: &str,
+    ) -> Result<T, ConfigError> {
+        match self.string(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ConfigError::new(key, format!("{v:?} is not {what}"))),
+        }
+    }
+
+    fn ms(&self, key: &str, default_ms: u64) -> Result<Duration, ConfigError> {
+        let v: u64 = self.parse(key, default_ms, "a whole number of milliseconds")?;
+        if v == 0 {
+            return Err(ConfigError::new(key, "must be greater than 0"));
+        }
+        Ok(Duration::from_millis(v))
+    }
+
+    fn bool(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.string(key).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => Ok(true),
+            Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => Ok(false),
+            Some(v) => Err(ConfigError::new(key, format!("{v:?} is not true or false"))),
+        }
+    }
+
+    fn ranged<T>(&self, key: &str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+    {
+        let v = self.parse(key, default, "a whole number")?;
+        if v < min || v > max {
+            return Err(ConfigError::new(
+                key,
+                format!("{v} is outside {min}..={max}"),
+            ));
+        }
+        Ok(v)
+    }
+}
+
+impl Config {
+    pub fn from_source(src: &(impl ConfigSource + ?Sized)) -> Result<Self, ConfigError> {
+        let r = Reader(src);
+        let bind_addr = r.parse(
+            "BIND_ADDR",
+            SocketAddr::from(([127, 0, 0, 1], 3000)),
+            "an address like 127.0.0.1:3000",
+        )?;
+        let log_level = r.parse(
+            "LOG_LEVEL",
+            tracing::Level::INFO,
+            "one of error, warn, info, debug, trace",
+        )?;
+
+        let base_url = r
+            .string("ANTHROPIC_BASE_URL")
+            .unwrap_or_else(|| "https://api.anthropic.com".to_owned());
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        if !(base_url.starts_with("https://") || base_url.starts_with("http://")) {
+            return Err(ConfigError::new(
+                "ANTHROPIC_BASE_URL",
+                format!("{base_url:?} must start with http:// or https://"),
+            ));
+        }
+        let api_key = match (
+            r.string("ANTHROPIC_API_KEY"),
+            r.string("ANTHROPIC_API_KEY_SECRET_ARN"),
+        ) {
+            (Some(k), _) => ApiKeySource::Value(Secret::new(k)),
+            (None, Some(arn)) if arn.starts_with("arn:") => ApiKeySource::SecretsManager { arn },
+            (None, Some(arn)) => {
+                return Err(ConfigError::new(
+                    "ANTHROPIC_API_KEY_SECRET_ARN",
+                    format!("{arn:?} is not an ARN"),
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "ANTHROPIC_API_KEY",
+                    "not set (set it, or ANTHROPIC_API_KEY_SECRET_ARN to read it from Secrets Manager)",
+                ));
+            }
+        };
+        let version = r
+            .string("ANTHROPIC_VERSION")
+            .unwrap_or_else(|| "2023-06-01".to_owned());
+        let default_model = r
+            .string("DEFAULT_MODEL")
+            .unwrap_or_else(|| "claude-sonnet-4-5".to_owned());
+
+        let timeouts = Timeouts {
+            connect: r.ms("UPSTREAM_CONNECT_TIMEOUT_MS", 3_000)?,
+            first_token: r.ms("UPSTREAM_FIRST_TOKEN_TIMEOUT_MS", 20_000)?,
+            idle: r.ms("UPSTREAM_IDLE_TIMEOUT_MS", 30_000)?,
+            total: r.ms("UPSTREAM_TOTAL_TIMEOUT_MS", 240_000)?,
+        };
+        let max_tokens = r.ranged("MAX_TOKENS_LIMIT", 8192u32, 1, 128_000)?;
+        let default_max_tokens =
+            r.ranged("DEFAULT_MAX_TOKENS", 1024u32.min(max_tokens), 1, max_tokens)?;
+        let limits = Limits {
+            max_body_bytes: r.ranged("MAX_BODY_BYTES", 256 * 1024usize, 1024, 6 * 1024 * 1024)?,
+            max_message_chars: r.ranged("MAX_MESSAGE_CHARS", 100_000usize, 1, 10_000_000)?,
+            max_system_chars: r.ranged("MAX_SYSTEM_CHARS", 50_000usize, 0, 10_000_000)?,
+            max_tokens,
+            default_max_tokens,
+        };
+        let prewarm = r.bool("UPSTREAM_PREWARM", true)?;
+        Ok(Config {
+            bind_addr,
+            log_level,
+            anthropic: AnthropicConfig {
+                base_url,
+                api_key,
+                version,
+            },
+            default_model,
+            timeouts,
+            limits,
+            prewarm,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut m: HashMap<&str, &str> = pairs.iter().copied().collect();
+        m.entry("ANTHROPIC_API_KEY").or_insert("sk-test-secret");
+        Config::from_source(&m)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.anthropic.base_url, "https://api.anthropic.com");
+        assert_eq!(c.bind_addr.port(), 3000);
+        assert!(c.prewarm);
+        assert!(c.limits.default_max_tokens <= c.limits.max_tokens);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v) in [
+            ("BIND_ADDR", "nope"),
+            ("UPSTREAM_IDLE_TIMEOUT_MS", "-1"),
+            ("UPSTREAM_IDLE_TIMEOUT_MS", "0"),
+            ("MAX_TOKENS_LIMIT", "0"),
+            ("UPSTREAM_PREWARM", "maybe"),
+            ("ANTHROPIC_BASE_URL", "ftp://x"),
+            ("LOG_LEVEL", "loud"),
+        ] {
+            let e = cfg(&[(k, v)]).unwrap_err();
+            assert_eq!(e.variable, k, "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_key_is_an_error_and_arn_is_accepted() {
+        let m: HashMap<&str, &str> = HashMap::new();
+        assert_eq!(
+            Config::from_source(&m).unwrap_err().variable,
+            "ANTHROPIC_API_KEY"
+        );
+        let m: HashMap<&str, &str> = [(
+            "ANTHROPIC_API_KEY_SECRET_ARN",
+            "arn:aws:secretsmanager:eu-west-1:1:secret:k",
+        )]
+        .into();
+        assert!(matches!(
+            Config::from_source(&m).unwrap().anthropic.api_key,
+            ApiKeySource::SecretsManager { .. }
+        ));
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = cfg(&[]).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sk-test-secret"), "{shown}");
+    }
+
+    #[test]
+    fn flags_override_env_with_the_same_names() {
+        let flags = flags_to_source([
+            "--bind-addr".to_owned(),
+            "127.0.0.1:9".to_owned(),
+            "--log-level=debug".to_owned(),
+        ])
+        .unwrap();
+        let env: HashMap<&str, &str> =
+            [("BIND_ADDR", "127.0.0.1:1"), ("ANTHROPIC_API_KEY", "k")].into();
+        let c = Config::from_source(&Layered(flags, env)).unwrap();
+        assert_eq!(c.bind_addr.port(), 9);
+        assert_eq!(c.log_level, tracing::Level::DEBUG);
+        assert!(flags_to_source(["stray".to_owned()]).is_err());
+        assert!(flags_to_source(["--port".to_owned()]).is_err());
+    }
+}

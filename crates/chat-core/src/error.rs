@@ -1,0 +1,302 @@
+//! Errors: [`UpstreamError`] for everything a model provider can do wrong,
+//! [`ApiError`] for what our own client sees (status + JSON body).
+//!
+//! The mapping from upstream trouble to our status codes is documented in
+//! README ("Errors") and kept in one place: [`UpstreamError::status_code`].
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Which deadline fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// TCP/TLS connect to the provider.
+    Connect,
+    /// No text from the model within the first-token deadline.
+    FirstToken,
+    /// No bytes from the model for too long in the middle of an answer.
+    Idle,
+    /// The whole answer took too long.
+    Total,
+}
+
+impl std::fmt::Display for TimeoutKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TimeoutKind::Connect => "connect",
+            TimeoutKind::FirstToken => "first token",
+            TimeoutKind::Idle => "idle gap between chunks",
+            TimeoutKind::Total => "total",
+        })
+    }
+}
+
+/// Anything that went wrong talking to a model provider.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The provider answered with an HTTP error status.
+    #[error("upstream answered HTTP {status} ({kind}): {message}")]
+    Status {
+        status: u16,
+        /// Provider's error type, e.g. `overloaded_error`.
+        kind: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The provider sent an `error` event inside a 200 stream.
+    #[error("upstream stream error ({kind}): {message}")]
+    StreamEvent { kind: String, message: String },
+    #[error("could not reach upstream")]
+    Connect(#[source] reqwest::Error),
+    #[error("upstream timed out ({0})")]
+    Timeout(TimeoutKind),
+    #[error("upstream connection failed mid-stream")]
+    Transport(#[source] reqwest::Error),
+    #[error("upstream closed the stream before the answer was complete")]
+    Truncated,
+    #[error("upstream sent data we could not understand: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// A short stable code for clients and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            UpstreamError::Status { status, .. } => match status {
+                400 => "upstream_rejected_request",
+                401 | 403 => "upstream_auth_failed",
+                404 => "model_not_found",
+                413 => "upstream_request_too_large",
+                429 => "upstream_rate_limited",
+                529 => "upstream_overloaded",
+                _ => "upstream_error",
+            },
+            UpstreamError::StreamEvent { kind, .. } => match kind.as_str() {
+                "overloaded_error" => "upstream_overloaded",
+                "rate_limit_error" => "upstream_rate_limited",
+                "invalid_request_error" => "upstream_rejected_request",
+                _ => "upstream_error",
+            },
+            UpstreamError::Connect(_) => "upstream_unreachable",
+            UpstreamError::Timeout(_) => "upstream_timeout",
+            UpstreamError::Transport(_) | UpstreamError::Truncated => "upstream_disconnected",
+            UpstreamError::Protocol(_) => "upstream_protocol_error",
+        }
+    }
+
+    /// The status our client gets when this happens before the stream starts.
+    ///
+    /// Upstream auth failures are *our* misconfiguration, so they become 502,
+    /// never 401 (which would tell the caller their own credentials are bad).
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            UpstreamError::Status { status, .. } => match status {
+                400 | 404 => StatusCode::BAD_REQUEST,
+                413 => StatusCode::PAYLOAD_TOO_LARGE,
+                429 => StatusCode::TOO_MANY_REQUESTS,
+                503 | 529 => StatusCode::SERVICE_UNAVAILABLE,
+                504 => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            UpstreamError::StreamEvent { kind, .. } => match kind.as_str() {
+                "overloaded_error" => StatusCode::SERVICE_UNAVAILABLE,
+                "rate_limit_error" => StatusCode::TOO_MANY_REQUESTS,
+                "invalid_request_error" => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::Connect(_)
+            | UpstreamError::Transport(_)
+            | UpstreamError::Truncated
+            | UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Whether trying again (later, or elsewhere) may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => {
+                matches!(status, 408 | 409 | 429 | 500..=599)
+            }
+            UpstreamError::StreamEvent { kind, .. } => matches!(
+                kind.as_str(),
+                "overloaded_error" | "api_error" | "rate_limit_error" | "timeout_error"
+            ),
+            UpstreamError::Connect(_)
+            | UpstreamError::Timeout(_)
+            | UpstreamError::Transport(_)
+            | UpstreamError::Truncated => true,
+            UpstreamError::Protocol(_) => false,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Message safe to show a client: never the provider's raw body for
+    /// auth failures (it may echo key fragments).
+    pub fn client_message(&self) -> String {
+        match self {
+            UpstreamError::Status {
+                status: 401 | 403, ..
+            } => "the model provider rejected this service's credentials".to_owned(),
+            UpstreamError::Status {
+                status, message, ..
+            } => format!("the model provider answered HTTP {status}: {message}"),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// An error response: a status and a JSON body naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// The request field at fault, when there is one.
+    pub field: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    /// The JSON body, also used as the data of an SSE `error` event.
+    pub fn body_json(&self) -> String {
+        serde_json::to_string(&ErrorBody {
+            code: self.code,
+            message: &self.message,
+            field: self.field.as_deref(),
+        })
+        .unwrap_or_else(|_| format!("{{\"code\":\"{}\"}}", self.code))
+    }
+}
+
+impl From<&UpstreamError> for ApiError {
+    fn from(e: &UpstreamError) -> Self {
+        Self {
+            status: e.status_code(),
+            code: e.code(),
+            message: e.client_message(),
+            field: None,
+            retry_after: e.retry_after(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            self.body_json(),
+        )
+            .into_response();
+        let retry_after = self.retry_after.or(match self.status {
+            // A 429/503 without a hint still tells the client to back off.
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                Some(Duration::from_secs(1))
+            }
+            _ => None,
+        });
+        if let Some(ra) = retry_after {
+            let secs = ra.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+impl IntoResponse for &ApiError {
+    fn into_response(self) -> Response {
+        self.clone().into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(s: u16) -> UpstreamError {
+        UpstreamError::Status {
+            status: s,
+            kind: "x".into(),
+            message: "m".into(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn upstream_statuses_map_to_documented_client_statuses() {
+        let table = [
+            (400, 400, false),
+            (401, 502, false),
+            (403, 502, false),
+            (404, 400, false),
+            (413, 413, false),
+            (429, 429, true),
+            (500, 502, true),
+            (503, 503, true),
+            (529, 503, true),
+        ];
+        for (up, ours, retry) in table {
+            let e = status(up);
+            assert_eq!(e.status_code().as_u16(), ours, "upstream {up}");
+            assert_eq!(e.retryable(), retry, "upstream {up}");
+        }
+    }
+
+    #[test]
+    fn auth_failures_do_not_leak_provider_text() {
+        let e = UpstreamError::Status {
+            status: 401,
+            kind: "authentication_error".into(),
+            message: "invalid x-api-key sk-ant-123".into(),
+            retry_after: None,
+        };
+        assert!(!ApiError::from(&e).message.contains("sk-ant"));
+    }
+
+    #[test]
+    fn retry_after_header_is_whole_seconds_rounded_up() {
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "x", "y");
+        e.retry_after = Some(Duration::from_millis(1500));
+        let r = e.into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+}

@@ -1,0 +1,572 @@
+//! Anthropic Messages API, streaming (`"stream": true`).
+//!
+//! Wire format: SSE events `message_start`, `content_block_start`,
+//! `content_block_delta` (`text_delta`; other delta kinds carry no text for
+//! us), `content_block_stop`, `ping`, `message_delta` (stop reason, usage),
+//! `message_stop`, and `error`, which may arrive mid-stream after a 200.
+//! Unknown event types are ignored: the API adds new ones over time.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Chunk, ChunkStream, ModelProvider, ModelRequest};
+use crate::config::Secret;
+use crate::error::UpstreamError;
+use crate::sse::{SseEvent, SseParser};
+
+pub struct AnthropicProvider {
+    client: reqwest::Client,
+    base_url: String,
+    messages_url: String,
+    api_key: Secret,
+    version: String,
+}
+
+impl AnthropicProvider {
+    /// `client` is the shared, pooled client built once at init.
+    pub fn new(client: reqwest::Client, base_url: &str, api_key: Secret, version: &str) -> Self {
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        Self {
+            client,
+            messages_url: format!("{base_url}/v1/messages"),
+            base_url,
+            api_key,
+            version: version.to_owned(),
+        }
+    }
+
+    fn request_body(req: &ModelRequest) -> serde_json::Value {
+        let mut body = json!({
+            "model": req.model,
+            "max_tokens": req.max_tokens,
+            "messages": req.messages,
+            "stream": true,
+        });
+        if let Some(system) = &req.system {
+            body["system"] = json!(system);
+        }
+        if let Some(t) = req.temperature {
+            body["temperature"] = json!(t);
+        }
+        body
+    }
+}
+
+impl ModelProvider for AnthropicProvider {
+    fn name(&self) -> &'static str {
+        "anthropic"
+    }
+
+    fn stream(&self, req: &ModelRequest) -> BoxFuture<'_, Result<ChunkStream, UpstreamError>> {
+        let body = Self::request_body(req);
+        Box::pin(async move {
+            let resp = self
+                .client
+                .post(&self.messages_url)
+                .header("x-api-key", self.api_key.expose())
+                .header("anthropic-version", &self.version)
+                .header(CONTENT_TYPE, "application/json")
+                .header("accept", "text/event-stream")
+                .json(&body)
+                .send()
+                .await
+                .map_err(send_error)?;
+            let status = resp.status();
+            if !status.is_success() {
+                let retry_after = retry_after(resp.headers());
+                let body = read_capped(resp, 64 * 1024).await;
+                return Err(status_error(status.as_u16(), &body, retry_after));
+            }
+            Ok(chunk_stream(resp.bytes_stream().boxed()))
+        })
+    }
+
+    fn prewarm(&self) -> BoxFuture<'_, Result<(), UpstreamError>> {
+        Box::pin(async move {
+            // Listing models costs no tokens; any HTTP answer means the
+            // connection (TCP + TLS + HTTP/2 if offered) is now in the pool.
+            let resp = self
+                .client
+                .get(format!("{}/v1/models?limit=1", self.base_url))
+                .header("x-api-key", self.api_key.expose())
+                .header("anthropic-version", &self.version)
+                .send()
+                .await
+                .map_err(send_error)?;
+            // Drain the body so the connection goes back to the pool.
+            let _ = read_capped(resp, 64 * 1024).await;
+            Ok(())
+        })
+    }
+}
+
+fn send_error(e: reqwest::Error) -> UpstreamError {
+    if e.is_timeout() && e.is_connect() {
+        UpstreamError::Timeout(crate::error::TimeoutKind::Connect)
+    } else {
+        UpstreamError::Connect(e)
+    }
+}
+
+async fn read_capped(resp: reqwest::Response, cap: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = resp.bytes_stream();
+    while let Some(Ok(b)) = s.next().await {
+        out.extend_from_slice(&b[..b.len().min(cap - out.len())]);
+        if out.len() >= cap {
+            break;
+        }
+    }
+    out
+}
+
+/// `retry-after` in seconds (Anthropic sends whole seconds).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let secs: f64 = v.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Maps an HTTP error answer to the typed error.
+pub fn status_error(status: u16, body: &[u8], retry_after: Option<Duration>) -> UpstreamError {
+    let (kind, message) = match serde_json::from_slice::<ErrorEnvelope>(body) {
+        Ok(env) => (env.error.kind, env.error.message),
+        Err(_) => (
+            default_kind(status).to_owned(),
+            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        ),
+    };
+    UpstreamError::Status {
+        status,
+        kind,
+        message,
+        retry_after,
+    }
+}
+
+fn default_kind(status: u16) -> &'static str {
+    match status {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Event {
+    MessageStart {
+        message: StartMessage,
+    },
+    ContentBlockStart {
+        content_block: ContentBlock,
+    },
+    ContentBlockDelta {
+        delta: Delta,
+    },
+    MessageDelta {
+        delta: StopDelta,
+        #[serde(default)]
+        usage: Usage,
+    },
+    MessageStop,
+    Error {
+        error: ErrorDetail,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+struct StartMessage {
+    model: String,
+    #[serde(default)]
+    usage: Usage,
+}
+
+#[derive(Deserialize, Default)]
+struct Usage {
+    input_tokens: Option<u32>,
+    output_tokens: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ContentBlock {
+    Text {
+        #[serde(default)]
+        text: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Delta {
+    TextDelta {
+        text: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+struct StopDelta {
+    stop_reason: Option<String>,
+}
+
+/// Converts one Anthropic SSE event into at most one chunk. Pure.
+///
+/// `ping`, block boundaries, non-text deltas and unknown event types give
+/// `Ok(None)`; an `error` event gives `Err`.
+pub fn event_to_chunk(ev: &SseEvent) -> Result<Option<Chunk>, UpstreamError> {
+    // Unknown events may carry any payload; do not insist on parsing them.
+    if !matches!(
+        ev.event.as_str(),
+        "message_start"
+            | "content_block_start"
+            | "content_block_delta"
+            | "message_delta"
+            | "message_stop"
+            | "error"
+    ) {
+        return Ok(None);
+    }
+    let event: Event = serde_json::from_str(&ev.data)
+        .map_err(|e| UpstreamError::Protocol(format!("bad {} event: {e}", ev.event)))?;
+    Ok(match event {
+        Event::MessageStart { message } => Some(Chunk::Start {
+            model: message.model,
+            input_tokens: message.usage.input_tokens,
+        }),
+        Event::ContentBlockStart {
+            content_block: ContentBlock::Text { text },
+        } if !text.is_empty() => Some(Chunk::Delta(text)),
+        Event::ContentBlockDelta {
+            delta: Delta::TextDelta { text },
+        } => Some(Chunk::Delta(text)),
+        Event::MessageDelta { delta, usage } => Some(Chunk::Stop {
+            stop_reason: delta.stop_reason,
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+        }),
+        Event::MessageStop => Some(Chunk::End),
+        Event::Error { error } => {
+            return Err(UpstreamError::StreamEvent {
+                kind: error.kind,
+                message: error.message,
+            });
+        }
+        Event::ContentBlockStart { .. } | Event::ContentBlockDelta { .. } | Event::Other => None,
+    })
+}
+
+/// Parses a whole sequence of network reads into chunks. Pure; used by the
+/// live stream and by tests on literal streams.
+#[derive(Default)]
+pub struct StreamDecoder {
+    parser: SseParser,
+    finished: bool,
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True once `message_stop` was seen.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Feeds one network read; returns the chunks it completed. Stops at
+    /// the first error or at `message_stop`.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<Result<Chunk, UpstreamError>>) {
+        if self.finished {
+            return;
+        }
+        let events = match self.parser.feed(bytes) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.finished = true;
+                out.push_back(Err(UpstreamError::Protocol(e.to_string())));
+                return;
+            }
+        };
+        for ev in events {
+            match event_to_chunk(&ev) {
+                Ok(None) => {}
+                Ok(Some(chunk)) => {
+                    let end = chunk == Chunk::End;
+                    out.push_back(Ok(chunk));
+                    if end {
+                        self.finished = true;
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.finished = true;
+                    out.push_back(Err(e));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct LiveStream {
+    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    decoder: StreamDecoder,
+    ready: VecDeque<Result<Chunk, UpstreamError>>,
+    done: bool,
+}
+
+fn chunk_stream(body: BoxStream<'static, reqwest::Result<Bytes>>) -> ChunkStream {
+    let state = LiveStream {
+        body,
+        decoder: StreamDecoder::new(),
+        ready: VecDeque::new(),
+        done: false,
+    };
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(item) = s.ready.pop_front() {
+                if item.is_err() {
+                    s.done = true;
+                    s.ready.clear();
+                }
+                return Some((item, s));
+            }
+            if s.done || s.decoder.finished() {
+                return None;
+            }
+            match s.body.next().await {
+                Some(Ok(bytes)) => s.decoder.feed(&bytes, &mut s.ready),
+                Some(Err(e)) => {
+                    s.done = true;
+                    return Some((Err(UpstreamError::Transport(e)), s));
+                }
+                None => {
+                    s.done = true;
+                    return Some((Err(UpstreamError::Truncated), s));
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A literal stream as the Messages API sends it (shape from the API
+    /// reference), including a ping and an event type we do not know.
+    const STREAM: &str = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\n",
+        "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\n",
+        "data: {\"type\": \"ping\"}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+        "event: future_event_type\n",
+        "data: {\"type\":\"future_event_type\",\"whatever\":[1,2]}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" w\u{f6}rld!\"}}\n\n",
+        "event: content_block_stop\n",
+        "data: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n",
+        "event: message_stop\n",
+        "data: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    fn decode(chunks: &[&[u8]]) -> Vec<Result<Chunk, UpstreamError>> {
+        let mut d = StreamDecoder::new();
+        let mut out = VecDeque::new();
+        for c in chunks {
+            d.feed(c, &mut out);
+        }
+        out.into_iter().collect()
+    }
+
+    fn ok(v: Vec<Result<Chunk, UpstreamError>>) -> Vec<Chunk> {
+        v.into_iter().map(|r| r.unwrap()).collect()
+    }
+
+    fn expected() -> Vec<Chunk> {
+        vec![
+            Chunk::Start {
+                model: "claude-sonnet-4-5".into(),
+                input_tokens: Some(25),
+            },
+            Chunk::Delta("Hello".into()),
+            Chunk::Delta(" w\u{f6}rld!".into()),
+            Chunk::Stop {
+                stop_reason: Some("end_turn".into()),
+                input_tokens: None,
+                output_tokens: Some(15),
+            },
+            Chunk::End,
+        ]
+    }
+
+    #[test]
+    fn full_stream_in_one_read() {
+        assert_eq!(ok(decode(&[STREAM.as_bytes()])), expected());
+    }
+
+    #[test]
+    fn full_stream_split_at_every_byte_pair() {
+        let b = STREAM.as_bytes();
+        // Every single split point, and reads of 1..=7 bytes.
+        for i in 0..b.len() {
+            assert_eq!(ok(decode(&[&b[..i], &b[i..]])), expected(), "split at {i}");
+        }
+        for n in 1..=7 {
+            let parts: Vec<&[u8]> = b.chunks(n).collect();
+            assert_eq!(ok(decode(&parts)), expected(), "reads of {n} bytes");
+        }
+    }
+
+    #[test]
+    fn error_event_mid_stream_ends_the_stream_with_its_kind() {
+        let s = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":1}}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: error\n",
+            "data: {\"type\": \"error\", \"error\": {\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"never\"}}\n\n",
+        );
+        let out = decode(&[s.as_bytes()]);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1].as_ref().unwrap(), &Chunk::Delta("Hi".into()));
+        match &out[2] {
+            Err(e @ UpstreamError::StreamEvent { kind, message }) => {
+                assert_eq!(kind, "overloaded_error");
+                assert_eq!(message, "Overloaded");
+                assert!(e.retryable());
+                assert_eq!(e.status_code().as_u16(), 503);
+            }
+            other => panic!("expected a stream error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn non_text_deltas_and_blocks_are_ignored() {
+        let tool = SseEvent {
+            event: "content_block_delta".into(),
+            data: r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\""}}"#.into(),
+            id: None,
+        };
+        assert_eq!(event_to_chunk(&tool).unwrap(), None);
+        let thinking = SseEvent {
+            event: "content_block_start".into(),
+            data: r#"{"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}}"#.into(),
+            id: None,
+        };
+        assert_eq!(event_to_chunk(&thinking).unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_known_event_is_a_protocol_error() {
+        let ev = SseEvent {
+            event: "content_block_delta".into(),
+            data: "{not json".into(),
+            id: None,
+        };
+        assert!(matches!(
+            event_to_chunk(&ev),
+            Err(UpstreamError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn nothing_after_message_stop_is_read() {
+        let s = format!(
+            "{STREAM}event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"late\"}}}}\n\n"
+        );
+        assert_eq!(ok(decode(&[s.as_bytes()])), expected());
+    }
+
+    #[test]
+    fn http_error_bodies_map_to_typed_errors() {
+        let body = br#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"},"request_id":"req_1"}"#;
+        let e = status_error(429, body, Some(Duration::from_secs(7)));
+        assert_eq!(e.status_code().as_u16(), 429);
+        assert!(e.retryable());
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(e.code(), "upstream_rate_limited");
+        match e {
+            UpstreamError::Status { kind, .. } => assert_eq!(kind, "rate_limit_error"),
+            other => panic!("{other:?}"),
+        }
+        // A body that is not the API's JSON (a proxy's HTML page) still maps by status.
+        let e = status_error(529, b"<html>busy</html>", None);
+        assert_eq!(e.status_code().as_u16(), 503);
+        assert!(e.retryable());
+        let e = status_error(401, b"", None);
+        assert!(!e.retryable());
+        assert_eq!(e.status_code().as_u16(), 502);
+    }
+
+    #[test]
+    fn retry_after_header_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn request_body_has_the_api_shape() {
+        let req = ModelRequest {
+            model: "m".into(),
+            system: Some("be brief".into()),
+            messages: vec![super::super::Message {
+                role: super::super::Role::User,
+                content: "hi".into(),
+            }],
+            max_tokens: 10,
+            temperature: None,
+        };
+        let b = AnthropicProvider::request_body(&req);
+        assert_eq!(b["stream"], true);
+        assert_eq!(b["system"], "be brief");
+        assert_eq!(b["messages"][0]["role"], "user");
+        assert!(b.get("temperature").is_none());
+    }
+}

@@ -1,0 +1,367 @@
+//! `POST /chat` after validation: call the model and relay its answer as SSE.
+//!
+//! Until the provider has accepted the request and sent its first event,
+//! nothing is committed to the client, so failures there become a JSON error
+//! with a proper status. From then on the body is a stream: `meta`, one
+//! `delta` per upstream text delta (written the moment it arrives; the body
+//! stream yields each frame on its own, so hyper and the Lambda runtime
+//! flush it at once), then `done`, or `error` if the upstream fails.
+//!
+//! The body stream pulls from the upstream stream directly, with no task
+//! and no channel in between: when the client goes away the body is
+//! dropped, which drops the upstream response and closes that connection,
+//! so we stop paying for tokens nobody reads.
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::time::timeout_at;
+
+use crate::app::{AppState, LogDeferred, RequestCtx, ms, new_id};
+use crate::error::{ApiError, TimeoutKind, UpstreamError};
+use crate::provider::{Chunk, ChunkStream, Message, ModelRequest, Role};
+use crate::sse;
+use crate::validate::ChatRequest;
+
+/// Where each phase of one request ended, relative to its start.
+#[derive(Debug, Clone, Copy)]
+struct Timings {
+    start: Instant,
+    validate: Duration,
+    upstream_connect: Duration,
+    ttft: Option<Duration>,
+}
+
+impl Timings {
+    fn json(&self, total: Duration) -> serde_json::Value {
+        json!({
+            "validate": ms(self.validate),
+            "upstream_connect": ms(self.upstream_connect),
+            "ttft": self.ttft.map(ms),
+            "total": ms(total),
+        })
+    }
+}
+
+/// The deadlines of one model call, from config.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    first_token: Instant,
+    total: Instant,
+    idle: Duration,
+}
+
+impl Deadlines {
+    /// The next deadline and what it is, given whether text has arrived and
+    /// when the last chunk did.
+    fn next(&self, got_text: bool, last_chunk: Instant) -> (tokio::time::Instant, TimeoutKind) {
+        let (t, kind) = if got_text {
+            (last_chunk + self.idle, TimeoutKind::Idle)
+        } else {
+            (self.first_token, TimeoutKind::FirstToken)
+        };
+        if self.total < t {
+            (self.total.into(), TimeoutKind::Total)
+        } else {
+            (t.into(), kind)
+        }
+    }
+}
+
+pub(crate) async fn start(
+    state: AppState,
+    ctx: RequestCtx,
+    req: ChatRequest,
+) -> Result<Response, ApiError> {
+    let config = state.config();
+    let validate = ctx.start.elapsed();
+    let model_req = ModelRequest {
+        model: req.model.unwrap_or_else(|| config.default_model.clone()),
+        system: req.system,
+        messages: vec![Message {
+            role: Role::User,
+            content: req.message,
+        }],
+        max_tokens: req.max_tokens.unwrap_or(config.limits.default_max_tokens),
+        temperature: req.temperature,
+    };
+    let deadlines = Deadlines {
+        first_token: ctx.start + config.timeouts.first_token,
+        total: ctx.start + config.timeouts.total,
+        idle: config.timeouts.idle,
+    };
+
+    // Phase 1: until the first upstream event, failures are plain errors.
+    let (deadline, kind) = deadlines.next(false, ctx.start);
+    let upstream_start = Instant::now();
+    let opened = match timeout_at(deadline, state.provider().stream(&model_req)).await {
+        Ok(r) => r,
+        Err(_) => Err(UpstreamError::Timeout(kind)),
+    };
+    let mut upstream = match opened {
+        Ok(s) => s,
+        Err(e) => return Err(pre_stream_failure(&state, &ctx, &model_req.model, e)),
+    };
+    let upstream_connect = upstream_start.elapsed();
+    let first = match timeout_at(deadline, upstream.next()).await {
+        Ok(Some(Ok(chunk))) => chunk,
+        Ok(Some(Err(e))) => return Err(pre_stream_failure(&state, &ctx, &model_req.model, e)),
+        Ok(None) => {
+            return Err(pre_stream_failure(
+                &state,
+                &ctx,
+                &model_req.model,
+                UpstreamError::Truncated,
+            ));
+        }
+        Err(_) => {
+            return Err(pre_stream_failure(
+                &state,
+                &ctx,
+                &model_req.model,
+                UpstreamError::Timeout(kind),
+            ));
+        }
+    };
+    let (model, input_tokens, pending) = match first {
+        Chunk::Start {
+            model,
+            input_tokens,
+        } => (model, input_tokens, None),
+        other => (model_req.model.clone(), None, Some(other)),
+    };
+
+    // Phase 2: the stream.
+    let conversation_id = req.conversation_id.unwrap_or_else(new_id);
+    let turn_id = new_id();
+    let meta = json!({
+        "conversation_id": conversation_id,
+        "turn_id": turn_id,
+        "model": model,
+        "cache": "miss",
+    });
+    let timings = Timings {
+        start: ctx.start,
+        validate,
+        upstream_connect,
+        ttft: None,
+    };
+    let server_timing = format!(
+        "validate;dur={:.3}, upstream_connect;dur={:.3}, first_event;dur={:.3}",
+        ms(validate),
+        ms(upstream_connect),
+        ms(ctx.start.elapsed())
+    );
+    let relay = Relay {
+        state,
+        upstream,
+        pending,
+        meta: Some(meta.to_string()),
+        seq: 0,
+        deadlines,
+        last_chunk: Instant::now(),
+        timings,
+        stop_reason: None,
+        input_tokens,
+        output_tokens: None,
+        text_chars: 0,
+        finished: false,
+        log: Some(LogCtx {
+            request_id: ctx.id.to_string(),
+            model,
+            conversation_id,
+            turn_id,
+        }),
+    };
+    let body = futures_util::stream::unfold(relay, |mut r| async move {
+        r.next_frame().await.map(|b| (Ok::<_, Infallible>(b), r))
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    // Tell reverse proxies (nginx and friends) not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert("x-cache", HeaderValue::from_static("miss"));
+    if let Ok(v) = HeaderValue::from_str(&server_timing) {
+        h.insert("server-timing", v);
+    }
+    *resp.status_mut() = StatusCode::OK;
+    resp.extensions_mut().insert(LogDeferred);
+    Ok(resp)
+}
+
+fn pre_stream_failure(
+    state: &AppState,
+    ctx: &RequestCtx,
+    model: &str,
+    e: UpstreamError,
+) -> ApiError {
+    state.health().record_error(&e);
+    tracing::warn!(
+        request_id = %ctx.id,
+        model,
+        error = %e,
+        error_code = e.code(),
+        retryable = e.retryable(),
+        "upstream failed before the stream started"
+    );
+    ApiError::from(&e)
+}
+
+struct LogCtx {
+    request_id: String,
+    model: String,
+    conversation_id: String,
+    turn_id: String,
+}
+
+struct Relay {
+    state: AppState,
+    upstream: ChunkStream,
+    /// A first chunk that was not `Start`, to emit after `meta`.
+    pending: Option<Chunk>,
+    meta: Option<String>,
+    seq: u64,
+    deadlines: Deadlines,
+    last_chunk: Instant,
+    timings: Timings,
+    stop_reason: Option<String>,
+    input_tokens: Option<u32>,
+    output_tokens: Option<u32>,
+    text_chars: usize,
+    finished: bool,
+    /// Taken when the request's log line is written (exactly once).
+    log: Option<LogCtx>,
+}
+
+impl Relay {
+    fn frame(&mut self, event: &str, data: &str) -> Bytes {
+        self.seq += 1;
+        sse::encode(Some(self.seq), event, data)
+    }
+
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        if self.finished {
+            return None;
+        }
+        if let Some(meta) = self.meta.take() {
+            return Some(self.frame("meta", &meta));
+        }
+        loop {
+            let item = match self.pending.take() {
+                Some(chunk) => Ok(Some(Ok(chunk))),
+                None => {
+                    let (deadline, kind) = self
+                        .deadlines
+                        .next(self.timings.ttft.is_some(), self.last_chunk);
+                    timeout_at(deadline, self.upstream.next())
+                        .await
+                        .map_err(|_| kind)
+                }
+            };
+            self.last_chunk = Instant::now();
+            let chunk = match item {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Some(Err(e))) => return Some(self.fail(e)),
+                Ok(None) => return Some(self.fail(UpstreamError::Truncated)),
+                Err(kind) => return Some(self.fail(UpstreamError::Timeout(kind))),
+            };
+            match chunk {
+                Chunk::Delta(text) if text.is_empty() => {}
+                Chunk::Delta(text) => {
+                    if self.timings.ttft.is_none() {
+                        self.timings.ttft = Some(self.timings.start.elapsed());
+                    }
+                    self.text_chars += text.chars().count();
+                    let data = json!({ "text": text }).to_string();
+                    return Some(self.frame("delta", &data));
+                }
+                Chunk::Start { .. } => {}
+                Chunk::Stop {
+                    stop_reason,
+                    input_tokens,
+                    output_tokens,
+                } => {
+                    self.stop_reason = stop_reason.or(self.stop_reason.take());
+                    self.input_tokens = input_tokens.or(self.input_tokens);
+                    self.output_tokens = output_tokens.or(self.output_tokens);
+                }
+                Chunk::End => return Some(self.complete()),
+            }
+        }
+    }
+
+    fn complete(&mut self) -> Bytes {
+        self.finished = true;
+        self.state.health().record_ok();
+        let total = self.timings.start.elapsed();
+        let data = json!({
+            "stop_reason": self.stop_reason,
+            "usage": {
+                "input_tokens": self.input_tokens.unwrap_or(0),
+                "output_tokens": self.output_tokens.unwrap_or(0),
+            },
+            "timings_ms": self.timings.json(total),
+        });
+        let frame = self.frame("done", &data.to_string());
+        self.write_log("complete", None);
+        frame
+    }
+
+    fn fail(&mut self, e: UpstreamError) -> Bytes {
+        self.finished = true;
+        self.state.health().record_error(&e);
+        let err = ApiError::from(&e);
+        tracing::warn!(error = %e, error_code = e.code(), "upstream failed mid-stream");
+        let frame = self.frame("error", &err.body_json());
+        self.write_log("upstream_error", Some(e.code()));
+        frame
+    }
+
+    fn write_log(&mut self, outcome: &'static str, error_code: Option<&'static str>) {
+        let Some(log) = self.log.take() else { return };
+        let t = &self.timings;
+        tracing::info!(
+            request_id = %log.request_id,
+            method = "POST",
+            path = "/chat",
+            status = 200u16,
+            outcome,
+            error_code,
+            model = %log.model,
+            conversation_id = %log.conversation_id,
+            turn_id = %log.turn_id,
+            validate_ms = ms(t.validate),
+            upstream_connect_ms = ms(t.upstream_connect),
+            ttft_ms = t.ttft.map(ms),
+            total_ms = ms(t.start.elapsed()),
+            input_tokens = self.input_tokens,
+            output_tokens = self.output_tokens,
+            answer_chars = self.text_chars,
+            events = self.seq,
+            "request"
+        );
+    }
+}
+
+impl Drop for Relay {
+    /// The body was dropped before the answer ended: the client went away.
+    fn drop(&mut self) {
+        if self.log.is_some() {
+            self.write_log("client_disconnected", None);
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Resolves the model API key at init: from the environment locally, from
+//! Secrets Manager in AWS (the key never sits in the function's
+//! configuration, where anyone with `lambda:GetFunctionConfiguration` could
+//! read it).
+
+use aws_sdk_secretsmanager::Client;
+
+use crate::config::{ApiKeySource, ConfigError, Secret};
+
+/// The secret may hold the bare key, or JSON with an `api_key` or
+/// `ANTHROPIC_API_KEY` field (the console's key/value form).
+pub fn key_from_secret_string(s: &str) -> Option<Secret> {
+    let s = s.trim();
+    if s.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(s).ok()?;
+        ["api_key", "ANTHROPIC_API_KEY", "apiKey"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(|x| x.as_str()))
+            .filter(|k| !k.is_empty())
+            .map(Secret::new)
+    } else if s.is_empty() {
+        None
+    } else {
+        Some(Secret::new(s))
+    }
+}
+
+pub async fn resolve_api_key(source: &ApiKeySource) -> Result<Secret, ConfigError> {
+    match source {
+        ApiKeySource::Value(s) => Ok(s.clone()),
+        ApiKeySource::SecretsManager { arn } => {
+            let var = "ANTHROPIC_API_KEY_SECRET_ARN";
+            let conf = aws_config::load_from_env().await;
+            let out = Client::new(&conf)
+                .get_secret_value()
+                .secret_id(arn)
+                .send()
+                .await
+                .map_err(|e| {
+                    ConfigError::new(
+                        var,
+                        format!(
+                            "could not read the secret: {}",
+                            aws_sdk_secretsmanager::error::DisplayErrorContext(&e)
+                        ),
+                    )
+                })?;
+            out.secret_string()
+                .and_then(key_from_secret_string)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        var,
+                        "the secret has no usable key (a string, or JSON with api_key)",
+                    )
+                })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_formats() {
+        assert_eq!(
+            key_from_secret_string(" sk-1\n").map(|s| s.expose().to_owned()),
+            Some("sk-1".into())
+        );
+        assert_eq!(
+            key_from_secret_string(r#"{"ANTHROPIC_API_KEY":"sk-2"}"#)
+                .map(|s| s.expose().to_owned()),
+            Some("sk-2".into())
+        );
+        assert_eq!(key_from_secret_string(r#"{"other":"x"}"#), None);
+        assert_eq!(key_from_secret_string(""), None);
+    }
+}

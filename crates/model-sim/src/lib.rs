@@ -1,0 +1,570 @@
+//! model-sim: a stand-in for the Anthropic Messages API.
+//!
+//! It speaks the wire format on its own (it does not share code with
+//! chat-core), so a misreading of the protocol cannot hide on both sides of
+//! a test. Streaming and non-streaming `POST /v1/messages`, `GET /v1/models`
+//! (used for connection pre-warming), plus `GET /sim/stats`,
+//! `GET /sim/requests` and `POST /sim/reset` for tests and benchmarks.
+//!
+//! Latency, length and faults are set per process ([`SimConfig`]) and per
+//! request ([`knobs`]). In tests, [`Sim::start`] runs it in-process on a
+//! random port.
+
+pub mod knobs;
+pub mod text;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+pub use knobs::{Fault, Knobs};
+
+/// Process-wide settings.
+#[derive(Debug, Clone, Default)]
+pub struct SimConfig {
+    pub knobs: Knobs,
+    /// When set, requests must carry this `x-api-key`; otherwise any
+    /// non-empty key is accepted.
+    pub api_key: Option<String>,
+}
+
+/// Counters, readable over HTTP and in-process.
+#[derive(Debug, Default)]
+struct Stats {
+    calls: AtomicU64,
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+}
+
+const KEPT_REQUESTS: usize = 200;
+
+pub struct SimState {
+    config: SimConfig,
+    stats: Stats,
+    requests: Mutex<VecDeque<Value>>,
+}
+
+impl SimState {
+    pub fn new(config: SimConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            stats: Stats::default(),
+            requests: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    fn requests_lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Value>> {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `POST /v1/messages` requests received (including those answered
+    /// with a fault).
+    pub fn calls(&self) -> u64 {
+        self.stats.calls.load(Ordering::SeqCst)
+    }
+    /// Streams that reached `message_stop`.
+    pub fn completed(&self) -> u64 {
+        self.stats.completed.load(Ordering::SeqCst)
+    }
+    /// Streams whose client went away before the end.
+    pub fn cancelled(&self) -> u64 {
+        self.stats.cancelled.load(Ordering::SeqCst)
+    }
+    /// The most recent request bodies, oldest first.
+    pub fn requests(&self) -> Vec<Value> {
+        self.requests_lock().iter().cloned().collect()
+    }
+    fn reset(&self) {
+        self.stats.calls.store(0, Ordering::SeqCst);
+        self.stats.completed.store(0, Ordering::SeqCst);
+        self.stats.cancelled.store(0, Ordering::SeqCst);
+        self.requests_lock().clear();
+    }
+}
+
+pub fn router(state: Arc<SimState>) -> Router {
+    Router::new()
+        .route("/v1/messages", post(messages))
+        .route("/v1/models", get(models))
+        .route("/sim/stats", get(stats))
+        .route("/sim/requests", get(requests))
+        .route("/sim/reset", post(reset))
+        .with_state(state)
+}
+
+/// A sim running in this process, on its own port; stopped on drop.
+pub struct Sim {
+    addr: SocketAddr,
+    state: Arc<SimState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sim {
+    /// Binds 127.0.0.1 on a free port and serves in the background.
+    pub async fn start(config: SimConfig) -> std::io::Result<Sim> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let state = SimState::new(config);
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Sim { addr, state, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn state(&self) -> &Arc<SimState> {
+        &self.state
+    }
+    pub fn calls(&self) -> u64 {
+        self.state.calls()
+    }
+    pub fn completed(&self) -> u64 {
+        self.state.completed()
+    }
+    pub fn cancelled(&self) -> u64 {
+        self.state.cancelled()
+    }
+    pub fn requests(&self) -> Vec<Value> {
+        self.state.requests()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn error_response(
+    status: u16,
+    kind: &str,
+    message: &str,
+    request_id: &str,
+    retry_after: Option<u64>,
+) -> Response {
+    let body = json!({
+        "type": "error",
+        "error": {"type": kind, "message": message},
+        "request_id": request_id,
+    });
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("request-id", v);
+    }
+    if let Some(s) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+        h.insert(header::RETRY_AFTER, s);
+    }
+    h.insert(
+        "x-should-retry",
+        HeaderValue::from_static(if matches!(status, 408 | 409 | 429 | 500..=599) {
+            "true"
+        } else {
+            "false"
+        }),
+    );
+    resp
+}
+
+fn kind_for(status: u16) -> &'static str {
+    match status {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// The text of a message's `content`: a string, or an array of blocks.
+fn content_text(content: &Value) -> Option<String> {
+    match content {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(blocks) => Some(
+            blocks
+                .iter()
+                .filter(|b| b["type"] == "text")
+                .filter_map(|b| b["text"].as_str())
+                .collect::<Vec<_>>()
+                .join(""),
+        ),
+        _ => None,
+    }
+}
+
+/// What the sim needs from a valid request.
+struct Parsed {
+    model: String,
+    max_tokens: u32,
+    stream: bool,
+    knobs: Knobs,
+    seed: u64,
+    input_tokens: u32,
+}
+
+fn parse_request(headers: &HeaderMap, body: &Value, defaults: &Knobs) -> Result<Parsed, String> {
+    let model = body["model"].as_str().ok_or("model: field required")?;
+    let max_tokens = body["max_tokens"]
+        .as_u64()
+        .filter(|n| *n >= 1)
+        .ok_or("max_tokens: must be a positive integer")?;
+    let messages = body["messages"]
+        .as_array()
+        .filter(|m| !m.is_empty())
+        .ok_or("messages: at least one message is required")?;
+    let mut texts = Vec::with_capacity(messages.len() + 2);
+    for (i, m) in messages.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or("");
+        if role != "user" && role != "assistant" {
+            return Err(format!("messages.{i}.role: must be user or assistant"));
+        }
+        let text = content_text(&m["content"])
+            .ok_or_else(|| format!("messages.{i}.content: field required"))?;
+        texts.push(format!("{role}:{text}"));
+    }
+    if messages.last().map(|m| m["role"] != "user").unwrap_or(true) {
+        return Err("messages: the last message must have role user".into());
+    }
+    let system = match &body["system"] {
+        Value::Null => String::new(),
+        v => content_text(v).ok_or("system: must be a string or text blocks")?,
+    };
+    let mut knobs = defaults.clone();
+    let base = knobs.apply_model_suffix(model)?;
+    for (h, k) in [
+        ("x-sim-ttft-ms", "ttft"),
+        ("x-sim-tps", "tps"),
+        ("x-sim-tokens", "tokens"),
+        ("x-sim-fault", "fault"),
+    ] {
+        if let Some(v) = headers.get(h).and_then(|v| v.to_str().ok()) {
+            knobs.set(k, v)?;
+        }
+    }
+    let mut parts: Vec<&str> = vec![base, &system];
+    parts.extend(texts.iter().map(String::as_str));
+    let seed = text::fnv1a(&parts);
+    let chars: usize = parts.iter().map(|p| p.len()).sum();
+    Ok(Parsed {
+        model: base.to_owned(),
+        max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
+        stream: body["stream"].as_bool().unwrap_or(false),
+        knobs,
+        seed,
+        input_tokens: u32::try_from(chars / 4).unwrap_or(u32::MAX).max(1),
+    })
+}
+
+async fn messages(State(st): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let n = st.stats.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let request_id = format!("req_sim_{n:012}");
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let key_ok = match &st.config.api_key {
+        Some(expected) => key == expected,
+        None => !key.is_empty(),
+    };
+    if !key_ok {
+        return error_response(
+            401,
+            "authentication_error",
+            "invalid x-api-key",
+            &request_id,
+            None,
+        );
+    }
+    if headers.get("anthropic-version").is_none() {
+        return error_response(
+            400,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+            &request_id,
+            None,
+        );
+    }
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error_response(
+                400,
+                "invalid_request_error",
+                &format!("invalid JSON: {e}"),
+                &request_id,
+                None,
+            );
+        }
+    };
+    {
+        let mut q = st.requests_lock();
+        if q.len() == KEPT_REQUESTS {
+            q.pop_front();
+        }
+        q.push_back(value.clone());
+    }
+    let p = match parse_request(&headers, &value, &st.config.knobs) {
+        Ok(p) => p,
+        Err(msg) => return error_response(400, "invalid_request_error", &msg, &request_id, None),
+    };
+    match &p.knobs.fault {
+        Some(Fault::StallHeaders(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::Status { code, retry_after }) => {
+            let kind = kind_for(*code);
+            return error_response(
+                *code,
+                kind,
+                &format!("simulated {kind}"),
+                &request_id,
+                *retry_after,
+            );
+        }
+        _ => {}
+    }
+    let n_tokens = p.knobs.output_tokens.min(p.max_tokens);
+    let stop_reason = if p.knobs.output_tokens > p.max_tokens {
+        "max_tokens"
+    } else {
+        "end_turn"
+    };
+    let tokens = text::tokens(p.seed, n_tokens);
+    let msg_id = format!("msg_sim_{:016x}", p.seed ^ n);
+    if p.stream {
+        stream_answer(st, p, tokens, stop_reason, msg_id, request_id)
+    } else {
+        full_answer(st, p, tokens, stop_reason, msg_id, request_id).await
+    }
+}
+
+fn event(name: &str, data: &Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
+type Frame = Result<Bytes, std::io::Error>;
+
+/// Waits until `until`, or returns false early if the client went away.
+async fn pause(tx: &mpsc::Sender<Frame>, until: Instant) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep_until(until) => true,
+        _ = tx.closed() => false,
+    }
+}
+
+fn stream_answer(
+    st: Arc<SimState>,
+    p: Parsed,
+    tokens: Vec<String>,
+    stop_reason: &'static str,
+    msg_id: String,
+    request_id: String,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Frame>(32);
+    tokio::spawn(async move {
+        let ok = produce(&tx, &p, &tokens, stop_reason, &msg_id).await;
+        match ok {
+            Some(true) => {
+                st.stats.completed.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(false) => {}
+            None => {
+                st.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert("request-id", v);
+    }
+    resp
+}
+
+/// Writes one streamed answer. `Some(true)`: complete; `Some(false)`: ended
+/// by a fault on purpose; `None`: the client went away.
+async fn produce(
+    tx: &mpsc::Sender<Frame>,
+    p: &Parsed,
+    tokens: &[String],
+    stop_reason: &str,
+    msg_id: &str,
+) -> Option<bool> {
+    let send = |b: Bytes| async move { tx.send(Ok(b)).await.ok() };
+    send(event(
+        "message_start",
+        &json!({"type": "message_start", "message": {
+            "id": msg_id, "type": "message", "role": "assistant", "content": [],
+            "model": p.model, "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": p.input_tokens, "output_tokens": 1}
+        }}),
+    ))
+    .await?;
+    send(event(
+        "content_block_start",
+        &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ))
+    .await?;
+    send(event("ping", &json!({"type": "ping"}))).await?;
+
+    let mut first_at = Instant::now() + p.knobs.ttft;
+    if let Some(Fault::StallFirst(d)) = &p.knobs.fault {
+        first_at += *d;
+    }
+    let total = tokens.len() as u32;
+    let mid = match &p.knobs.fault {
+        Some(
+            Fault::StallMid { after, .. }
+            | Fault::DropMid { after }
+            | Fault::ErrorMid { after, .. },
+        ) => Some(Knobs::fault_point(*after, total)),
+        _ => None,
+    };
+    let mut shift = Duration::ZERO;
+    for i in 0..=total {
+        if mid == Some(i) {
+            match &p.knobs.fault {
+                Some(Fault::StallMid { pause: d, .. }) => {
+                    shift += *d;
+                    if !pause(tx, Instant::now() + *d).await {
+                        return None;
+                    }
+                }
+                Some(Fault::DropMid { .. }) => {
+                    // An error from the body stream makes the server abort
+                    // the connection without finishing the chunked body.
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "simulated drop",
+                        )))
+                        .await;
+                    return Some(false);
+                }
+                Some(Fault::ErrorMid { kind, .. }) => {
+                    send(event(
+                        "error",
+                        &json!({"type": "error", "error": {"type": kind, "message": format!("simulated {kind}")}}),
+                    ))
+                    .await?;
+                    return Some(false);
+                }
+                _ => {}
+            }
+        }
+        let Some(tok) = tokens.get(i as usize) else {
+            break;
+        };
+        if !pause(tx, first_at + p.knobs.token_offset(i) + shift).await {
+            return None;
+        }
+        send(event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": tok}}),
+        ))
+        .await?;
+    }
+    send(event(
+        "content_block_stop",
+        &json!({"type": "content_block_stop", "index": 0}),
+    ))
+    .await?;
+    send(event(
+        "message_delta",
+        &json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+                "usage": {"output_tokens": total}}),
+    ))
+    .await?;
+    send(event("message_stop", &json!({"type": "message_stop"}))).await?;
+    Some(true)
+}
+
+async fn full_answer(
+    st: Arc<SimState>,
+    p: Parsed,
+    tokens: Vec<String>,
+    stop_reason: &str,
+    msg_id: String,
+    request_id: String,
+) -> Response {
+    let total = tokens.len() as u32;
+    let mut wait = p.knobs.ttft + p.knobs.token_offset(total.saturating_sub(1));
+    match &p.knobs.fault {
+        Some(Fault::StallFirst(d)) | Some(Fault::StallMid { pause: d, .. }) => wait += *d,
+        // Without a stream there is no "middle": these become a 500.
+        Some(Fault::DropMid { .. }) | Some(Fault::ErrorMid { .. }) => {
+            return error_response(500, "api_error", "simulated api_error", &request_id, None);
+        }
+        _ => {}
+    }
+    tokio::time::sleep(wait).await;
+    st.stats.completed.fetch_add(1, Ordering::SeqCst);
+    let body = json!({
+        "id": msg_id, "type": "message", "role": "assistant", "model": p.model,
+        "content": [{"type": "text", "text": tokens.concat()}],
+        "stop_reason": stop_reason, "stop_sequence": null,
+        "usage": {"input_tokens": p.input_tokens, "output_tokens": total},
+    });
+    let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("request-id", v);
+    }
+    resp
+}
+
+async fn models() -> Response {
+    axum::Json(json!({
+        "data": [{"type": "model", "id": "claude-sim", "display_name": "Model simulator", "created_at": "2025-01-01T00:00:00Z"}],
+        "has_more": false, "first_id": "claude-sim", "last_id": "claude-sim",
+    }))
+    .into_response()
+}
+
+async fn stats(State(st): State<Arc<SimState>>) -> Response {
+    axum::Json(
+        json!({"calls": st.calls(), "completed": st.completed(), "cancelled": st.cancelled()}),
+    )
+    .into_response()
+}
+
+async fn requests(State(st): State<Arc<SimState>>) -> Response {
+    axum::Json(Value::Array(st.requests())).into_response()
+}
+
+async fn reset(State(st): State<Arc<SimState>>) -> Result<StatusCode, Infallible> {
+    st.reset();
+    Ok(StatusCode::NO_CONTENT)
+}
