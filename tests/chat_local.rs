@@ -1,1 +1,566 @@
+//! chat-stream's local server against model-sim, over real HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::time::{Duration, Instant};
+
+use e2e::{ChatServer, Event, answer_text, read_sse};
+use model_sim::{Knobs, Sim, SimConfig};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn sim(ttft_ms: u64, tps: f64, tokens: u32) -> Sim {
+    Sim::start(SimConfig {
+        knobs: Knobs {
+            ttft: Duration::from_millis(ttft_ms),
+            tokens_per_sec: tps,
+            output_tokens: tokens,
+            fault: None,
+        },
+        api_key: Some("test-key".into()),
+    })
+    .await
+    .unwrap()
+}
+
+async fn chat(sim: &Sim, extra: &[(&str, &str)]) -> ChatServer {
+    let url = sim.url();
+    let mut env = vec![("ANTHROPIC_BASE_URL", url.as_str())];
+    env.extend_from_slice(extra);
+    ChatServer::start(&env).await
+}
+
+async fn post(server: &ChatServer, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(server.url("/chat"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The sim's own answer to the same request, asked directly (non-streaming).
+async fn direct_answer(
+    sim: &Sim,
+    model: &str,
+    system: Option<&str>,
+    message: &str,
+    max_tokens: u32,
+) -> String {
+    let mut body = json!({"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": message}]});
+    if let Some(s) = system {
+        body["system"] = json!(s);
+    }
+    let v: Value = reqwest::Client::new()
+        .post(format!("{}/v1/messages", sim.url()))
+        .header("x-api-key", "test-key")
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["content"][0]["text"].as_str().unwrap().to_owned()
+}
+
+fn kinds(events: &[Event]) -> Vec<&str> {
+    events.iter().map(|e| e.event.as_str()).collect()
+}
+
+#[tokio::test]
+async fn full_answer_arrives_as_meta_deltas_done() {
+    let sim = sim(10, 500.0, 12).await;
+    let server = chat(&sim, &[]).await;
+    let resp = post(
+        &server,
+        &json!({"message": "What is SSE?", "max_tokens": 100, "system": "be brief"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert!(
+        h["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert!(!h["x-request-id"].is_empty());
+    let st = h["server-timing"].to_str().unwrap();
+    assert!(
+        st.contains("validate;dur=")
+            && st.contains("upstream_connect;dur=")
+            && st.contains("ttft;dur="),
+        "{st}"
+    );
+
+    let (events, err) = read_sse(resp, LIMIT).await;
+    assert_eq!(err, None);
+    let k = kinds(&events);
+    assert_eq!(k.first(), Some(&"meta"));
+    assert_eq!(k.last(), Some(&"done"));
+    assert_eq!(k.iter().filter(|k| **k == "delta").count(), 12, "{k:?}");
+    // ids are 1..=n, in order: what Last-Event-ID resumption will rely on.
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone().unwrap()).collect();
+    let expected: Vec<String> = (1..=events.len()).map(|i| i.to_string()).collect();
+    assert_eq!(ids, expected);
+
+    let meta = &events[0].data;
+    assert_eq!(meta["cache"], "miss");
+    assert_eq!(meta["model"], "claude-sonnet-4-5");
+    assert_eq!(meta["conversation_id"].as_str().unwrap().len(), 32);
+    assert_eq!(meta["turn_id"].as_str().unwrap().len(), 32);
+
+    let done = &events.last().unwrap().data;
+    assert_eq!(done["stop_reason"], "end_turn");
+    assert_eq!(done["usage"]["output_tokens"], 12);
+    assert!(done["usage"]["input_tokens"].as_u64().unwrap() > 0);
+    for t in ["validate", "upstream_connect", "ttft", "total"] {
+        assert!(
+            done["timings_ms"][t].as_f64().is_some(),
+            "timings_ms.{t} in {done}"
+        );
+    }
+    assert!(done["timings_ms"]["ttft"].as_f64() <= done["timings_ms"]["total"].as_f64());
+
+    // The relayed text is exactly what the model produced: nothing lost,
+    // nothing doubled, nothing reordered.
+    let direct = direct_answer(
+        &sim,
+        "claude-sonnet-4-5",
+        Some("be brief"),
+        "What is SSE?",
+        100,
+    )
+    .await;
+    assert_eq!(answer_text(&events), direct);
+
+    // What the model received: the system prompt, the message, max_tokens.
+    let sent = sim
+        .requests()
+        .into_iter()
+        .find(|r| r["stream"] == true)
+        .unwrap();
+    assert_eq!(sent["system"], "be brief");
+    assert_eq!(sent["max_tokens"], 100);
+    assert_eq!(sent["messages"][0]["content"], "What is SSE?");
+}
+
+#[tokio::test]
+async fn deltas_reach_the_client_while_the_model_is_still_generating() {
+    // 20 tokens at 10/s: the model needs about 1.9 s after its first token.
+    let sim = sim(50, 10.0, 20).await;
+    let server = chat(&sim, &[]).await;
+    let sent = Instant::now();
+    let resp = post(&server, &json!({"message": "tell me a story"})).await;
+    assert_eq!(resp.status(), 200);
+    let (events, _) = read_sse(resp, LIMIT).await;
+    let deltas: Vec<&Event> = events.iter().filter(|e| e.event == "delta").collect();
+    assert_eq!(deltas.len(), 20);
+    let done = events.last().unwrap();
+    assert_eq!(done.event, "done");
+    let generation = Duration::from_secs_f64(19.0 / 10.0);
+    // Had chat-stream buffered the answer, the first delta would arrive
+    // with the last one. A slow machine only widens this gap.
+    let gap = done.at - deltas[0].at;
+    assert!(
+        gap >= generation.mul_f64(0.8),
+        "first delta arrived only {gap:?} before done ({:?} after sending)",
+        deltas[0].at - sent
+    );
+    // And deltas trickle in: the middle one arrives well before the last.
+    assert!(deltas[19].at - deltas[10].at >= Duration::from_millis(700));
+}
+
+#[tokio::test]
+async fn upstream_http_errors_map_to_documented_statuses() {
+    let sim = sim(0, 0.0, 5).await;
+    let server = chat(&sim, &[]).await;
+    // (fault, our status, our code, Retry-After)
+    let table: &[(&str, u16, &str, Option<&str>)] = &[
+        ("status:400", 400, "upstream_rejected_request", None),
+        ("status:401", 502, "upstream_auth_failed", None),
+        ("status:403", 502, "upstream_auth_failed", None),
+        ("status:404", 400, "model_not_found", None),
+        ("status:413", 413, "upstream_request_too_large", None),
+        ("status:429:7", 429, "upstream_rate_limited", Some("7")),
+        ("status:500", 502, "upstream_error", None),
+        ("status:503", 503, "upstream_error", Some("1")),
+        ("status:529:2", 503, "upstream_overloaded", Some("2")),
+        // An error event before any text is still answered with a status.
+        ("error-mid@0", 503, "upstream_overloaded", Some("1")),
+        ("error-mid:api_error@0", 502, "upstream_error", None),
+    ];
+    for (fault, status, code, retry_after) in table {
+        let model = format!("claude-sim+fault={fault}");
+        let resp = post(&server, &json!({"message": "hi", "model": model})).await;
+        assert_eq!(resp.status().as_u16(), *status, "{fault}");
+        assert_eq!(
+            resp.headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap()),
+            *retry_after,
+            "{fault}"
+        );
+        assert!(resp.headers().contains_key("x-request-id"));
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json")
+        );
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], *code, "{fault}: {body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_and_first_token_timeout_is_504() {
+    // A port nobody listens on: bind one, learn it, close it.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dead = format!("http://127.0.0.1:{port}");
+    let server = ChatServer::start(&[
+        ("ANTHROPIC_BASE_URL", dead.as_str()),
+        ("UPSTREAM_PREWARM", "false"),
+    ])
+    .await;
+    let resp = post(&server, &json!({"message": "hi"})).await;
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "upstream_unreachable");
+
+    // Headers and message_start arrive, then the model stalls: the
+    // first-token deadline fires before anything was sent to the client.
+    let sim = sim(0, 0.0, 5).await;
+    let server = chat(&sim, &[("UPSTREAM_FIRST_TOKEN_TIMEOUT_MS", "300")]).await;
+    let t = Instant::now();
+    let resp = post(
+        &server,
+        &json!({"message": "hi", "model": "m+fault=stall-first:10000"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 504);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn mid_stream_failures_end_with_an_error_event_not_a_hang() {
+    let sim = sim(0, 200.0, 10).await;
+    let server = chat(&sim, &[("UPSTREAM_IDLE_TIMEOUT_MS", "300")]).await;
+    let full = direct_answer(&sim, "claude-sim", None, "hi", 1024).await;
+    let cases = [
+        ("drop-mid@4", "upstream_disconnected"),
+        ("error-mid@4", "upstream_overloaded"),
+        ("stall-mid:10000@4", "upstream_timeout"),
+    ];
+    for (fault, code) in cases {
+        let model = format!("claude-sim+fault={fault}");
+        let resp = post(&server, &json!({"message": "hi", "model": model})).await;
+        assert_eq!(resp.status(), 200, "{fault}");
+        let (events, transport_error) = read_sse(resp, Duration::from_secs(10)).await;
+        assert_eq!(
+            transport_error, None,
+            "{fault}: the stream must end cleanly"
+        );
+        let k = kinds(&events);
+        assert_eq!(k.first(), Some(&"meta"), "{fault}");
+        let deltas = k.iter().filter(|k| **k == "delta").count();
+        if fault.starts_with("drop") {
+            // A token written just before the connection is cut may be
+            // lost with it, as on a real network.
+            assert!((1..=4).contains(&deltas), "{fault}: {k:?}");
+        } else {
+            assert_eq!(deltas, 4, "{fault}: {k:?}");
+        }
+        // What did arrive is the start of the real answer, nothing doubled.
+        assert!(full.starts_with(&answer_text(&events)), "{fault}");
+        assert!(!k.contains(&"done"), "{fault}");
+        let last = events.last().unwrap();
+        assert_eq!(last.event, "error", "{fault}");
+        assert_eq!(last.data["code"], code, "{fault}: {}", last.data);
+        assert!(last.data["message"].as_str().is_some());
+    }
+}
+
+#[tokio::test]
+async fn bad_inputs_get_4xx_json_and_never_reach_the_model() {
+    let sim = sim(0, 0.0, 5).await;
+    let server = chat(&sim, &[("MAX_BODY_BYTES", "2048")]).await;
+    let client = reqwest::Client::new();
+    let json_ct = "application/json";
+    let big = format!("{{\"message\":\"{}\"}}", "x".repeat(4096));
+    let cases: Vec<(&str, String, &str, u16, &str)> = vec![
+        (
+            "invalid json",
+            "{\"message\":".into(),
+            json_ct,
+            400,
+            "invalid_json",
+        ),
+        (
+            "not an object",
+            "\"hi\"".into(),
+            json_ct,
+            400,
+            "invalid_json",
+        ),
+        (
+            "missing message",
+            "{}".into(),
+            json_ct,
+            400,
+            "missing_field",
+        ),
+        (
+            "empty message",
+            r#"{"message":""}"#.into(),
+            json_ct,
+            400,
+            "invalid_field",
+        ),
+        ("oversized body", big, json_ct, 413, "body_too_large"),
+        (
+            "max_tokens zero",
+            r#"{"message":"x","max_tokens":0}"#.into(),
+            json_ct,
+            400,
+            "invalid_field",
+        ),
+        (
+            "max_tokens huge",
+            r#"{"message":"x","max_tokens":100000000}"#.into(),
+            json_ct,
+            400,
+            "invalid_field",
+        ),
+        (
+            "max_tokens string",
+            r#"{"message":"x","max_tokens":"5"}"#.into(),
+            json_ct,
+            400,
+            "invalid_field",
+        ),
+        (
+            "unknown field",
+            r#"{"message":"x","stream":true}"#.into(),
+            json_ct,
+            400,
+            "unknown_field",
+        ),
+        (
+            "temperature",
+            r#"{"message":"x","temperature":3}"#.into(),
+            json_ct,
+            400,
+            "invalid_field",
+        ),
+        (
+            "form body",
+            "message=hi".into(),
+            "application/x-www-form-urlencoded",
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (name, body, ct, status, code) in cases {
+        let resp = client
+            .post(server.url("/chat"))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{name}");
+        assert!(resp.headers().contains_key("x-request-id"), "{name}");
+        assert!(resp.headers().contains_key("server-timing"), "{name}");
+        let v: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
+        assert_eq!(v["code"], code, "{name}: {v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+    }
+    // Wrong method and unknown route are JSON too.
+    let r = client.get(server.url("/chat")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["code"],
+        "method_not_allowed"
+    );
+    let r = client.get(server.url("/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "not_found");
+
+    assert_eq!(sim.calls(), 0, "bad input must not cost a model call");
+    // And the server still serves good requests afterwards.
+    let r = post(&server, &json!({"message": "still there?"})).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn request_id_is_echoed_when_valid_and_replaced_when_not() {
+    let sim = sim(0, 0.0, 3).await;
+    let server = chat(&sim, &[]).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .get(server.url("/health"))
+        .header("x-request-id", "trace-abc_123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-abc_123");
+    let r = client
+        .get(server.url("/health"))
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.headers()["x-request-id"], "bad id with spaces");
+}
+
+#[tokio::test]
+async fn health_reports_the_model_and_probes_it_on_request() {
+    let sim = sim(0, 0.0, 3).await;
+    let server = chat(&sim, &[]).await;
+    let client = reqwest::Client::new();
+    let v: Value = client
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["dependencies"]["model"]["provider"], "anthropic");
+    let r = client
+        .get(server.url("/health?probe=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["dependencies"]["model"]["probe"]["ok"], true);
+
+    // After upstream failures the model shows as degraded; a dead upstream
+    // fails the probe with 503.
+    for _ in 0..3 {
+        let r = post(
+            &server,
+            &json!({"message": "x", "model": "m+fault=status:500"}),
+        )
+        .await;
+        assert_eq!(r.status(), 502);
+    }
+    let v: Value = client
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["dependencies"]["model"]["state"], "failing");
+    assert_eq!(
+        v["dependencies"]["model"]["last_error"]["code"],
+        "upstream_error"
+    );
+    assert_eq!(v["status"], "degraded");
+
+    let url = sim.url();
+    drop(sim);
+    let server = ChatServer::start(&[
+        ("ANTHROPIC_BASE_URL", url.as_str()),
+        ("UPSTREAM_PREWARM", "false"),
+    ])
+    .await;
+    let r = client
+        .get(server.url("/health?probe=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "down");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_stops_the_upstream_call() {
+    // 100 tokens at 5/s: 20 s of generation unless someone stops it.
+    let sim = sim(0, 5.0, 100).await;
+    let server = chat(&sim, &[]).await;
+    let resp = post(&server, &json!({"message": "long answer please"})).await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    // Read until the first delta, then hang up.
+    let mut seen = String::new();
+    while !seen.contains("event: delta") {
+        let b = futures_util::StreamExt::next(&mut stream)
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push_str(std::str::from_utf8(&b).unwrap());
+    }
+    drop(stream);
+    let t = Instant::now();
+    while sim.cancelled() == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the model kept generating for a client that left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sim.completed(), 0);
+}
+
+#[tokio::test]
+async fn twenty_concurrent_streams_each_get_their_own_complete_answer() {
+    let sim = sim(20, 200.0, 15).await;
+    let server = chat(&sim, &[]).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let url = server.url("/chat");
+        tasks.push(tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .json(&json!({"message": format!("question {i}")}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let (events, _) = read_sse(resp, LIMIT).await;
+            (
+                i,
+                answer_text(&events),
+                events.last().unwrap().event.clone(),
+            )
+        }));
+    }
+    for t in tasks {
+        let (i, text, last) = t.await.unwrap();
+        assert_eq!(last, "done");
+        let direct = direct_answer(
+            &sim,
+            "claude-sonnet-4-5",
+            None,
+            &format!("question {i}"),
+            1024,
+        )
+        .await;
+        assert_eq!(text, direct, "answer {i}");
+    }
+}

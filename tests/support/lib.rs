@@ -1,1 +1,386 @@
+//! Test support shared by the end-to-end tests of every crate.
+//!
+//! - [`read_sse`]: reads an SSE response the way a browser would, keeping
+//!   each event's arrival time. Written independently of chat-core's parser
+//!   so a parser bug cannot hide on both sides of a test.
+//! - [`ChatServer`]: chat-stream's router on a real socket (port 0), the
+//!   same code path `make run` and Lambda use.
+//! - [`FakeRuntimeApi`]: a local Lambda Runtime API, so the real
+//!   `chat-stream` binary can be driven through the Lambda streaming adapter
+//!   with Function URL events from `events/`.
+//!
+//! Test-only code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// One SSE event as a client saw it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+    /// When its last byte arrived.
+    pub at: Instant,
+}
+
+impl Event {
+    pub fn text(&self) -> &str {
+        self.data["text"].as_str().unwrap_or("")
+    }
+}
+
+/// Parses complete events out of `buf`, leaving any partial event in it.
+pub fn take_events(buf: &mut String, at: Instant, out: &mut Vec<Event>) {
+    while let Some(end) = buf.find("\n\n") {
+        let block: String = buf.drain(..end + 2).collect();
+        let mut ev = Event {
+            id: None,
+            event: "message".into(),
+            data: Value::Null,
+            at,
+        };
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event: ") {
+                ev.event = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data.push_str(v);
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                ev.id = Some(v.to_owned());
+            }
+        }
+        ev.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
+        out.push(ev);
+    }
+}
+
+/// Reads the whole SSE body; gives up (panics) after `limit`, so a hang
+/// fails the test instead of stalling it.
+pub async fn read_sse(resp: reqwest::Response, limit: Duration) -> (Vec<Event>, Option<String>) {
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let mut error = None;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => panic!("SSE stream did not end within {limit:?}; got {events:?}"),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                error = Some(e.to_string());
+                break;
+            }
+            Ok(Some(Ok(bytes))) => {
+                buf.push_str(std::str::from_utf8(&bytes).expect("utf-8 SSE"));
+                take_events(&mut buf, Instant::now(), &mut events);
+            }
+        }
+    }
+    assert!(
+        buf.trim().is_empty(),
+        "bytes left after the last event: {buf:?}"
+    );
+    (events, error)
+}
+
+/// The concatenated text of all `delta` events.
+pub fn answer_text(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "delta")
+        .map(Event::text)
+        .collect()
+}
+
+/// chat-stream's router served in-process on 127.0.0.1:0.
+pub struct ChatServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl ChatServer {
+    /// `env` overrides the defaults: `ANTHROPIC_BASE_URL` (required) and any
+    /// other config variable.
+    pub async fn start(env: &[(&str, &str)]) -> ChatServer {
+        let mut map: HashMap<String, String> = HashMap::new();
+        map.insert("ANTHROPIC_API_KEY".into(), "test-key".into());
+        map.insert("LOG_LEVEL".into(), "warn".into());
+        for (k, v) in env {
+            map.insert((*k).into(), (*v).into());
+        }
+        let config = chat_core::Config::from_source(&map).expect("test config");
+        chat_core::logging::init(config.log_level);
+        let state = chat_core::build_state(config).await.expect("state");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(chat_core::server::serve(
+            listener,
+            chat_core::app(state),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        ChatServer {
+            addr,
+            stop: Some(tx),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for ChatServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// `events/NAME` at the repository root.
+pub fn event_file(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("events")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// What a function sent back for one invocation through the Runtime API.
+#[derive(Debug)]
+pub struct Invocation {
+    /// The streaming prelude (`statusCode`, `headers`, `cookies`), or the
+    /// buffered response body.
+    pub prelude: Value,
+    /// Body bytes with the time each network read arrived.
+    pub chunks: Vec<(Instant, Bytes)>,
+    /// The `Lambda-Runtime-Function-Response-Mode` header it used.
+    pub mode: Option<String>,
+    /// A body posted to `/error` instead of `/response`.
+    pub error: Option<Value>,
+}
+
+impl Invocation {
+    /// The body as SSE events, timed by the read that completed each.
+    pub fn events(&self) -> Vec<Event> {
+        let mut buf = String::new();
+        let mut out = Vec::new();
+        for (at, b) in &self.chunks {
+            buf.push_str(std::str::from_utf8(b).unwrap());
+            take_events(&mut buf, *at, &mut out);
+        }
+        out
+    }
+
+    pub fn body_text(&self) -> String {
+        self.chunks
+            .iter()
+            .map(|(_, b)| std::str::from_utf8(b).unwrap())
+            .collect()
+    }
+
+    pub fn status(&self) -> u16 {
+        self.prelude["statusCode"].as_u64().unwrap_or(0) as u16
+    }
+}
+
+struct RuntimeState {
+    events: Mutex<mpsc::Receiver<(String, Value)>>,
+    results: Mutex<HashMap<String, oneshot::Sender<Invocation>>>,
+}
+
+/// A Lambda Runtime API (the `2018-06-01` endpoints a runtime polls),
+/// enough to run a function binary locally the way Lambda does.
+pub struct FakeRuntimeApi {
+    pub addr: SocketAddr,
+    send: mpsc::Sender<(String, Value)>,
+    state: Arc<RuntimeState>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl FakeRuntimeApi {
+    pub async fn start() -> FakeRuntimeApi {
+        let (send, recv) = mpsc::channel(16);
+        let state = Arc::new(RuntimeState {
+            events: Mutex::new(recv),
+            results: Mutex::new(HashMap::new()),
+        });
+        let app = Router::new()
+            .route("/2018-06-01/runtime/invocation/next", get(next))
+            .route(
+                "/2018-06-01/runtime/invocation/{id}/response",
+                post(response),
+            )
+            .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
+            .route("/2018-06-01/runtime/init/error", post(init_error))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeRuntimeApi {
+            addr,
+            send,
+            state,
+            next_id: 0.into(),
+        }
+    }
+
+    /// Value for `AWS_LAMBDA_RUNTIME_API`.
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Queues one event and waits (up to `limit`) for the function's answer.
+    pub async fn invoke(&self, event: Value, limit: Duration) -> Invocation {
+        let n = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = format!("00000000-0000-4000-8000-{n:012}");
+        let (tx, rx) = oneshot::channel();
+        self.state.results.lock().await.insert(id.clone(), tx);
+        self.send.send((id, event)).await.unwrap();
+        tokio::time::timeout(limit, rx)
+            .await
+            .expect("the function did not answer in time")
+            .expect("runtime API dropped the invocation")
+    }
+}
+
+async fn next(State(st): State<Arc<RuntimeState>>) -> Response {
+    let Some((id, event)) = st.events.lock().await.recv().await else {
+        return StatusCode::GONE.into_response();
+    };
+    let deadline = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 60_000;
+    (
+        [
+            ("lambda-runtime-aws-request-id", id),
+            ("lambda-runtime-deadline-ms", deadline.to_string()),
+            (
+                "lambda-runtime-invoked-function-arn",
+                "arn:aws:lambda:us-east-1:123456789012:function:chat-stream".into(),
+            ),
+            (
+                "lambda-runtime-trace-id",
+                "Root=1-00000000-000000000000000000000000;Sampled=0".into(),
+            ),
+            ("content-type", "application/json".into()),
+        ],
+        event.to_string(),
+    )
+        .into_response()
+}
+
+async fn response(
+    State(st): State<Arc<RuntimeState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let mode = headers
+        .get("lambda-runtime-function-response-mode")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut body = body;
+    let mut raw: Vec<(Instant, Bytes)> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Ok(data) = frame.into_data() {
+            raw.push((Instant::now(), data));
+        }
+    }
+    let inv = if mode.as_deref() == Some("streaming") {
+        split_prelude(raw, mode)
+    } else {
+        let all: Vec<u8> = raw.iter().flat_map(|(_, b)| b.to_vec()).collect();
+        Invocation {
+            prelude: serde_json::from_slice(&all).unwrap_or(Value::Null),
+            chunks: Vec::new(),
+            mode,
+            error: None,
+        }
+    };
+    if let Some(tx) = st.results.lock().await.remove(&id) {
+        let _ = tx.send(inv);
+    }
+    StatusCode::ACCEPTED.into_response()
+}
+
+/// Streaming responses start with a JSON prelude, then 8 NUL bytes, then
+/// the body.
+fn split_prelude(raw: Vec<(Instant, Bytes)>, mode: Option<String>) -> Invocation {
+    let mut head = Vec::new();
+    let mut chunks = Vec::new();
+    let mut in_body = false;
+    for (at, b) in raw {
+        if in_body {
+            chunks.push((at, b));
+            continue;
+        }
+        head.extend_from_slice(&b);
+        if let Some(pos) = head.windows(8).position(|w| w == [0u8; 8]) {
+            let rest = Bytes::copy_from_slice(&head[pos + 8..]);
+            head.truncate(pos);
+            if !rest.is_empty() {
+                chunks.push((at, rest));
+            }
+            in_body = true;
+        }
+    }
+    Invocation {
+        prelude: serde_json::from_slice(&head).unwrap_or(Value::Null),
+        chunks,
+        mode,
+        error: None,
+    }
+}
+
+async fn error(
+    State(st): State<Arc<RuntimeState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(tx) = st.results.lock().await.remove(&id) {
+        let _ = tx.send(Invocation {
+            prelude: Value::Null,
+            chunks: Vec::new(),
+            mode: None,
+            error: Some(serde_json::from_slice(&body).unwrap_or(Value::Null)),
+        });
+    }
+    StatusCode::ACCEPTED.into_response()
+}
+
+async fn init_error(body: Bytes) -> Response {
+    panic!("function init failed: {}", String::from_utf8_lossy(&body));
+}

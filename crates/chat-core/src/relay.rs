@@ -1,7 +1,7 @@
 //! `POST /chat` after validation: call the model and relay its answer as SSE.
 //!
-//! Until the provider has accepted the request and sent its first event,
-//! nothing is committed to the client, so failures there become a JSON error
+//! Until the provider has sent the first text of its answer, nothing is
+//! committed to the client, so failures there become a JSON error
 //! with a proper status. From then on the body is a stream: `meta`, one
 //! `delta` per upstream text delta (written the moment it arrives; the body
 //! stream yields each frame on its own, so hyper and the Lambda runtime
@@ -109,33 +109,31 @@ pub(crate) async fn start(
         Err(e) => return Err(pre_stream_failure(&state, &ctx, &model_req.model, e)),
     };
     let upstream_connect = upstream_start.elapsed();
-    let first = match timeout_at(deadline, upstream.next()).await {
-        Ok(Some(Ok(chunk))) => chunk,
-        Ok(Some(Err(e))) => return Err(pre_stream_failure(&state, &ctx, &model_req.model, e)),
-        Ok(None) => {
-            return Err(pre_stream_failure(
-                &state,
-                &ctx,
-                &model_req.model,
-                UpstreamError::Truncated,
-            ));
-        }
-        Err(_) => {
-            return Err(pre_stream_failure(
-                &state,
-                &ctx,
-                &model_req.model,
-                UpstreamError::Timeout(kind),
-            ));
-        }
+    // Read until the first text (or the end of an empty answer): until
+    // then nothing is sent, so a failure or a first-token timeout is still
+    // an honest status code (and, later, a safe point to retry elsewhere).
+    let mut model = model_req.model.clone();
+    let mut input_tokens = None;
+    let first = loop {
+        let failure = match timeout_at(deadline, upstream.next()).await {
+            Ok(Some(Ok(Chunk::Start {
+                model: m,
+                input_tokens: n,
+            }))) => {
+                model = m;
+                input_tokens = n;
+                continue;
+            }
+            Ok(Some(Ok(Chunk::Delta(t)))) if t.is_empty() => continue,
+            Ok(Some(Ok(chunk))) => break chunk,
+            Ok(Some(Err(e))) => e,
+            Ok(None) => UpstreamError::Truncated,
+            Err(_) => UpstreamError::Timeout(kind),
+        };
+        return Err(pre_stream_failure(&state, &ctx, &model_req.model, failure));
     };
-    let (model, input_tokens, pending) = match first {
-        Chunk::Start {
-            model,
-            input_tokens,
-        } => (model, input_tokens, None),
-        other => (model_req.model.clone(), None, Some(other)),
-    };
+    let ttft = matches!(first, Chunk::Delta(_)).then(|| ctx.start.elapsed());
+    let pending = Some(first);
 
     // Phase 2: the stream.
     let conversation_id = req.conversation_id.unwrap_or_else(new_id);
@@ -150,13 +148,13 @@ pub(crate) async fn start(
         start: ctx.start,
         validate,
         upstream_connect,
-        ttft: None,
+        ttft,
     };
     let server_timing = format!(
-        "validate;dur={:.3}, upstream_connect;dur={:.3}, first_event;dur={:.3}",
+        "validate;dur={:.3}, upstream_connect;dur={:.3}, ttft;dur={:.3}",
         ms(validate),
         ms(upstream_connect),
-        ms(ctx.start.elapsed())
+        ms(ttft.unwrap_or_else(|| ctx.start.elapsed()))
     );
     let relay = Relay {
         state,
@@ -231,7 +229,7 @@ struct LogCtx {
 struct Relay {
     state: AppState,
     upstream: ChunkStream,
-    /// A first chunk that was not `Start`, to emit after `meta`.
+    /// The first chunk after `Start`, read before the headers went out.
     pending: Option<Chunk>,
     meta: Option<String>,
     seq: u64,
@@ -282,9 +280,6 @@ impl Relay {
             match chunk {
                 Chunk::Delta(text) if text.is_empty() => {}
                 Chunk::Delta(text) => {
-                    if self.timings.ttft.is_none() {
-                        self.timings.ttft = Some(self.timings.start.elapsed());
-                    }
                     self.text_chars += text.chars().count();
                     let data = json!({ "text": text }).to_string();
                     return Some(self.frame("delta", &data));

@@ -21,7 +21,7 @@ pub struct SseEvent {
 
 /// Incremental parser: feed it bytes as they arrive, take events as they
 /// complete.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseParser {
     buf: Vec<u8>,
     /// A `\r` ended the previous chunk: a `\n` starting the next one belongs to it.
@@ -32,6 +32,12 @@ pub struct SseParser {
     /// Upper bound on one buffered line, so a peer that never sends a newline
     /// cannot make us grow without limit.
     max_line: usize,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The stream broke the event-stream format in a way we refuse to buffer.
@@ -49,8 +55,12 @@ impl SseParser {
 
     pub fn with_max_line(max_line: usize) -> Self {
         Self {
+            buf: Vec::new(),
+            pending_cr: false,
+            event: None,
+            data: None,
+            id: None,
             max_line,
-            ..Self::default()
         }
     }
 
@@ -58,9 +68,9 @@ impl SseParser {
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, SseError> {
         let mut out = Vec::new();
         let mut rest = chunk;
-        if self.pending_cr {
+        if self.pending_cr && !rest.is_empty() {
             self.pending_cr = false;
-            if let Some(b'\n') = rest.first() {
+            if rest[0] == b'\n' {
                 rest = &rest[1..];
             }
         }
