@@ -1,1 +1,259 @@
-fn main() {}
+//! chat-bench: time to first token and throughput of an SSE chat endpoint.
+//!
+//! ```text
+//! chat-bench --url http://127.0.0.1:3000/chat --api chat --concurrency 20 --requests 2000
+//! chat-bench --url http://127.0.0.1:4010/v1/messages --api anthropic ...
+//! ```
+//!
+//! `--api chat` posts our `/chat` body and waits for the first `delta`
+//! event; `--api anthropic` posts a Messages API request and waits for the
+//! first `content_block_delta`. Each of `--concurrency` workers sends its
+//! share of `--requests` one after another over a keep-alive connection,
+//! after `--warmup` untimed requests. Prints one Markdown table row (and a
+//! JSON line with `--json`).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+#[derive(Clone)]
+struct Args {
+    url: String,
+    api: Api,
+    concurrency: usize,
+    requests: usize,
+    warmup: usize,
+    label: String,
+    json: bool,
+    max_tokens: u32,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Chat,
+    Anthropic,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        url: String::new(),
+        api: Api::Chat,
+        concurrency: 1,
+        requests: 200,
+        warmup: 20,
+        label: String::new(),
+        json: false,
+        max_tokens: 32,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--json" {
+            a.json = true;
+            continue;
+        }
+        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{flag}: {v:?} is not a number"))
+        };
+        match flag.as_str() {
+            "--url" => a.url = v,
+            "--api" => {
+                a.api = match v.as_str() {
+                    "chat" => Api::Chat,
+                    "anthropic" => Api::Anthropic,
+                    _ => return Err(format!("--api: {v:?} is not chat or anthropic")),
+                }
+            }
+            "--concurrency" => a.concurrency = num(&v)?.max(1),
+            "--requests" => a.requests = num(&v)?.max(1),
+            "--warmup" => a.warmup = num(&v)?,
+            "--label" => a.label = v,
+            "--max-tokens" => a.max_tokens = num(&v)? as u32,
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    if a.url.is_empty() {
+        return Err("--url is required".into());
+    }
+    if a.label.is_empty() {
+        a.label = a.url.clone();
+    }
+    Ok(a)
+}
+
+#[derive(Default)]
+struct Sample {
+    ttft: Option<Duration>,
+    total: Option<Duration>,
+}
+
+async fn one(client: &reqwest::Client, a: &Args, i: usize) -> Result<Sample, String> {
+    let message = format!("benchmark question number {i}");
+    let (body, marker): (serde_json::Value, &[u8]) = match a.api {
+        Api::Chat => (
+            json!({"message": message, "max_tokens": a.max_tokens}),
+            b"event: delta\n",
+        ),
+        Api::Anthropic => (
+            json!({"model": "claude-sonnet-4-5", "max_tokens": a.max_tokens, "stream": true,
+                   "messages": [{"role": "user", "content": message}]}),
+            b"event: content_block_delta\n",
+        ),
+    };
+    let start = Instant::now();
+    let resp = client
+        .post(&a.url)
+        .header("x-api-key", "bench")
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let mut s = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut sample = Sample::default();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if sample.ttft.is_none() {
+            buf.extend_from_slice(&chunk);
+            // The first delta counts once its whole event has arrived.
+            if let Some(p) = buf.windows(marker.len()).position(|w| w == marker) {
+                if buf[p..].windows(2).any(|w| w == b"\n\n") {
+                    sample.ttft = Some(start.elapsed());
+                }
+            }
+        }
+    }
+    sample.total = Some(start.elapsed());
+    if sample.ttft.is_none() {
+        return Err("stream ended without a delta".into());
+    }
+    Ok(sample)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let a = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("chat-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match reqwest::Client::builder()
+        .pool_max_idle_per_host(a.concurrency * 2)
+        .tcp_nodelay(true)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chat-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Warm-up: open the connections, fill caches, page in code.
+    let warm: Vec<_> = (0..a.concurrency)
+        .map(|w| {
+            let (client, a) = (client.clone(), a.clone());
+            tokio::spawn(async move {
+                for i in 0..a.warmup.div_ceil(a.concurrency) {
+                    let _ = one(&client, &a, 1_000_000 + w * 10_000 + i).await;
+                }
+            })
+        })
+        .collect();
+    for w in warm {
+        let _ = w.await;
+    }
+
+    let started = Instant::now();
+    let per_worker = a.requests.div_ceil(a.concurrency);
+    let workers: Vec<_> = (0..a.concurrency)
+        .map(|w| {
+            let (client, a) = (client.clone(), a.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::with_capacity(per_worker);
+                for i in 0..per_worker {
+                    out.push(one(&client, &a, w * per_worker + i).await);
+                }
+                out
+            })
+        })
+        .collect();
+    let mut ttft = Vec::new();
+    let mut total = Vec::new();
+    let mut errors = 0usize;
+    let mut first_error = None;
+    for w in workers {
+        match w.await {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(s) => {
+                            ttft.extend(s.ttft);
+                            total.extend(s.total);
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                errors += per_worker;
+                first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    ttft.sort();
+    total.sort();
+    let ok = ttft.len();
+    let rps = ok as f64 / elapsed.as_secs_f64();
+    if a.json {
+        let line = json!({
+            "label": a.label, "concurrency": a.concurrency, "requests": ok + errors, "ok": ok, "errors": errors,
+            "ttft_ms": {"p50": pct(&ttft, 50.0), "p95": pct(&ttft, 95.0), "p99": pct(&ttft, 99.0)},
+            "total_ms": {"p50": pct(&total, 50.0), "p95": pct(&total, 95.0)},
+            "rps": rps,
+        });
+        eprintln!("{line}");
+    }
+    let row = format!(
+        "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} |",
+        a.label,
+        a.concurrency,
+        ok + errors,
+        pct(&ttft, 50.0),
+        pct(&ttft, 95.0),
+        pct(&ttft, 99.0),
+        pct(&total, 50.0),
+        rps,
+        errors
+    );
+    // The table row is this tool's output; stdout is where it belongs.
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{row}");
+    }
+    if let Some(e) = first_error {
+        eprintln!("chat-bench: {errors} errors; first: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

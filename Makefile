@@ -1,0 +1,89 @@
+# The project's front door. Every target installs what it needs on a fresh
+# Debian machine with Rust and Python 3: Python tools go into .venv, Rust
+# targets through rustup. Nothing is assumed to be installed already.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV     := $(CURDIR)/.venv
+TOOLS    := $(VENV)/.installed
+export PATH := $(VENV)/bin:$(PATH)
+export SAM_CLI_TELEMETRY := 0
+export CARGO_TERM_COLOR ?= never
+
+ENV      ?= default
+PARAMS   ?=
+REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
+ARM      := aarch64-unknown-linux-gnu
+
+.PHONY: help run test lint fmt build sam-build deploy bench tools rust-arm64 clean
+
+help:
+	@echo "make run      build and start model-sim + chat-stream locally (Ctrl-C stops both)"
+	@echo "make test     lint (fmt, clippy, sam validate --lint) and all tests"
+	@echo "make build    arm64 Lambda bootstraps in target/lambda/ (cargo lambda)"
+	@echo "make bench    latency benchmarks; see BENCHMARKS.md"
+	@echo "make deploy   sam build + sam deploy (ENV=default|prod, PARAMS='Key=Value ...')"
+
+# --- tools ------------------------------------------------------------------
+
+$(TOOLS): requirements-dev.txt
+	@command -v python3 >/dev/null || { echo "python3 is required (apt-get install python3 python3-venv)"; exit 1; }
+	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+tools: $(TOOLS)
+
+rust-arm64:
+	@rustup target list --installed | grep -qx $(ARM) || rustup target add $(ARM)
+
+# --- local run --------------------------------------------------------------
+
+run:
+	cargo build -p chat-stream -p model-sim
+	BIN=target/debug scripts/run-local.sh
+
+# --- quality gates ----------------------------------------------------------
+
+fmt:
+	cargo fmt --all
+
+lint: $(TOOLS)
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+	sam validate --lint --region $(REGION)
+
+test: lint
+	@if cargo nextest --version >/dev/null 2>&1; then \
+		cargo nextest run --workspace --locked --no-fail-fast; \
+	else \
+		cargo test --workspace --locked --no-fail-fast; \
+	fi
+
+# --- build and deploy -------------------------------------------------------
+
+build: $(TOOLS) rust-arm64
+	cargo lambda build --release --arm64 --locked -p chat-stream
+	@for f in target/lambda/*/bootstrap; do \
+		printf '%s: ' "$$f"; file -b "$$f" 2>/dev/null | cut -d, -f1-2 || true; \
+		ls -l "$$f" | awk '{print "  " $$5 " bytes"}'; \
+	done
+
+sam-build: $(TOOLS) rust-arm64
+	sam build --config-env $(ENV)
+
+deploy: sam-build
+	sam deploy --config-env $(ENV) --region $(REGION) \
+		$(if $(PARAMS),--parameter-overrides $(PARAMS),)
+
+# --- benchmarks -------------------------------------------------------------
+
+bench:
+	cargo build --release -p chat-stream -p model-sim -p chat-bench
+	scripts/bench.sh
+
+clean:
+	cargo clean
+	rm -rf $(VENV) .aws-sam

@@ -1,0 +1,122 @@
+//! The real `chat-stream` binary under the Lambda runtime: a local Runtime
+//! API hands it the Function URL events from `events/`, the binary answers
+//! through lambda_http's streaming adapter, and we read what Lambda would
+//! relay to the caller.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use e2e::{FakeRuntimeApi, answer_text, event_file};
+use model_sim::{Knobs, Sim, SimConfig};
+use serde_json::Value;
+
+struct Child(tokio::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+async fn start_function(runtime: &FakeRuntimeApi, sim: &Sim) -> Child {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-stream"))
+        .env_clear()
+        .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
+        .env("AWS_LAMBDA_FUNCTION_NAME", "chat-stream")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/chat-stream")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
+        .env("AWS_REGION", "us-east-1")
+        .env("ANTHROPIC_BASE_URL", sim.url())
+        .env("ANTHROPIC_API_KEY", "test-key")
+        .env("LOG_LEVEL", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chat-stream");
+    Child(child)
+}
+
+#[tokio::test]
+async fn function_url_events_stream_through_the_lambda_adapter() {
+    // 15 tokens at 15/s: about a second of generation after the first token.
+    let sim = Sim::start(SimConfig {
+        knobs: Knobs {
+            ttft: Duration::from_millis(50),
+            tokens_per_sec: 15.0,
+            output_tokens: 15,
+            fault: None,
+        },
+        api_key: Some("test-key".into()),
+    })
+    .await
+    .unwrap();
+    let runtime = FakeRuntimeApi::start().await;
+    let _function = start_function(&runtime, &sim).await;
+    let limit = Duration::from_secs(30);
+
+    // A valid chat request streams meta, deltas, done.
+    let inv = runtime.invoke(event_file("chat-valid.json"), limit).await;
+    assert_eq!(inv.mode.as_deref(), Some("streaming"));
+    assert_eq!(inv.status(), 200, "{:?}", inv.prelude);
+    let headers = &inv.prelude["headers"];
+    assert!(
+        headers["content-type"]
+            .as_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert!(headers["x-request-id"].is_string());
+    assert!(
+        headers["server-timing"]
+            .as_str()
+            .unwrap()
+            .contains("ttft;dur=")
+    );
+    let events = inv.events();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"meta"));
+    assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "delta").count(), 15);
+    assert_eq!(events.last().unwrap().data["usage"]["output_tokens"], 15);
+    assert!(!answer_text(&events).is_empty());
+    // Streamed, not buffered: the first delta reached the runtime API well
+    // before the answer ended (generation takes ~0.93 s after it).
+    let first = events.iter().find(|e| e.event == "delta").unwrap();
+    let gap = events.last().unwrap().at - first.at;
+    assert!(
+        gap >= Duration::from_millis(700),
+        "first delta only {gap:?} before done"
+    );
+
+    // The request the model got came from the event's body.
+    let sent = sim.requests();
+    let last = sent.last().unwrap();
+    assert_eq!(last["max_tokens"], 256);
+    assert!(
+        last["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("streaming")
+    );
+
+    // Bad input through the same path: 400 with a JSON body naming it.
+    let inv = runtime.invoke(event_file("chat-invalid.json"), limit).await;
+    assert_eq!(inv.status(), 400, "{:?}", inv.prelude);
+    let body: Value = serde_json::from_str(&inv.body_text()).unwrap();
+    assert_eq!(body["field"], "message");
+    let inv = runtime
+        .invoke(event_file("chat-unknown-field.json"), limit)
+        .await;
+    assert_eq!(inv.status(), 400);
+    let body: Value = serde_json::from_str(&inv.body_text()).unwrap();
+    assert_eq!(body["code"], "unknown_field");
+
+    // Health.
+    let inv = runtime.invoke(event_file("health.json"), limit).await;
+    assert_eq!(inv.status(), 200);
+    let body: Value = serde_json::from_str(&inv.body_text()).unwrap();
+    assert_eq!(body["dependencies"]["model"]["state"], "ok");
+}

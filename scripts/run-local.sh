@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Starts the local stack in the foreground: model-sim (unless
+# ANTHROPIC_API_KEY is set, then the real API is used) and chat-stream.
+# Ctrl-C stops everything this script started.
+#
+# Knobs: PORT (3000), SIM_PORT (4010), SIM_TTFT_MS (300), SIM_TPS (30),
+# SIM_TOKENS (120), BIN (target/debug).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PORT=${PORT:-3000}
+SIM_PORT=${SIM_PORT:-4010}
+BIN=${BIN:-target/debug}
+pids=()
+
+cleanup() {
+  trap - EXIT INT TERM
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  echo "stopped."
+}
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for() { # port name pid
+  for _ in $(seq 1 100); do
+    listening "$1" && return 0
+    kill -0 "$3" 2>/dev/null || { echo "$2 exited during start-up" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "$2 did not start listening on port $1" >&2
+  exit 1
+}
+
+for p in "$PORT" $([ -z "${ANTHROPIC_API_KEY:-}" ] && echo "$SIM_PORT"); do
+  if listening "$p"; then
+    echo "port $p is already in use; choose another: make run PORT=... SIM_PORT=..." >&2
+    exit 1
+  fi
+done
+
+if [ -z "${ANTHROPIC_API_KEY:-}" ]; then
+  "$BIN/model-sim" --addr "127.0.0.1:$SIM_PORT" \
+    --ttft-ms "${SIM_TTFT_MS:-300}" --tps "${SIM_TPS:-30}" --tokens "${SIM_TOKENS:-120}" &
+  pids+=($!)
+  wait_for "$SIM_PORT" model-sim "$!"
+  export ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT"
+  export ANTHROPIC_API_KEY="local-model-sim"
+  model="model-sim at $ANTHROPIC_BASE_URL"
+else
+  model="the Anthropic API (ANTHROPIC_API_KEY is set)"
+fi
+
+"$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" &
+pids+=($!)
+wait_for "$PORT" chat-stream "$!"
+
+cat <<MSG
+
+chat-stream is up at http://127.0.0.1:$PORT (model: $model)
+
+  curl -N http://127.0.0.1:$PORT/chat -H 'content-type: application/json' \\
+    -d '{"message": "Why does streaming make chat feel fast?"}'
+
+  curl http://127.0.0.1:$PORT/health
+
+Logs follow (one JSON line per request). Ctrl-C stops everything.
+
+MSG
+
+# Stop everything as soon as either process ends.
+wait -n "${pids[@]}"
