@@ -17,7 +17,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: help run test lint fmt build sam-build deploy bench tools rust-arm64 clean
+.PHONY: help run test lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start model-sim + chat-stream locally (Ctrl-C stops both)"
@@ -56,7 +56,8 @@ lint: $(TOOLS)
 	sam validate --lint --region $(REGION)
 
 test: lint
-	@if cargo nextest --version >/dev/null 2>&1; then \
+	@eval "$$(scripts/services.sh start)"; \
+	if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --locked --no-fail-fast; \
 	else \
 		cargo test --workspace --locked --no-fail-fast; \
@@ -84,6 +85,10 @@ bench:
 	cargo build --release -p chat-stream -p model-sim -p chat-bench
 	scripts/bench.sh
 
+services: $(TOOLS)
+	@scripts/services.sh start
+
 clean:
+	scripts/services.sh stop
 	cargo clean
 	rm -rf $(VENV) .aws-sam

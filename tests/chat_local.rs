@@ -564,3 +564,33 @@ async fn twenty_concurrent_streams_each_get_their_own_complete_answer() {
         assert_eq!(text, direct, "answer {i}");
     }
 }
+
+#[tokio::test]
+async fn the_model_connection_is_prewarmed_and_reused() {
+    let sim = sim(0, 0.0, 3).await;
+    let server = chat(&sim, &[]).await;
+    // Pre-warm at init: one connection opened before any user request.
+    assert_eq!(sim.model_lists(), 1);
+    assert_eq!(sim.connections(), 1);
+    for i in 0..10 {
+        let resp = post(&server, &json!({"message": format!("q{i}")})).await;
+        let (events, _) = read_sse(resp, LIMIT).await;
+        assert_eq!(events.last().unwrap().event, "done");
+    }
+    // Ten sequential requests later, still that one connection.
+    assert_eq!(
+        sim.connections(),
+        1,
+        "chat-stream opened a new connection per request"
+    );
+
+    let sim = self::sim(0, 0.0, 3).await;
+    let url = sim.url();
+    let _server = ChatServer::start(&[
+        ("ANTHROPIC_BASE_URL", url.as_str()),
+        ("UPSTREAM_PREWARM", "false"),
+    ])
+    .await;
+    assert_eq!(sim.model_lists(), 0);
+    assert_eq!(sim.connections(), 0);
+}

@@ -120,10 +120,13 @@ impl ChatServer {
     /// other config variable.
     pub async fn start(env: &[(&str, &str)]) -> ChatServer {
         let mut map: HashMap<String, String> = HashMap::new();
-        map.insert("ANTHROPIC_API_KEY".into(), "test-key".into());
         map.insert("LOG_LEVEL".into(), "warn".into());
         for (k, v) in env {
             map.insert((*k).into(), (*v).into());
+        }
+        if !map.contains_key("ANTHROPIC_API_KEY_SECRET_ARN") {
+            map.entry("ANTHROPIC_API_KEY".into())
+                .or_insert_with(|| "test-key".into());
         }
         let config = chat_core::Config::from_source(&map).expect("test config");
         chat_core::logging::init(config.log_level);

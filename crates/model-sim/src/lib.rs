@@ -46,6 +46,8 @@ pub struct SimConfig {
 #[derive(Debug, Default)]
 struct Stats {
     calls: AtomicU64,
+    connections: AtomicU64,
+    model_lists: AtomicU64,
     completed: AtomicU64,
     cancelled: AtomicU64,
 }
@@ -76,6 +78,14 @@ impl SimState {
     pub fn calls(&self) -> u64 {
         self.stats.calls.load(Ordering::SeqCst)
     }
+    /// TCP connections accepted: shows whether clients reuse connections.
+    pub fn connections(&self) -> u64 {
+        self.stats.connections.load(Ordering::SeqCst)
+    }
+    /// `GET /v1/models` requests (what clients use to pre-warm).
+    pub fn model_lists(&self) -> u64 {
+        self.stats.model_lists.load(Ordering::SeqCst)
+    }
     /// Streams that reached `message_stop`.
     pub fn completed(&self) -> u64 {
         self.stats.completed.load(Ordering::SeqCst)
@@ -92,6 +102,8 @@ impl SimState {
         self.stats.calls.store(0, Ordering::SeqCst);
         self.stats.completed.store(0, Ordering::SeqCst);
         self.stats.cancelled.store(0, Ordering::SeqCst);
+        self.stats.connections.store(0, Ordering::SeqCst);
+        self.stats.model_lists.store(0, Ordering::SeqCst);
         self.requests_lock().clear();
     }
 }
@@ -106,11 +118,29 @@ pub fn router(state: Arc<SimState>) -> Router {
         .with_state(state)
 }
 
+/// Serves the sim on `listener` until `shutdown` resolves, counting
+/// connections.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<SimState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let counter = state.clone();
+    let listener = listener.tap_io(move |tcp| {
+        counter.stats.connections.fetch_add(1, Ordering::SeqCst);
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// A sim running in this process, on its own port; stopped on drop.
 pub struct Sim {
     addr: SocketAddr,
     state: Arc<SimState>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Sim {
@@ -119,10 +149,7 @@ impl Sim {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let state = SimState::new(config);
-        let app = router(state.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let task = tokio::spawn(serve(listener, state.clone(), std::future::pending()));
         Ok(Sim { addr, state, task })
     }
 
@@ -143,6 +170,12 @@ impl Sim {
     }
     pub fn cancelled(&self) -> u64 {
         self.state.cancelled()
+    }
+    pub fn connections(&self) -> u64 {
+        self.state.connections()
+    }
+    pub fn model_lists(&self) -> u64 {
+        self.state.model_lists()
     }
     pub fn requests(&self) -> Vec<Value> {
         self.state.requests()
@@ -545,7 +578,8 @@ async fn full_answer(
     resp
 }
 
-async fn models() -> Response {
+async fn models(State(st): State<Arc<SimState>>) -> Response {
+    st.stats.model_lists.fetch_add(1, Ordering::SeqCst);
     axum::Json(json!({
         "data": [{"type": "model", "id": "claude-sim", "display_name": "Model simulator", "created_at": "2025-01-01T00:00:00Z"}],
         "has_more": false, "first_id": "claude-sim", "last_id": "claude-sim",

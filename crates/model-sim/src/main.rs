@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use model_sim::{Knobs, SimConfig, SimState, router};
+use model_sim::{Knobs, SimConfig, SimState, serve};
 
 fn settings() -> Result<(SocketAddr, SimConfig), String> {
     let mut flags: HashMap<String, String> = HashMap::new();
@@ -71,14 +71,10 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(addr = %addr, knobs = ?config.knobs, "model-sim listening on http://{addr}");
-    let app = router(SimState::new(config));
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    match axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
+    match serve(listener, SimState::new(config), shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("model-sim: {e}");

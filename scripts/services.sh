@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Starts the local stand-ins the tests and `make run` need, if they are not
+# already answering, and prints the environment that points at them
+# (use: eval "$(scripts/services.sh start)").
+#
+#   moto server (DynamoDB, SQS, Secrets Manager) on MOTO_PORT (5005)
+#
+# `scripts/services.sh stop` stops what this script started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=.run
+MOTO_PORT=${MOTO_PORT:-5005}
+VENV=${VENV:-.venv}
+mkdir -p "$RUN"
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start_moto() {
+  if ! listening "$MOTO_PORT"; then
+    "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$RUN/moto.log" 2>&1 &
+    echo $! >"$RUN/moto.pid"
+    for _ in $(seq 1 100); do listening "$MOTO_PORT" && break; sleep 0.1; done
+    listening "$MOTO_PORT" || { echo "moto did not start; see $RUN/moto.log" >&2; exit 1; }
+  fi
+}
+
+case "${1:-start}" in
+  start)
+    start_moto
+    cat <<ENV
+export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-testing}
+export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-testing}
+export AWS_REGION=${AWS_REGION:-us-east-1}
+ENV
+    ;;
+  stop)
+    for f in "$RUN"/*.pid; do
+      [ -f "$f" ] || continue
+      kill "$(cat "$f")" 2>/dev/null || true
+      rm -f "$f"
+    done
+    ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
