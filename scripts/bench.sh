@@ -76,6 +76,10 @@ if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   run_layout "pinned: chat-stream on CPU 0, client and sim on CPU 1" 0 1
 fi
 
-if [ -f target/lambda/chat-stream/bootstrap ]; then
-  echo "arm64 bootstrap (make build, stripped): $(stat -c %s target/lambda/chat-stream/bootstrap) bytes"
+boot=target/lambda/chat-stream/bootstrap
+if [ -f "$boot" ]; then
+  zipped=$(python3 -c "import io,sys,zipfile; b=io.BytesIO(); z=zipfile.ZipFile(b,'w',zipfile.ZIP_DEFLATED); z.write(sys.argv[1],'bootstrap'); z.close(); print(len(b.getvalue()))" "$boot")
+  echo "arm64 bootstrap (make build, stripped): $(stat -c %s "$boot") bytes; zip-deflated: $zipped bytes"
+else
+  echo "no arm64 bootstrap yet: run make build for the binary size"
 fi
