@@ -16,6 +16,7 @@ async fn sim(ttft_ms: u64, tps: f64, tokens: u32) -> Sim {
             tokens_per_sec: tps,
             output_tokens: tokens,
             fault: None,
+            fault_times: None,
         },
         api_key: Some("test-key".into()),
     })
@@ -176,7 +177,7 @@ async fn deltas_reach_the_client_while_the_model_is_still_generating() {
 #[tokio::test]
 async fn upstream_http_errors_map_to_documented_statuses() {
     let sim = sim(0, 0.0, 5).await;
-    let server = chat(&sim, &[]).await;
+    let server = chat(&sim, &[("UPSTREAM_MAX_RETRIES", "0")]).await;
     // (fault, our status, our code, Retry-After)
     let table: &[(&str, u16, &str, Option<&str>)] = &[
         ("status:400", 400, "upstream_rejected_request", None),
@@ -435,7 +436,7 @@ async fn request_id_is_echoed_when_valid_and_replaced_when_not() {
 #[tokio::test]
 async fn health_reports_the_model_and_probes_it_on_request() {
     let sim = sim(0, 0.0, 3).await;
-    let server = chat(&sim, &[]).await;
+    let server = chat(&sim, &[("UPSTREAM_MAX_RETRIES", "0")]).await;
     let client = reqwest::Client::new();
     let v: Value = client
         .get(server.url("/health"))

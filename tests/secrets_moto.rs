@@ -43,6 +43,7 @@ async fn the_api_key_comes_from_secrets_manager() {
             tokens_per_sec: 0.0,
             output_tokens: 4,
             fault: None,
+            fault_times: None,
         },
         api_key: Some("sk-from-secrets-manager".into()),
     })

@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::error::{ApiError, UpstreamError};
 use crate::provider::ModelProvider;
 use crate::relay;
+use crate::resilience::{BreakerState, Breakers, RetryBudget};
 use crate::validate::{body_too_large, parse_chat_request};
 
 /// Shared, read-only after init (plus the health record).
@@ -31,14 +32,22 @@ struct Inner {
     config: Config,
     provider: Arc<dyn ModelProvider>,
     health: ModelHealth,
+    breakers: Breakers,
+    retry_budget: RetryBudget,
 }
 
 impl AppState {
     pub fn new(config: Config, provider: Arc<dyn ModelProvider>) -> Self {
+        let breakers = Breakers::new(config.resilience.breaker);
+        // Retries may add at most `ratio` of the request rate; a quiet
+        // function keeps a reserve of ten.
+        let retry_budget = RetryBudget::new(config.resilience.retry_budget_ratio, 10.0);
         Self(Arc::new(Inner {
             config,
             provider,
             health: ModelHealth::default(),
+            breakers,
+            retry_budget,
         }))
     }
 
@@ -52,6 +61,14 @@ impl AppState {
 
     pub(crate) fn health(&self) -> &ModelHealth {
         &self.0.health
+    }
+
+    pub(crate) fn breakers(&self) -> &Breakers {
+        &self.0.breakers
+    }
+
+    pub(crate) fn retry_budget(&self) -> &RetryBudget {
+        &self.0.retry_budget
     }
 }
 
@@ -294,6 +311,20 @@ async fn health(State(state): State<AppState>, req: Request) -> Response {
     });
     let mut model = state.health().snapshot();
     model["provider"] = json!(state.provider().name());
+    let circuits: serde_json::Map<String, serde_json::Value> = state
+        .breakers()
+        .states(Instant::now())
+        .into_iter()
+        .map(|(k, st)| {
+            let word = match st {
+                BreakerState::Closed => "closed",
+                BreakerState::Open => "open",
+                BreakerState::HalfOpen => "half_open",
+            };
+            (k, json!(word))
+        })
+        .collect();
+    model["circuits"] = serde_json::Value::Object(circuits);
     let mut ok = true;
     if probe_requested {
         let t = Instant::now();

@@ -152,7 +152,18 @@ pub struct Limits {
     pub default_max_tokens: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What happens when a model call fails before the first text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resilience {
+    pub retry: crate::resilience::RetryPolicy,
+    /// Share of requests that may be retried (a retry budget), e.g. 0.2.
+    pub retry_budget_ratio: f64,
+    pub breaker: crate::resilience::BreakerConfig,
+    /// Models tried, in order, after the requested (or default) one fails.
+    pub fallbacks: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub bind_addr: SocketAddr,
     pub log_level: tracing::Level,
@@ -160,6 +171,7 @@ pub struct Config {
     pub default_model: String,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub resilience: Resilience,
     /// Open the upstream connection at init so the first request does not
     /// pay for TCP + TLS.
     pub prewarm: bool,
@@ -288,6 +300,45 @@ impl Config {
             default_max_tokens,
         };
         let prewarm = r.bool("UPSTREAM_PREWARM", true)?;
+        let retry_budget_ratio: f64 = r.parse("RETRY_BUDGET_RATIO", 0.2, "a number from 0 to 1")?;
+        if !(0.0..=1.0).contains(&retry_budget_ratio) {
+            return Err(ConfigError::new(
+                "RETRY_BUDGET_RATIO",
+                format!("{retry_budget_ratio} is outside 0..=1"),
+            ));
+        }
+        let fallbacks: Vec<String> = r
+            .string("MODEL_FALLBACKS")
+            .map(|v| {
+                v.split(',')
+                    .map(|m| m.trim().to_owned())
+                    .filter(|m| !m.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(bad) = fallbacks
+            .iter()
+            .find(|m| m.len() > 128 || !m.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ConfigError::new(
+                "MODEL_FALLBACKS",
+                format!("{bad:?} is not a model name"),
+            ));
+        }
+        let resilience = Resilience {
+            retry: crate::resilience::RetryPolicy {
+                max_retries: r.ranged("UPSTREAM_MAX_RETRIES", 2u32, 0, 10)?,
+                base: r.ms("UPSTREAM_RETRY_BASE_MS", 100)?,
+                max_backoff: r.ms("UPSTREAM_RETRY_MAX_BACKOFF_MS", 2_000)?,
+            },
+            retry_budget_ratio,
+            breaker: crate::resilience::BreakerConfig {
+                failures: r.ranged("BREAKER_FAILURES", 5u32, 1, 1000)?,
+                window: r.ms("BREAKER_WINDOW_MS", 30_000)?,
+                cooldown: r.ms("BREAKER_COOLDOWN_MS", 15_000)?,
+            },
+            fallbacks,
+        };
         Ok(Config {
             bind_addr,
             log_level,
@@ -299,6 +350,7 @@ impl Config {
             default_model,
             timeouts,
             limits,
+            resilience,
             prewarm,
         })
     }
@@ -333,6 +385,10 @@ mod tests {
             ("UPSTREAM_PREWARM", "maybe"),
             ("ANTHROPIC_BASE_URL", "ftp://x"),
             ("LOG_LEVEL", "loud"),
+            ("RETRY_BUDGET_RATIO", "2"),
+            ("UPSTREAM_MAX_RETRIES", "99"),
+            ("BREAKER_FAILURES", "0"),
+            ("MODEL_FALLBACKS", "a,has space"),
         ] {
             let e = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(e.variable, k, "{e}");
@@ -355,6 +411,13 @@ mod tests {
             Config::from_source(&m).unwrap().anthropic.api_key,
             ApiKeySource::SecretsManager { .. }
         ));
+    }
+
+    #[test]
+    fn fallbacks_are_a_trimmed_list() {
+        let c = cfg(&[("MODEL_FALLBACKS", " claude-a , ,claude-b")]).unwrap();
+        assert_eq!(c.resilience.fallbacks, vec!["claude-a", "claude-b"]);
+        assert!(cfg(&[]).unwrap().resilience.fallbacks.is_empty());
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum UpstreamError {
     Truncated,
     #[error("upstream sent data we could not understand: {0}")]
     Protocol(String),
+    /// Every model we could try has its circuit open.
+    #[error("the model's circuit breaker is open after repeated failures")]
+    CircuitOpen,
 }
 
 impl UpstreamError {
@@ -84,6 +87,7 @@ impl UpstreamError {
             UpstreamError::Timeout(_) => "upstream_timeout",
             UpstreamError::Transport(_) | UpstreamError::Truncated => "upstream_disconnected",
             UpstreamError::Protocol(_) => "upstream_protocol_error",
+            UpstreamError::CircuitOpen => "upstream_circuit_open",
         }
     }
 
@@ -108,6 +112,7 @@ impl UpstreamError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamError::Connect(_)
             | UpstreamError::Transport(_)
             | UpstreamError::Truncated
@@ -128,7 +133,8 @@ impl UpstreamError {
             UpstreamError::Connect(_)
             | UpstreamError::Timeout(_)
             | UpstreamError::Transport(_)
-            | UpstreamError::Truncated => true,
+            | UpstreamError::Truncated
+            | UpstreamError::CircuitOpen => true,
             UpstreamError::Protocol(_) => false,
         }
     }

@@ -14,6 +14,7 @@ pub mod http;
 pub mod logging;
 pub mod provider;
 mod relay;
+pub mod resilience;
 pub mod secrets;
 pub mod server;
 pub mod sse;

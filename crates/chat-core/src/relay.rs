@@ -25,7 +25,10 @@ use tokio::time::timeout_at;
 
 use crate::app::{AppState, LogDeferred, RequestCtx, ms, new_id};
 use crate::error::{ApiError, TimeoutKind, UpstreamError};
+use std::sync::Arc;
+
 use crate::provider::{Chunk, ChunkStream, Message, ModelRequest, Role};
+use crate::resilience::{Admission, Breaker};
 use crate::sse;
 use crate::validate::ChatRequest;
 
@@ -97,40 +100,27 @@ pub(crate) async fn start(
         idle: config.timeouts.idle,
     };
 
-    // Phase 1: until the first upstream event, failures are plain errors.
-    let (deadline, kind) = deadlines.next(false, ctx.start);
-    let upstream_start = Instant::now();
-    let opened = match timeout_at(deadline, state.provider().stream(&model_req)).await {
-        Ok(r) => r,
-        Err(_) => Err(UpstreamError::Timeout(kind)),
-    };
-    let mut upstream = match opened {
-        Ok(s) => s,
-        Err(e) => return Err(pre_stream_failure(&state, &ctx, &model_req.model, e)),
-    };
-    let upstream_connect = upstream_start.elapsed();
-    // Read until the first text (or the end of an empty answer): until
-    // then nothing is sent, so a failure or a first-token timeout is still
-    // an honest status code (and, later, a safe point to retry elsewhere).
-    let mut model = model_req.model.clone();
-    let mut input_tokens = None;
-    let first = loop {
-        let failure = match timeout_at(deadline, upstream.next()).await {
-            Ok(Some(Ok(Chunk::Start {
-                model: m,
-                input_tokens: n,
-            }))) => {
-                model = m;
-                input_tokens = n;
-                continue;
-            }
-            Ok(Some(Ok(Chunk::Delta(t)))) if t.is_empty() => continue,
-            Ok(Some(Ok(chunk))) => break chunk,
-            Ok(Some(Err(e))) => e,
-            Ok(None) => UpstreamError::Truncated,
-            Err(_) => UpstreamError::Timeout(kind),
-        };
-        return Err(pre_stream_failure(&state, &ctx, &model_req.model, failure));
+    // Phase 1: until the first text, failures are plain errors, and
+    // retries and fallbacks are still invisible to the client.
+    let Opened {
+        breaker,
+        stream: upstream,
+        first,
+        model,
+        input_tokens,
+        upstream_connect,
+        attempts,
+    } = match open_with_fallback(&state, &model_req, &deadlines).await {
+        Ok(o) => o,
+        Err((e, attempts)) => {
+            return Err(pre_stream_failure(
+                &state,
+                &ctx,
+                &model_req.model,
+                e,
+                attempts,
+            ));
+        }
     };
     let ttft = matches!(first, Chunk::Delta(_)).then(|| ctx.start.elapsed());
     let pending = Some(first);
@@ -157,6 +147,7 @@ pub(crate) async fn start(
         ms(ttft.unwrap_or_else(|| ctx.start.elapsed()))
     );
     let relay = Relay {
+        breaker,
         state,
         upstream,
         pending,
@@ -171,6 +162,7 @@ pub(crate) async fn start(
         text_chars: 0,
         finished: false,
         log: Some(LogCtx {
+            attempts,
             request_id: ctx.id.to_string(),
             model,
             conversation_id,
@@ -201,16 +193,151 @@ pub(crate) async fn start(
     Ok(resp)
 }
 
+/// A model call that has produced its first text (or ended empty).
+struct Opened {
+    breaker: Arc<Breaker>,
+    stream: ChunkStream,
+    first: Chunk,
+    model: String,
+    input_tokens: Option<u32>,
+    upstream_connect: Duration,
+    attempts: u32,
+}
+
+type FirstText = (ChunkStream, Chunk, String, Option<u32>, Duration);
+
+/// One attempt: open the stream and read up to the first text, within
+/// `deadline` (the first-token deadline of this attempt).
+async fn attempt(
+    state: &AppState,
+    req: &ModelRequest,
+    deadline: Instant,
+    kind: TimeoutKind,
+) -> Result<FirstText, UpstreamError> {
+    let started = Instant::now();
+    let mut stream = match timeout_at(deadline.into(), state.provider().stream(req)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(UpstreamError::Timeout(kind)),
+    };
+    let connect = started.elapsed();
+    let mut model = req.model.clone();
+    let mut input_tokens = None;
+    loop {
+        match timeout_at(deadline.into(), stream.next()).await {
+            Ok(Some(Ok(Chunk::Start {
+                model: m,
+                input_tokens: n,
+            }))) => {
+                model = m;
+                input_tokens = n;
+            }
+            Ok(Some(Ok(Chunk::Delta(t)))) if t.is_empty() => {}
+            Ok(Some(Ok(chunk))) => return Ok((stream, chunk, model, input_tokens, connect)),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) => return Err(UpstreamError::Truncated),
+            Err(_) => return Err(UpstreamError::Timeout(kind)),
+        }
+    }
+}
+
+/// Tries the requested model, retrying transient failures with backoff
+/// (within the retry budget), then each fallback model in order, skipping
+/// models whose circuit is open. Gives up at the first error that another
+/// try cannot fix (e.g. a 400), or when the total deadline is near.
+async fn open_with_fallback(
+    state: &AppState,
+    base: &ModelRequest,
+    deadlines: &Deadlines,
+) -> Result<Opened, (UpstreamError, u32)> {
+    let res = &state.config().resilience;
+    let per_attempt = state.config().timeouts.first_token;
+    let mut models = vec![base.model.clone()];
+    models.extend(res.fallbacks.iter().filter(|m| **m != base.model).cloned());
+    state.retry_budget().on_request();
+    let mut attempts = 0u32;
+    let mut last: Option<UpstreamError> = None;
+    'models: for model in models {
+        let breaker = state
+            .breakers()
+            .get(&format!("{}:{model}", state.provider().name()));
+        let mut retries = 0u32;
+        loop {
+            if breaker.admit(Instant::now()) == Admission::Rejected {
+                last.get_or_insert(UpstreamError::CircuitOpen);
+                continue 'models;
+            }
+            let now = Instant::now();
+            if now >= deadlines.total {
+                break 'models;
+            }
+            let (deadline, kind) = if now + per_attempt < deadlines.total {
+                (now + per_attempt, TimeoutKind::FirstToken)
+            } else {
+                (deadlines.total, TimeoutKind::Total)
+            };
+            attempts += 1;
+            let req = ModelRequest {
+                model: model.clone(),
+                ..base.clone()
+            };
+            let e = match attempt(state, &req, deadline, kind).await {
+                Ok((stream, first, model, input_tokens, upstream_connect)) => {
+                    breaker.on_success();
+                    return Ok(Opened {
+                        breaker,
+                        stream,
+                        first,
+                        model,
+                        input_tokens,
+                        upstream_connect,
+                        attempts,
+                    });
+                }
+                Err(e) => e,
+            };
+            tracing::info!(model = %req.model, attempt = attempts, error = %e, error_code = e.code(), "model attempt failed");
+            if !e.retryable() {
+                // The request itself is at fault: no other try will do better.
+                return Err((e, attempts));
+            }
+            breaker.on_failure(Instant::now());
+            // A slow first token is not fixed by asking the same model again.
+            let same_model_again = !matches!(e, UpstreamError::Timeout(_))
+                && retries < res.retry.max_retries
+                && state.retry_budget().try_retry();
+            let wait = if same_model_again {
+                res.retry.backoff(retries, e.retry_after(), fastrand::f64())
+            } else {
+                None
+            };
+            last = Some(e);
+            match wait {
+                Some(w) if Instant::now() + w < deadlines.total => {
+                    tokio::time::sleep(w).await;
+                    retries += 1;
+                }
+                _ => continue 'models,
+            }
+        }
+    }
+    Err((
+        last.unwrap_or(UpstreamError::Timeout(TimeoutKind::Total)),
+        attempts,
+    ))
+}
+
 fn pre_stream_failure(
     state: &AppState,
     ctx: &RequestCtx,
     model: &str,
     e: UpstreamError,
+    attempts: u32,
 ) -> ApiError {
     state.health().record_error(&e);
     tracing::warn!(
         request_id = %ctx.id,
         model,
+        attempts,
         error = %e,
         error_code = e.code(),
         retryable = e.retryable(),
@@ -220,6 +347,7 @@ fn pre_stream_failure(
 }
 
 struct LogCtx {
+    attempts: u32,
     request_id: String,
     model: String,
     conversation_id: String,
@@ -227,6 +355,8 @@ struct LogCtx {
 }
 
 struct Relay {
+    /// The answering model's breaker: a mid-stream failure counts too.
+    breaker: Arc<Breaker>,
     state: AppState,
     upstream: ChunkStream,
     /// The first chunk after `Start`, read before the headers went out.
@@ -319,6 +449,9 @@ impl Relay {
     fn fail(&mut self, e: UpstreamError) -> Bytes {
         self.finished = true;
         self.state.health().record_error(&e);
+        if e.retryable() {
+            self.breaker.on_failure(Instant::now());
+        }
         let err = ApiError::from(&e);
         tracing::warn!(error = %e, error_code = e.code(), "upstream failed mid-stream");
         let frame = self.frame("error", &err.body_json());
@@ -336,6 +469,7 @@ impl Relay {
             status = 200u16,
             outcome,
             error_code,
+            attempts = log.attempts,
             model = %log.model,
             conversation_id = %log.conversation_id,
             turn_id = %log.turn_id,

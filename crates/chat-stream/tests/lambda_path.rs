@@ -48,6 +48,7 @@ async fn function_url_events_stream_through_the_lambda_adapter() {
             tokens_per_sec: 15.0,
             output_tokens: 15,
             fault: None,
+            fault_times: None,
         },
         api_key: Some("test-key".into()),
     })

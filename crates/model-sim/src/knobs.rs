@@ -15,6 +15,9 @@
 //! - `drop-mid[@N]`: drop the connection after N tokens.
 //! - `error-mid[:TYPE][@N]`: send an `error` event (default
 //!   `overloaded_error`) after N tokens and end the stream.
+//!
+//! `times=N` limits the fault to the first N identical requests (same
+//! model and messages); later ones are answered normally.
 
 use std::time::Duration;
 
@@ -37,6 +40,9 @@ pub struct Knobs {
     /// Tokens in a full answer (capped by the request's `max_tokens`).
     pub output_tokens: u32,
     pub fault: Option<Fault>,
+    /// Apply the fault only to the first N identical requests (same model
+    /// and messages), then answer normally: "fails twice, then works".
+    pub fault_times: Option<u32>,
 }
 
 impl Default for Knobs {
@@ -46,6 +52,7 @@ impl Default for Knobs {
             tokens_per_sec: 60.0,
             output_tokens: 80,
             fault: None,
+            fault_times: None,
         }
     }
 }
@@ -125,6 +132,13 @@ impl Knobs {
                     .map_err(|_| format!("tokens: {value:?} is not a count"))?
             }
             "fault" => self.fault = parse_fault(value)?,
+            "times" => {
+                self.fault_times = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("times: {value:?} is not a count"))?,
+                )
+            }
             other => return Err(format!("unknown sim knob {other:?}")),
         }
         Ok(())
@@ -167,8 +181,9 @@ mod tests {
     fn model_suffix_sets_knobs() {
         let mut k = Knobs::default();
         let base = k
-            .apply_model_suffix("claude-sim+ttft=5,tps=100,tokens=7,fault=drop-mid@3")
+            .apply_model_suffix("claude-sim+ttft=5,tps=100,tokens=7,fault=drop-mid@3,times=2")
             .unwrap();
+        assert_eq!(k.fault_times, Some(2));
         assert_eq!(base, "claude-sim");
         assert_eq!(k.ttft, Duration::from_millis(5));
         assert_eq!(k.tokens_per_sec, 100.0);

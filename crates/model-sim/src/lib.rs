@@ -58,6 +58,8 @@ pub struct SimState {
     config: SimConfig,
     stats: Stats,
     requests: Mutex<VecDeque<Value>>,
+    /// How often each request (by seed) has been faulted, for `times=N`.
+    faulted: Mutex<std::collections::HashMap<u64, u32>>,
 }
 
 impl SimState {
@@ -66,6 +68,7 @@ impl SimState {
             config,
             stats: Stats::default(),
             requests: Mutex::new(VecDeque::new()),
+            faulted: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -98,6 +101,11 @@ impl SimState {
     pub fn requests(&self) -> Vec<Value> {
         self.requests_lock().iter().cloned().collect()
     }
+    /// Clears counters, recorded requests and `times=N` fault counts.
+    pub fn reset_for_test(&self) {
+        self.reset();
+    }
+
     fn reset(&self) {
         self.stats.calls.store(0, Ordering::SeqCst);
         self.stats.completed.store(0, Ordering::SeqCst);
@@ -105,6 +113,10 @@ impl SimState {
         self.stats.connections.store(0, Ordering::SeqCst);
         self.stats.model_lists.store(0, Ordering::SeqCst);
         self.requests_lock().clear();
+        self.faulted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 
@@ -365,10 +377,19 @@ async fn messages(State(st): State<Arc<SimState>>, headers: HeaderMap, body: Byt
         }
         q.push_back(value.clone());
     }
-    let p = match parse_request(&headers, &value, &st.config.knobs) {
+    let mut p = match parse_request(&headers, &value, &st.config.knobs) {
         Ok(p) => p,
         Err(msg) => return error_response(400, "invalid_request_error", &msg, &request_id, None),
     };
+    if let (Some(times), Some(_)) = (p.knobs.fault_times, &p.knobs.fault) {
+        let mut m = st.faulted.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(p.seed).or_insert(0);
+        if *n >= times {
+            p.knobs.fault = None;
+        } else {
+            *n += 1;
+        }
+    }
     match &p.knobs.fault {
         Some(Fault::StallHeaders(d)) => tokio::time::sleep(*d).await,
         Some(Fault::Status { code, retry_after }) => {
