@@ -48,6 +48,10 @@ if [ -z "${ANTHROPIC_API_KEY:-}" ]; then
   wait_for "$SIM_PORT" model-sim "$!"
   export ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT"
   export ANTHROPIC_API_KEY="local-model-sim"
+  # The sim speaks the OpenAI-compatible format too: "model": "openai:gpt-sim".
+  export OPENAI_BASE_URL="http://127.0.0.1:$SIM_PORT/v1"
+  # Any model name, so model-sim's knobs work: "model": "claude-sim+ttft=800,fault=drop-mid@5".
+  export MODEL_ALLOWLIST="${MODEL_ALLOWLIST:-*}"
   model="model-sim at $ANTHROPIC_BASE_URL"
 else
   model="the Anthropic API (ANTHROPIC_API_KEY is set)"
@@ -65,6 +69,10 @@ chat-stream is up at http://127.0.0.1:$PORT (model: $model)
     -d '{"message": "Why does streaming make chat feel fast?"}'
 
   curl http://127.0.0.1:$PORT/health
+
+  # with model-sim: its knobs ride on the model name
+  curl -N http://127.0.0.1:$PORT/chat -H 'content-type: application/json' \
+    -d '{"message": "hi", "model": "claude-sim+ttft=1500,tps=5,fault=drop-mid@8"}'
 
 Logs follow (one JSON line per request). Ctrl-C stops everything.
 

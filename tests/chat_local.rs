@@ -447,7 +447,7 @@ async fn health_reports_the_model_and_probes_it_on_request() {
         .await
         .unwrap();
     assert_eq!(v["status"], "ok");
-    assert_eq!(v["dependencies"]["model"]["provider"], "anthropic");
+    assert_eq!(v["dependencies"]["anthropic"]["state"], "ok");
     let r = client
         .get(server.url("/health?probe=1"))
         .send()
@@ -455,7 +455,7 @@ async fn health_reports_the_model_and_probes_it_on_request() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["dependencies"]["model"]["probe"]["ok"], true);
+    assert_eq!(v["dependencies"]["anthropic"]["probe"]["ok"], true);
 
     // After upstream failures the model shows as degraded; a dead upstream
     // fails the probe with 503.
@@ -475,9 +475,9 @@ async fn health_reports_the_model_and_probes_it_on_request() {
         .json()
         .await
         .unwrap();
-    assert_eq!(v["dependencies"]["model"]["state"], "failing");
+    assert_eq!(v["dependencies"]["anthropic"]["state"], "failing");
     assert_eq!(
-        v["dependencies"]["model"]["last_error"]["code"],
+        v["dependencies"]["anthropic"]["last_error"]["code"],
         "upstream_error"
     );
     assert_eq!(v["status"], "degraded");

@@ -121,10 +121,15 @@ impl ChatServer {
     pub async fn start(env: &[(&str, &str)]) -> ChatServer {
         let mut map: HashMap<String, String> = HashMap::new();
         map.insert("LOG_LEVEL".into(), "warn".into());
+        // Tests steer model-sim through model names, so any model is allowed
+        // unless a test says otherwise.
+        map.insert("MODEL_ALLOWLIST".into(), "*".into());
         for (k, v) in env {
             map.insert((*k).into(), (*v).into());
         }
-        if !map.contains_key("ANTHROPIC_API_KEY_SECRET_ARN") {
+        if !map.contains_key("ANTHROPIC_API_KEY_SECRET_ARN")
+            && map.contains_key("ANTHROPIC_BASE_URL")
+        {
             map.entry("ANTHROPIC_API_KEY".into())
                 .or_insert_with(|| "test-key".into());
         }

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::error::{ApiError, UpstreamError};
-use crate::provider::ModelProvider;
+use crate::provider::Providers;
 use crate::relay;
 use crate::resilience::{BreakerState, Breakers, RetryBudget};
 use crate::validate::{body_too_large, parse_chat_request};
@@ -30,22 +30,27 @@ pub struct AppState(Arc<Inner>);
 
 struct Inner {
     config: Config,
-    provider: Arc<dyn ModelProvider>,
-    health: ModelHealth,
+    providers: Providers,
+    /// One record per provider, by name.
+    health: Vec<(&'static str, ModelHealth)>,
     breakers: Breakers,
     retry_budget: RetryBudget,
 }
 
 impl AppState {
-    pub fn new(config: Config, provider: Arc<dyn ModelProvider>) -> Self {
+    pub fn new(config: Config, providers: Providers) -> Self {
+        let health = providers
+            .iter()
+            .map(|p| (p.name(), ModelHealth::default()))
+            .collect();
         let breakers = Breakers::new(config.resilience.breaker);
         // Retries may add at most `ratio` of the request rate; a quiet
         // function keeps a reserve of ten.
         let retry_budget = RetryBudget::new(config.resilience.retry_budget_ratio, 10.0);
         Self(Arc::new(Inner {
             config,
-            provider,
-            health: ModelHealth::default(),
+            providers,
+            health,
             breakers,
             retry_budget,
         }))
@@ -55,12 +60,49 @@ impl AppState {
         &self.0.config
     }
 
-    pub fn provider(&self) -> &Arc<dyn ModelProvider> {
-        &self.0.provider
+    pub fn providers(&self) -> &Providers {
+        &self.0.providers
     }
 
-    pub(crate) fn health(&self) -> &ModelHealth {
-        &self.0.health
+    /// The health record of a provider (a shared dummy for unknown names).
+    pub(crate) fn health(&self, provider: &str) -> &ModelHealth {
+        static NONE: std::sync::OnceLock<ModelHealth> = std::sync::OnceLock::new();
+        self.0
+            .health
+            .iter()
+            .find(|(n, _)| *n == provider)
+            .map(|(_, h)| h)
+            .unwrap_or_else(|| NONE.get_or_init(ModelHealth::default))
+    }
+
+    /// Opens (or re-checks) a connection to every provider in parallel,
+    /// within `budget`, and records what it found in their health. Used for
+    /// the pre-warm at init and by `/health?probe=1`. Gives each provider's
+    /// latency in ms, or the error code.
+    pub async fn check_providers(
+        &self,
+        budget: Duration,
+    ) -> Vec<(&'static str, Result<f64, &'static str>)> {
+        let checks = self.providers().iter().map(|p| async move {
+            let t = Instant::now();
+            let result = match tokio::time::timeout(budget, p.prewarm()).await {
+                Ok(Ok(())) => {
+                    self.health(p.name()).record_ok();
+                    Ok(ms(t.elapsed()))
+                }
+                Ok(Err(e)) => {
+                    self.health(p.name()).record_error(&e);
+                    Err(e.code())
+                }
+                Err(_) => {
+                    self.health(p.name())
+                        .record_error(&UpstreamError::Timeout(crate::error::TimeoutKind::Connect));
+                    Err("upstream_timeout")
+                }
+            };
+            (p.name(), result)
+        });
+        futures_util::future::join_all(checks).await
     }
 
     pub(crate) fn breakers(&self) -> &Breakers {
@@ -309,8 +351,6 @@ async fn health(State(state): State<AppState>, req: Request) -> Response {
         q.split('&')
             .any(|kv| kv == "probe" || kv == "probe=1" || kv == "probe=true")
     });
-    let mut model = state.health().snapshot();
-    model["provider"] = json!(state.provider().name());
     let circuits: serde_json::Map<String, serde_json::Value> = state
         .breakers()
         .states(Instant::now())
@@ -324,28 +364,38 @@ async fn health(State(state): State<AppState>, req: Request) -> Response {
             (k, json!(word))
         })
         .collect();
-    model["circuits"] = serde_json::Value::Object(circuits);
+    let probes = if probe_requested {
+        state.check_providers(Duration::from_secs(3)).await
+    } else {
+        Vec::new()
+    };
     let mut ok = true;
-    if probe_requested {
-        let t = Instant::now();
-        let result = tokio::time::timeout(Duration::from_secs(3), state.provider().prewarm()).await;
-        let (probe_ok, error) = match result {
-            Ok(Ok(())) => (true, None),
-            Ok(Err(e)) => (false, Some(e.code())),
-            Err(_) => (false, Some("upstream_timeout")),
-        };
-        ok = probe_ok;
-        model["probe"] = json!({"ok": probe_ok, "latency_ms": ms(t.elapsed()), "error": error});
+    let mut degraded = false;
+    let mut deps = serde_json::Map::new();
+    for p in state.providers().iter() {
+        let mut dep = state.health(p.name()).snapshot();
+        degraded |= matches!(dep["state"].as_str(), Some("failing") | Some("degraded"));
+        if let Some((_, result)) = probes.iter().find(|(n, _)| *n == p.name()) {
+            ok &= result.is_ok();
+            dep["probe"] = match result {
+                Ok(latency) => json!({"ok": true, "latency_ms": latency}),
+                Err(code) => json!({"ok": false, "error": code}),
+            };
+        }
+        deps.insert(p.name().to_owned(), dep);
     }
-    let status_word = match model["state"].as_str() {
-        _ if !ok => "down",
-        Some("failing") | Some("degraded") => "degraded",
-        _ => "ok",
+    let status_word = if !ok {
+        "down"
+    } else if degraded {
+        "degraded"
+    } else {
+        "ok"
     };
     let body = json!({
         "status": status_word,
         "version": env!("CARGO_PKG_VERSION"),
-        "dependencies": {"model": model},
+        "dependencies": deps,
+        "circuits": circuits,
     });
     let status = if ok {
         StatusCode::OK

@@ -122,8 +122,9 @@ impl ConfigError {
 pub enum ApiKeySource {
     /// `ANTHROPIC_API_KEY` (local runs).
     Value(Secret),
-    /// `ANTHROPIC_API_KEY_SECRET_ARN`: fetched from Secrets Manager at init.
-    SecretsManager { arn: String },
+    /// `..._API_KEY_SECRET_ARN`: fetched from Secrets Manager at init.
+    /// `var` names the variable, for errors.
+    SecretsManager { arn: String, var: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +132,15 @@ pub struct AnthropicConfig {
     pub base_url: String,
     pub api_key: ApiKeySource,
     pub version: String,
+}
+
+/// An OpenAI-compatible endpoint (OpenAI, Groq, vLLM, llama.cpp server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAiConfig {
+    /// Including the version path, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Local servers often need none.
+    pub api_key: Option<ApiKeySource>,
 }
 
 /// Deadlines for one model call. See README "Configuration".
@@ -167,8 +177,13 @@ pub struct Resilience {
 pub struct Config {
     pub bind_addr: SocketAddr,
     pub log_level: tracing::Level,
-    pub anthropic: AnthropicConfig,
-    pub default_model: String,
+    /// Configured when `ANTHROPIC_API_KEY` or `..._SECRET_ARN` is set.
+    pub anthropic: Option<AnthropicConfig>,
+    /// Configured when `OPENAI_API_KEY`, `..._SECRET_ARN` or `OPENAI_BASE_URL` is set.
+    pub openai: Option<OpenAiConfig>,
+    /// Provider of model names without a `provider:` prefix.
+    pub default_provider: String,
+    pub routing: crate::routing::Routing,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub resilience: Resilience,
@@ -233,6 +248,38 @@ impl<S: ConfigSource + ?Sized> Reader<'_, S> {
     }
 }
 
+/// `NAME` (a value) or `NAME_SECRET_ARN` (Secrets Manager), if either is set.
+fn key_source<S: ConfigSource + ?Sized>(
+    r: &Reader<'_, S>,
+    name: &str,
+) -> Result<Option<ApiKeySource>, ConfigError> {
+    let arn_var = format!("{name}_SECRET_ARN");
+    match (r.string(name), r.string(&arn_var)) {
+        (Some(k), _) => Ok(Some(ApiKeySource::Value(Secret::new(k)))),
+        (None, Some(arn)) if arn.starts_with("arn:") => {
+            Ok(Some(ApiKeySource::SecretsManager { arn, var: arn_var }))
+        }
+        (None, Some(arn)) => Err(ConfigError::new(arn_var, format!("{arn:?} is not an ARN"))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn url<S: ConfigSource + ?Sized>(
+    r: &Reader<'_, S>,
+    var: &str,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let v = r.string(var).unwrap_or_else(|| default.to_owned());
+    let v = v.trim_end_matches('/').to_owned();
+    if !(v.starts_with("https://") || v.starts_with("http://")) {
+        return Err(ConfigError::new(
+            var,
+            format!("{v:?} must start with http:// or https://"),
+        ));
+    }
+    Ok(v)
+}
+
 impl Config {
     pub fn from_source(src: &(impl ConfigSource + ?Sized)) -> Result<Self, ConfigError> {
         let r = Reader(src);
@@ -247,42 +294,59 @@ impl Config {
             "one of error, warn, info, debug, trace",
         )?;
 
-        let base_url = r
-            .string("ANTHROPIC_BASE_URL")
-            .unwrap_or_else(|| "https://api.anthropic.com".to_owned());
-        let base_url = base_url.trim_end_matches('/').to_owned();
-        if !(base_url.starts_with("https://") || base_url.starts_with("http://")) {
+        let anthropic = match key_source(&r, "ANTHROPIC_API_KEY")? {
+            None => None,
+            Some(api_key) => Some(AnthropicConfig {
+                base_url: url(&r, "ANTHROPIC_BASE_URL", "https://api.anthropic.com")?,
+                api_key,
+                version: r
+                    .string("ANTHROPIC_VERSION")
+                    .unwrap_or_else(|| "2023-06-01".to_owned()),
+            }),
+        };
+        let openai_key = key_source(&r, "OPENAI_API_KEY")?;
+        let openai = if openai_key.is_some() || r.string("OPENAI_BASE_URL").is_some() {
+            Some(OpenAiConfig {
+                base_url: url(&r, "OPENAI_BASE_URL", "https://api.openai.com/v1")?,
+                api_key: openai_key,
+            })
+        } else {
+            None
+        };
+        if anthropic.is_none() && openai.is_none() {
             return Err(ConfigError::new(
-                "ANTHROPIC_BASE_URL",
-                format!("{base_url:?} must start with http:// or https://"),
+                "ANTHROPIC_API_KEY",
+                "not set (set it, or ANTHROPIC_API_KEY_SECRET_ARN to read it from Secrets Manager, \
+                 or configure an OpenAI-compatible provider with OPENAI_BASE_URL / OPENAI_API_KEY)",
             ));
         }
-        let api_key = match (
-            r.string("ANTHROPIC_API_KEY"),
-            r.string("ANTHROPIC_API_KEY_SECRET_ARN"),
-        ) {
-            (Some(k), _) => ApiKeySource::Value(Secret::new(k)),
-            (None, Some(arn)) if arn.starts_with("arn:") => ApiKeySource::SecretsManager { arn },
-            (None, Some(arn)) => {
-                return Err(ConfigError::new(
-                    "ANTHROPIC_API_KEY_SECRET_ARN",
-                    format!("{arn:?} is not an ARN"),
-                ));
-            }
-            (None, None) => {
-                return Err(ConfigError::new(
-                    "ANTHROPIC_API_KEY",
-                    "not set (set it, or ANTHROPIC_API_KEY_SECRET_ARN to read it from Secrets Manager)",
-                ));
-            }
+        let configured = |p: &str| match p {
+            "anthropic" => anthropic.is_some(),
+            "openai" => openai.is_some(),
+            _ => false,
         };
-        let version = r
-            .string("ANTHROPIC_VERSION")
-            .unwrap_or_else(|| "2023-06-01".to_owned());
-        let default_model = r
-            .string("DEFAULT_MODEL")
-            .unwrap_or_else(|| "claude-sonnet-4-5".to_owned());
-
+        let default_provider = r.string("DEFAULT_PROVIDER").unwrap_or_else(|| {
+            if anthropic.is_some() {
+                "anthropic"
+            } else {
+                "openai"
+            }
+            .to_owned()
+        });
+        if !configured(&default_provider) {
+            return Err(ConfigError::new(
+                "DEFAULT_PROVIDER",
+                format!("{default_provider:?} is not a configured provider (anthropic, openai)"),
+            ));
+        }
+        let default_model = r.string("DEFAULT_MODEL").unwrap_or_else(|| {
+            if default_provider == "openai" {
+                "gpt-4o-mini"
+            } else {
+                "claude-sonnet-4-5"
+            }
+            .to_owned()
+        });
         let timeouts = Timeouts {
             connect: r.ms("UPSTREAM_CONNECT_TIMEOUT_MS", 3_000)?,
             first_token: r.ms("UPSTREAM_FIRST_TOKEN_TIMEOUT_MS", 20_000)?,
@@ -325,6 +389,43 @@ impl Config {
                 format!("{bad:?} is not a model name"),
             ));
         }
+        for (var, m) in std::iter::once(("DEFAULT_MODEL", &default_model))
+            .chain(fallbacks.iter().map(|m| ("MODEL_FALLBACKS", m)))
+        {
+            let p = crate::routing::ModelRef::parse(m, &default_provider).provider;
+            if !configured(&p) {
+                return Err(ConfigError::new(
+                    var,
+                    format!("{m:?} needs the {p} provider, which is not configured"),
+                ));
+            }
+        }
+        let allowlist = match r.string("MODEL_ALLOWLIST") {
+            Some(v) if v == "*" => crate::routing::Allowlist::Any,
+            Some(v) => crate::routing::Allowlist::Only(
+                v.split(',')
+                    .map(|m| m.trim().to_owned())
+                    .filter(|m| !m.is_empty())
+                    .collect(),
+            ),
+            // Unset: the models this deployment already names, and no others.
+            None => crate::routing::Allowlist::Only(fallbacks.clone()),
+        };
+        let routing = crate::routing::Routing {
+            default_model,
+            short_model: r.string("ROUTE_SHORT_MODEL"),
+            short_max_chars: r.ranged("ROUTE_SHORT_MAX_CHARS", 200usize, 1, 100_000)?,
+            allowlist,
+        };
+        if let Some(m) = &routing.short_model {
+            let p = crate::routing::ModelRef::parse(m, &default_provider).provider;
+            if !configured(&p) {
+                return Err(ConfigError::new(
+                    "ROUTE_SHORT_MODEL",
+                    format!("{m:?} needs the {p} provider, which is not configured"),
+                ));
+            }
+        }
         let resilience = Resilience {
             retry: crate::resilience::RetryPolicy {
                 max_retries: r.ranged("UPSTREAM_MAX_RETRIES", 2u32, 0, 10)?,
@@ -342,12 +443,10 @@ impl Config {
         Ok(Config {
             bind_addr,
             log_level,
-            anthropic: AnthropicConfig {
-                base_url,
-                api_key,
-                version,
-            },
-            default_model,
+            anthropic,
+            openai,
+            default_provider,
+            routing,
             timeouts,
             limits,
             resilience,
@@ -369,7 +468,13 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = cfg(&[]).unwrap();
-        assert_eq!(c.anthropic.base_url, "https://api.anthropic.com");
+        assert_eq!(
+            c.anthropic.as_ref().unwrap().base_url,
+            "https://api.anthropic.com"
+        );
+        assert_eq!(c.default_provider, "anthropic");
+        assert_eq!(c.routing.default_model, "claude-sonnet-4-5");
+        assert!(c.openai.is_none());
         assert_eq!(c.bind_addr.port(), 3000);
         assert!(c.prewarm);
         assert!(c.limits.default_max_tokens <= c.limits.max_tokens);
@@ -408,9 +513,45 @@ mod tests {
         )]
         .into();
         assert!(matches!(
-            Config::from_source(&m).unwrap().anthropic.api_key,
+            Config::from_source(&m).unwrap().anthropic.unwrap().api_key,
             ApiKeySource::SecretsManager { .. }
         ));
+    }
+
+    #[test]
+    fn openai_alone_is_enough_and_models_must_have_their_provider() {
+        let m: HashMap<&str, &str> = [("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")].into();
+        let c = Config::from_source(&m).unwrap();
+        assert_eq!(c.default_provider, "openai");
+        assert_eq!(c.routing.default_model, "gpt-4o-mini");
+        assert_eq!(c.openai.unwrap().api_key, None);
+        let e = cfg(&[("MODEL_FALLBACKS", "openai:gpt-4o")]).unwrap_err();
+        assert_eq!(e.variable, "MODEL_FALLBACKS");
+        let e = cfg(&[("DEFAULT_PROVIDER", "openai")]).unwrap_err();
+        assert_eq!(e.variable, "DEFAULT_PROVIDER");
+        assert!(
+            cfg(&[
+                ("OPENAI_API_KEY", "k"),
+                ("MODEL_FALLBACKS", "openai:gpt-4o")
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn allowlist_defaults_to_the_named_models() {
+        use crate::routing::Allowlist;
+        let c = cfg(&[("MODEL_FALLBACKS", "b")]).unwrap();
+        assert_eq!(c.routing.allowlist, Allowlist::Only(vec!["b".into()]));
+        assert!(
+            c.routing.allowed("claude-sonnet-4-5")
+                && c.routing.allowed("b")
+                && !c.routing.allowed("c")
+        );
+        assert_eq!(
+            cfg(&[("MODEL_ALLOWLIST", "*")]).unwrap().routing.allowlist,
+            Allowlist::Any
+        );
     }
 
     #[test]

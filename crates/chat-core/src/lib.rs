@@ -15,19 +15,21 @@ pub mod logging;
 pub mod provider;
 mod relay;
 pub mod resilience;
+pub mod routing;
 pub mod secrets;
 pub mod server;
 pub mod sse;
 pub mod validate;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use app::{AppState, app};
 pub use config::{Config, ConfigError};
 
-use provider::ModelProvider;
 use provider::anthropic::AnthropicProvider;
+use provider::openai::OpenAiProvider;
+use provider::{ModelProvider, Providers};
 
 /// Why the process could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,30 +41,44 @@ pub enum InitError {
 }
 
 /// Builds everything a handler needs, once per process: resolves the API
-/// key, builds the pooled client and the provider, and pre-warms the
-/// connection when configured (a failed pre-warm is logged, not fatal: the
-/// first request simply pays for the connection).
+/// keys, builds the one pooled client and the configured providers, and
+/// pre-warms their connections in parallel when configured (a failed
+/// pre-warm is logged, not fatal: the first request simply pays for the
+/// connection).
 pub async fn build_state(config: Config) -> Result<AppState, InitError> {
-    let api_key = secrets::resolve_api_key(&config.anthropic.api_key).await?;
     let client = http::build_client(config.timeouts.connect)?;
-    let provider: Arc<dyn ModelProvider> = Arc::new(AnthropicProvider::new(
-        client,
-        &config.anthropic.base_url,
-        api_key,
-        &config.anthropic.version,
-    ));
-    if config.prewarm {
-        let t = Instant::now();
-        let budget = config.timeouts.connect + Duration::from_secs(2);
-        match tokio::time::timeout(budget, provider.prewarm()).await {
-            Ok(Ok(())) => tracing::info!(
-                provider = provider.name(),
-                ms = app::ms(t.elapsed()),
-                "upstream connection pre-warmed"
-            ),
-            Ok(Err(e)) => tracing::warn!(provider = provider.name(), error = %e, "pre-warm failed"),
-            Err(_) => tracing::warn!(provider = provider.name(), "pre-warm timed out"),
+    let mut list: Vec<Arc<dyn ModelProvider>> = Vec::new();
+    if let Some(a) = &config.anthropic {
+        let key = secrets::resolve_api_key(&a.api_key).await?;
+        list.push(Arc::new(AnthropicProvider::new(
+            client.clone(),
+            &a.base_url,
+            key,
+            &a.version,
+        )));
+    }
+    if let Some(o) = &config.openai {
+        let key = match &o.api_key {
+            Some(src) => Some(secrets::resolve_api_key(src).await?),
+            None => None,
+        };
+        list.push(Arc::new(OpenAiProvider::new(
+            client.clone(),
+            &o.base_url,
+            key,
+        )));
+    }
+    let providers = Providers::new(list);
+    let budget = config.timeouts.connect + Duration::from_secs(2);
+    let prewarm = config.prewarm;
+    let state = AppState::new(config, providers);
+    if prewarm {
+        for (name, result) in state.check_providers(budget).await {
+            match result {
+                Ok(ms) => tracing::info!(provider = name, ms, "upstream connection pre-warmed"),
+                Err(code) => tracing::warn!(provider = name, error_code = code, "pre-warm failed"),
+            }
         }
     }
-    Ok(AppState::new(config, provider))
+    Ok(state)
 }

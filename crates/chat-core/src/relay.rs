@@ -27,8 +27,9 @@ use crate::app::{AppState, LogDeferred, RequestCtx, ms, new_id};
 use crate::error::{ApiError, TimeoutKind, UpstreamError};
 use std::sync::Arc;
 
-use crate::provider::{Chunk, ChunkStream, Message, ModelRequest, Role};
+use crate::provider::{Chunk, ChunkStream, Message, ModelProvider, ModelRequest, Role};
 use crate::resilience::{Admission, Breaker};
+use crate::routing::ModelRef;
 use crate::sse;
 use crate::validate::ChatRequest;
 
@@ -83,9 +84,21 @@ pub(crate) async fn start(
     req: ChatRequest,
 ) -> Result<Response, ApiError> {
     let config = state.config();
+    let (chosen, route) = config.routing.choose(&req)?;
+    let chosen_ref = ModelRef::parse(&chosen, &config.default_provider);
+    if state.providers().get(&chosen_ref.provider).is_none() {
+        return Err(ApiError::bad_request(
+            "provider_not_configured",
+            format!(
+                "the {} provider is not configured here",
+                chosen_ref.provider
+            ),
+        )
+        .with_field("model"));
+    }
     let validate = ctx.start.elapsed();
     let model_req = ModelRequest {
-        model: req.model.unwrap_or_else(|| config.default_model.clone()),
+        model: chosen,
         system: req.system,
         messages: vec![Message {
             role: Role::User,
@@ -103,6 +116,7 @@ pub(crate) async fn start(
     // Phase 1: until the first text, failures are plain errors, and
     // retries and fallbacks are still invisible to the client.
     let Opened {
+        provider,
         breaker,
         stream: upstream,
         first,
@@ -113,13 +127,7 @@ pub(crate) async fn start(
     } = match open_with_fallback(&state, &model_req, &deadlines).await {
         Ok(o) => o,
         Err((e, attempts)) => {
-            return Err(pre_stream_failure(
-                &state,
-                &ctx,
-                &model_req.model,
-                e,
-                attempts,
-            ));
+            return Err(pre_stream_failure(&ctx, &model_req.model, e, attempts));
         }
     };
     let ttft = matches!(first, Chunk::Delta(_)).then(|| ctx.start.elapsed());
@@ -147,6 +155,7 @@ pub(crate) async fn start(
         ms(ttft.unwrap_or_else(|| ctx.start.elapsed()))
     );
     let relay = Relay {
+        provider,
         breaker,
         state,
         upstream,
@@ -162,6 +171,7 @@ pub(crate) async fn start(
         text_chars: 0,
         finished: false,
         log: Some(LogCtx {
+            route: route.as_str(),
             attempts,
             request_id: ctx.id.to_string(),
             model,
@@ -195,6 +205,7 @@ pub(crate) async fn start(
 
 /// A model call that has produced its first text (or ended empty).
 struct Opened {
+    provider: &'static str,
     breaker: Arc<Breaker>,
     stream: ChunkStream,
     first: Chunk,
@@ -209,13 +220,13 @@ type FirstText = (ChunkStream, Chunk, String, Option<u32>, Duration);
 /// One attempt: open the stream and read up to the first text, within
 /// `deadline` (the first-token deadline of this attempt).
 async fn attempt(
-    state: &AppState,
+    provider: &dyn ModelProvider,
     req: &ModelRequest,
     deadline: Instant,
     kind: TimeoutKind,
 ) -> Result<FirstText, UpstreamError> {
     let started = Instant::now();
-    let mut stream = match timeout_at(deadline.into(), state.provider().stream(req)).await {
+    let mut stream = match timeout_at(deadline.into(), provider.stream(req)).await {
         Ok(r) => r?,
         Err(_) => return Err(UpstreamError::Timeout(kind)),
     };
@@ -251,15 +262,23 @@ async fn open_with_fallback(
 ) -> Result<Opened, (UpstreamError, u32)> {
     let res = &state.config().resilience;
     let per_attempt = state.config().timeouts.first_token;
-    let mut models = vec![base.model.clone()];
-    models.extend(res.fallbacks.iter().filter(|m| **m != base.model).cloned());
+    let default_provider = &state.config().default_provider;
+    let mut models = vec![ModelRef::parse(&base.model, default_provider)];
+    for f in &res.fallbacks {
+        let r = ModelRef::parse(f, default_provider);
+        if !models.contains(&r) {
+            models.push(r);
+        }
+    }
     state.retry_budget().on_request();
     let mut attempts = 0u32;
     let mut last: Option<UpstreamError> = None;
-    'models: for model in models {
-        let breaker = state
-            .breakers()
-            .get(&format!("{}:{model}", state.provider().name()));
+    'models: for mref in models {
+        // Config validation guarantees every fallback's provider exists.
+        let Some(provider) = state.providers().get(&mref.provider) else {
+            continue;
+        };
+        let breaker = state.breakers().get(&mref.key());
         let mut retries = 0u32;
         loop {
             if breaker.admit(Instant::now()) == Admission::Rejected {
@@ -277,13 +296,15 @@ async fn open_with_fallback(
             };
             attempts += 1;
             let req = ModelRequest {
-                model: model.clone(),
+                model: mref.model.clone(),
                 ..base.clone()
             };
-            let e = match attempt(state, &req, deadline, kind).await {
+            let e = match attempt(provider.as_ref(), &req, deadline, kind).await {
                 Ok((stream, first, model, input_tokens, upstream_connect)) => {
                     breaker.on_success();
+                    let model = if model.is_empty() { mref.model } else { model };
                     return Ok(Opened {
+                        provider: provider.name(),
                         breaker,
                         stream,
                         first,
@@ -296,6 +317,7 @@ async fn open_with_fallback(
                 Err(e) => e,
             };
             tracing::info!(model = %req.model, attempt = attempts, error = %e, error_code = e.code(), "model attempt failed");
+            state.health(provider.name()).record_error(&e);
             if !e.retryable() {
                 // The request itself is at fault: no other try will do better.
                 return Err((e, attempts));
@@ -326,14 +348,7 @@ async fn open_with_fallback(
     ))
 }
 
-fn pre_stream_failure(
-    state: &AppState,
-    ctx: &RequestCtx,
-    model: &str,
-    e: UpstreamError,
-    attempts: u32,
-) -> ApiError {
-    state.health().record_error(&e);
+fn pre_stream_failure(ctx: &RequestCtx, model: &str, e: UpstreamError, attempts: u32) -> ApiError {
     tracing::warn!(
         request_id = %ctx.id,
         model,
@@ -347,6 +362,7 @@ fn pre_stream_failure(
 }
 
 struct LogCtx {
+    route: &'static str,
     attempts: u32,
     request_id: String,
     model: String,
@@ -355,6 +371,7 @@ struct LogCtx {
 }
 
 struct Relay {
+    provider: &'static str,
     /// The answering model's breaker: a mid-stream failure counts too.
     breaker: Arc<Breaker>,
     state: AppState,
@@ -431,7 +448,7 @@ impl Relay {
 
     fn complete(&mut self) -> Bytes {
         self.finished = true;
-        self.state.health().record_ok();
+        self.state.health(self.provider).record_ok();
         let total = self.timings.start.elapsed();
         let data = json!({
             "stop_reason": self.stop_reason,
@@ -448,7 +465,7 @@ impl Relay {
 
     fn fail(&mut self, e: UpstreamError) -> Bytes {
         self.finished = true;
-        self.state.health().record_error(&e);
+        self.state.health(self.provider).record_error(&e);
         if e.retryable() {
             self.breaker.on_failure(Instant::now());
         }
@@ -470,6 +487,8 @@ impl Relay {
             outcome,
             error_code,
             attempts = log.attempts,
+            route = log.route,
+            provider = self.provider,
             model = %log.model,
             conversation_id = %log.conversation_id,
             turn_id = %log.turn_id,

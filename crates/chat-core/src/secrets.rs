@@ -28,8 +28,8 @@ pub fn key_from_secret_string(s: &str) -> Option<Secret> {
 pub async fn resolve_api_key(source: &ApiKeySource) -> Result<Secret, ConfigError> {
     match source {
         ApiKeySource::Value(s) => Ok(s.clone()),
-        ApiKeySource::SecretsManager { arn } => {
-            let var = "ANTHROPIC_API_KEY_SECRET_ARN";
+        ApiKeySource::SecretsManager { arn, var } => {
+            let var = var.as_str();
             let conf = aws_config::load_from_env().await;
             let out = Client::new(&conf)
                 .get_secret_value()

@@ -119,5 +119,5 @@ async fn function_url_events_stream_through_the_lambda_adapter() {
     let inv = runtime.invoke(event_file("health.json"), limit).await;
     assert_eq!(inv.status(), 200);
     let body: Value = serde_json::from_str(&inv.body_text()).unwrap();
-    assert_eq!(body["dependencies"]["model"]["state"], "ok");
+    assert_eq!(body["dependencies"]["anthropic"]["state"], "ok");
 }

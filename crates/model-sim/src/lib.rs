@@ -123,6 +123,7 @@ impl SimState {
 pub fn router(state: Arc<SimState>) -> Router {
     Router::new()
         .route("/v1/messages", post(messages))
+        .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/sim/stats", get(stats))
         .route("/sim/requests", get(requests))
@@ -200,18 +201,33 @@ impl Drop for Sim {
     }
 }
 
+/// The wire format a request came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// Anthropic Messages API (`POST /v1/messages`).
+    Anthropic,
+    /// OpenAI-compatible Chat Completions (`POST /v1/chat/completions`).
+    OpenAi,
+}
+
 fn error_response(
+    wire: Wire,
     status: u16,
     kind: &str,
     message: &str,
     request_id: &str,
     retry_after: Option<u64>,
 ) -> Response {
-    let body = json!({
-        "type": "error",
-        "error": {"type": kind, "message": message},
-        "request_id": request_id,
-    });
+    let body = match wire {
+        Wire::Anthropic => json!({
+            "type": "error",
+            "error": {"type": kind, "message": message},
+            "request_id": request_id,
+        }),
+        Wire::OpenAi => json!({
+            "error": {"message": message, "type": kind, "code": kind, "param": null},
+        }),
+    };
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (
         code,
@@ -221,7 +237,8 @@ fn error_response(
         .into_response();
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("request-id", v);
+        h.insert("request-id", v.clone());
+        h.insert("x-request-id", v);
     }
     if let Some(s) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
         h.insert(header::RETRY_AFTER, s);
@@ -271,38 +288,64 @@ struct Parsed {
     model: String,
     max_tokens: u32,
     stream: bool,
+    /// OpenAI `stream_options.include_usage`.
+    include_usage: bool,
     knobs: Knobs,
     seed: u64,
     input_tokens: u32,
 }
 
-fn parse_request(headers: &HeaderMap, body: &Value, defaults: &Knobs) -> Result<Parsed, String> {
+fn parse_request(
+    wire: Wire,
+    headers: &HeaderMap,
+    body: &Value,
+    defaults: &Knobs,
+) -> Result<Parsed, String> {
     let model = body["model"].as_str().ok_or("model: field required")?;
-    let max_tokens = body["max_tokens"]
-        .as_u64()
-        .filter(|n| *n >= 1)
-        .ok_or("max_tokens: must be a positive integer")?;
+    let max_tokens = match wire {
+        Wire::Anthropic => Some(&body["max_tokens"]),
+        Wire::OpenAi => [&body["max_completion_tokens"], &body["max_tokens"]]
+            .into_iter()
+            .find(|v| !v.is_null()),
+    };
+    let max_tokens = match max_tokens {
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .ok_or("max_tokens: must be a positive integer")?,
+        None => 4096,
+    };
     let messages = body["messages"]
         .as_array()
         .filter(|m| !m.is_empty())
         .ok_or("messages: at least one message is required")?;
-    let mut texts = Vec::with_capacity(messages.len() + 2);
+    // The same conversation gets the same answer in either wire format:
+    // system text and turns are hashed the same way.
+    let mut system = match &body["system"] {
+        Value::Null => String::new(),
+        v if wire == Wire::Anthropic => {
+            content_text(v).ok_or("system: must be a string or text blocks")?
+        }
+        _ => return Err("system: not a Chat Completions field; send a system message".into()),
+    };
+    let mut texts = Vec::with_capacity(messages.len());
+    let mut last_role = "";
     for (i, m) in messages.iter().enumerate() {
         let role = m["role"].as_str().unwrap_or("");
-        if role != "user" && role != "assistant" {
-            return Err(format!("messages.{i}.role: must be user or assistant"));
-        }
         let text = content_text(&m["content"])
             .ok_or_else(|| format!("messages.{i}.content: field required"))?;
-        texts.push(format!("{role}:{text}"));
+        match (wire, role) {
+            (_, "user" | "assistant") => {
+                texts.push(format!("{role}:{text}"));
+                last_role = role;
+            }
+            (Wire::OpenAi, "system" | "developer") => system.push_str(&text),
+            _ => return Err(format!("messages.{i}.role: {role:?} is not allowed here")),
+        }
     }
-    if messages.last().map(|m| m["role"] != "user").unwrap_or(true) {
+    if last_role != "user" {
         return Err("messages: the last message must have role user".into());
     }
-    let system = match &body["system"] {
-        Value::Null => String::new(),
-        v => content_text(v).ok_or("system: must be a string or text blocks")?,
-    };
     let mut knobs = defaults.clone();
     let base = knobs.apply_model_suffix(model)?;
     for (h, k) in [
@@ -310,6 +353,7 @@ fn parse_request(headers: &HeaderMap, body: &Value, defaults: &Knobs) -> Result<
         ("x-sim-tps", "tps"),
         ("x-sim-tokens", "tokens"),
         ("x-sim-fault", "fault"),
+        ("x-sim-times", "times"),
     ] {
         if let Some(v) = headers.get(h).and_then(|v| v.to_str().ok()) {
             knobs.set(k, v)?;
@@ -323,6 +367,9 @@ fn parse_request(headers: &HeaderMap, body: &Value, defaults: &Knobs) -> Result<
         model: base.to_owned(),
         max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
         stream: body["stream"].as_bool().unwrap_or(false),
+        include_usage: body["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false),
         knobs,
         seed,
         input_tokens: u32::try_from(chars / 4).unwrap_or(u32::MAX).max(1),
@@ -330,27 +377,50 @@ fn parse_request(headers: &HeaderMap, body: &Value, defaults: &Knobs) -> Result<
 }
 
 async fn messages(State(st): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(Wire::Anthropic, st, headers, body).await
+}
+
+async fn chat_completions(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(Wire::OpenAi, st, headers, body).await
+}
+
+async fn handle(wire: Wire, st: Arc<SimState>, headers: HeaderMap, body: Bytes) -> Response {
     let n = st.stats.calls.fetch_add(1, Ordering::SeqCst) + 1;
     let request_id = format!("req_sim_{n:012}");
-    let key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let key_ok = match &st.config.api_key {
-        Some(expected) => key == expected,
-        None => !key.is_empty(),
+    let key = match wire {
+        Wire::Anthropic => headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        Wire::OpenAi => headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or(""),
+    };
+    let key_ok = match (&st.config.api_key, wire) {
+        (Some(expected), _) => key == expected,
+        // Anthropic always wants a key; OpenAI-compatible local servers may not.
+        (None, Wire::Anthropic) => !key.is_empty(),
+        (None, Wire::OpenAi) => true,
     };
     if !key_ok {
         return error_response(
+            wire,
             401,
             "authentication_error",
-            "invalid x-api-key",
+            "invalid API key",
             &request_id,
             None,
         );
     }
-    if headers.get("anthropic-version").is_none() {
+    if wire == Wire::Anthropic && headers.get("anthropic-version").is_none() {
         return error_response(
+            wire,
             400,
             "invalid_request_error",
             "anthropic-version: header is required",
@@ -362,6 +432,7 @@ async fn messages(State(st): State<Arc<SimState>>, headers: HeaderMap, body: Byt
         Ok(v) => v,
         Err(e) => {
             return error_response(
+                wire,
                 400,
                 "invalid_request_error",
                 &format!("invalid JSON: {e}"),
@@ -377,9 +448,11 @@ async fn messages(State(st): State<Arc<SimState>>, headers: HeaderMap, body: Byt
         }
         q.push_back(value.clone());
     }
-    let mut p = match parse_request(&headers, &value, &st.config.knobs) {
+    let mut p = match parse_request(wire, &headers, &value, &st.config.knobs) {
         Ok(p) => p,
-        Err(msg) => return error_response(400, "invalid_request_error", &msg, &request_id, None),
+        Err(msg) => {
+            return error_response(wire, 400, "invalid_request_error", &msg, &request_id, None);
+        }
     };
     if let (Some(times), Some(_)) = (p.knobs.fault_times, &p.knobs.fault) {
         let mut m = st.faulted.lock().unwrap_or_else(|e| e.into_inner());
@@ -395,6 +468,7 @@ async fn messages(State(st): State<Arc<SimState>>, headers: HeaderMap, body: Byt
         Some(Fault::Status { code, retry_after }) => {
             let kind = kind_for(*code);
             return error_response(
+                wire,
                 *code,
                 kind,
                 &format!("simulated {kind}"),
@@ -405,22 +479,133 @@ async fn messages(State(st): State<Arc<SimState>>, headers: HeaderMap, body: Byt
         _ => {}
     }
     let n_tokens = p.knobs.output_tokens.min(p.max_tokens);
-    let stop_reason = if p.knobs.output_tokens > p.max_tokens {
-        "max_tokens"
-    } else {
-        "end_turn"
-    };
+    let capped = p.knobs.output_tokens > p.max_tokens;
     let tokens = text::tokens(p.seed, n_tokens);
-    let msg_id = format!("msg_sim_{:016x}", p.seed ^ n);
+    let msg_id = format!("{:016x}", p.seed ^ n);
+    let answer = Answer {
+        wire,
+        tokens,
+        capped,
+        msg_id,
+    };
     if p.stream {
-        stream_answer(st, p, tokens, stop_reason, msg_id, request_id)
+        stream_answer(st, p, answer, request_id)
     } else {
-        full_answer(st, p, tokens, stop_reason, msg_id, request_id).await
+        full_answer(st, p, answer, request_id).await
+    }
+}
+
+/// One answer being produced, in one wire format.
+struct Answer {
+    wire: Wire,
+    tokens: Vec<String>,
+    /// Cut short by `max_tokens`.
+    capped: bool,
+    msg_id: String,
+}
+
+impl Answer {
+    fn stop_reason(&self) -> &'static str {
+        match (self.wire, self.capped) {
+            (Wire::Anthropic, false) => "end_turn",
+            (Wire::Anthropic, true) => "max_tokens",
+            (Wire::OpenAi, false) => "stop",
+            (Wire::OpenAi, true) => "length",
+        }
+    }
+
+    fn openai_chunk(&self, p: &Parsed, delta: Value, finish: Option<&str>) -> Bytes {
+        data_line(&json!({
+            "id": format!("chatcmpl-sim{}", self.msg_id), "object": "chat.completion.chunk",
+            "created": 1_735_689_600, "model": p.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }))
+    }
+
+    fn start_frames(&self, p: &Parsed) -> Vec<Bytes> {
+        match self.wire {
+            Wire::Anthropic => vec![
+                event(
+                    "message_start",
+                    &json!({"type": "message_start", "message": {
+                        "id": format!("msg_sim_{}", self.msg_id), "type": "message", "role": "assistant",
+                        "content": [], "model": p.model, "stop_reason": null, "stop_sequence": null,
+                        "usage": {"input_tokens": p.input_tokens, "output_tokens": 1}
+                    }}),
+                ),
+                event(
+                    "content_block_start",
+                    &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                ),
+                event("ping", &json!({"type": "ping"})),
+            ],
+            Wire::OpenAi => {
+                vec![self.openai_chunk(p, json!({"role": "assistant", "content": ""}), None)]
+            }
+        }
+    }
+
+    fn delta_frame(&self, p: &Parsed, tok: &str) -> Bytes {
+        match self.wire {
+            Wire::Anthropic => event(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": tok}}),
+            ),
+            Wire::OpenAi => self.openai_chunk(p, json!({"content": tok}), None),
+        }
+    }
+
+    fn end_frames(&self, p: &Parsed) -> Vec<Bytes> {
+        let n = self.tokens.len();
+        match self.wire {
+            Wire::Anthropic => vec![
+                event(
+                    "content_block_stop",
+                    &json!({"type": "content_block_stop", "index": 0}),
+                ),
+                event(
+                    "message_delta",
+                    &json!({"type": "message_delta", "delta": {"stop_reason": self.stop_reason(), "stop_sequence": null},
+                            "usage": {"output_tokens": n}}),
+                ),
+                event("message_stop", &json!({"type": "message_stop"})),
+            ],
+            Wire::OpenAi => {
+                let mut v = vec![self.openai_chunk(p, json!({}), Some(self.stop_reason()))];
+                if p.include_usage {
+                    v.push(data_line(&json!({
+                        "id": format!("chatcmpl-sim{}", self.msg_id), "object": "chat.completion.chunk",
+                        "created": 1_735_689_600, "model": p.model, "choices": [],
+                        "usage": {"prompt_tokens": p.input_tokens, "completion_tokens": n,
+                                  "total_tokens": p.input_tokens as usize + n},
+                    })));
+                }
+                v.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                v
+            }
+        }
+    }
+
+    fn error_frame(&self, kind: &str) -> Bytes {
+        let message = format!("simulated {kind}");
+        match self.wire {
+            Wire::Anthropic => event(
+                "error",
+                &json!({"type": "error", "error": {"type": kind, "message": message}}),
+            ),
+            Wire::OpenAi => {
+                data_line(&json!({"error": {"message": message, "type": kind, "code": kind}}))
+            }
+        }
     }
 }
 
 fn event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
+fn data_line(data: &Value) -> Bytes {
+    Bytes::from(format!("data: {data}\n\n"))
 }
 
 type Frame = Result<Bytes, std::io::Error>;
@@ -433,18 +618,10 @@ async fn pause(tx: &mpsc::Sender<Frame>, until: Instant) -> bool {
     }
 }
 
-fn stream_answer(
-    st: Arc<SimState>,
-    p: Parsed,
-    tokens: Vec<String>,
-    stop_reason: &'static str,
-    msg_id: String,
-    request_id: String,
-) -> Response {
+fn stream_answer(st: Arc<SimState>, p: Parsed, answer: Answer, request_id: String) -> Response {
     let (tx, rx) = mpsc::channel::<Frame>(32);
     tokio::spawn(async move {
-        let ok = produce(&tx, &p, &tokens, stop_reason, &msg_id).await;
-        match ok {
+        match produce(&tx, &p, &answer).await {
             Some(true) => {
                 st.stats.completed.fetch_add(1, Ordering::SeqCst);
             }
@@ -463,42 +640,24 @@ fn stream_answer(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        h.insert("request-id", v);
+        h.insert("request-id", v.clone());
+        h.insert("x-request-id", v);
     }
     resp
 }
 
 /// Writes one streamed answer. `Some(true)`: complete; `Some(false)`: ended
 /// by a fault on purpose; `None`: the client went away.
-async fn produce(
-    tx: &mpsc::Sender<Frame>,
-    p: &Parsed,
-    tokens: &[String],
-    stop_reason: &str,
-    msg_id: &str,
-) -> Option<bool> {
+async fn produce(tx: &mpsc::Sender<Frame>, p: &Parsed, a: &Answer) -> Option<bool> {
     let send = |b: Bytes| async move { tx.send(Ok(b)).await.ok() };
-    send(event(
-        "message_start",
-        &json!({"type": "message_start", "message": {
-            "id": msg_id, "type": "message", "role": "assistant", "content": [],
-            "model": p.model, "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": p.input_tokens, "output_tokens": 1}
-        }}),
-    ))
-    .await?;
-    send(event(
-        "content_block_start",
-        &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-    ))
-    .await?;
-    send(event("ping", &json!({"type": "ping"}))).await?;
-
+    for f in a.start_frames(p) {
+        send(f).await?;
+    }
     let mut first_at = Instant::now() + p.knobs.ttft;
     if let Some(Fault::StallFirst(d)) = &p.knobs.fault {
         first_at += *d;
     }
-    let total = tokens.len() as u32;
+    let total = a.tokens.len() as u32;
     let mid = match &p.knobs.fault {
         Some(
             Fault::StallMid { after, .. }
@@ -529,69 +688,61 @@ async fn produce(
                     return Some(false);
                 }
                 Some(Fault::ErrorMid { kind, .. }) => {
-                    send(event(
-                        "error",
-                        &json!({"type": "error", "error": {"type": kind, "message": format!("simulated {kind}")}}),
-                    ))
-                    .await?;
+                    send(a.error_frame(kind)).await?;
                     return Some(false);
                 }
                 _ => {}
             }
         }
-        let Some(tok) = tokens.get(i as usize) else {
+        let Some(tok) = a.tokens.get(i as usize) else {
             break;
         };
         if !pause(tx, first_at + p.knobs.token_offset(i) + shift).await {
             return None;
         }
-        send(event(
-            "content_block_delta",
-            &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": tok}}),
-        ))
-        .await?;
+        send(a.delta_frame(p, tok)).await?;
     }
-    send(event(
-        "content_block_stop",
-        &json!({"type": "content_block_stop", "index": 0}),
-    ))
-    .await?;
-    send(event(
-        "message_delta",
-        &json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
-                "usage": {"output_tokens": total}}),
-    ))
-    .await?;
-    send(event("message_stop", &json!({"type": "message_stop"}))).await?;
+    for f in a.end_frames(p) {
+        send(f).await?;
+    }
     Some(true)
 }
 
-async fn full_answer(
-    st: Arc<SimState>,
-    p: Parsed,
-    tokens: Vec<String>,
-    stop_reason: &str,
-    msg_id: String,
-    request_id: String,
-) -> Response {
-    let total = tokens.len() as u32;
+async fn full_answer(st: Arc<SimState>, p: Parsed, a: Answer, request_id: String) -> Response {
+    let total = a.tokens.len() as u32;
     let mut wait = p.knobs.ttft + p.knobs.token_offset(total.saturating_sub(1));
     match &p.knobs.fault {
         Some(Fault::StallFirst(d)) | Some(Fault::StallMid { pause: d, .. }) => wait += *d,
         // Without a stream there is no "middle": these become a 500.
         Some(Fault::DropMid { .. }) | Some(Fault::ErrorMid { .. }) => {
-            return error_response(500, "api_error", "simulated api_error", &request_id, None);
+            return error_response(
+                a.wire,
+                500,
+                "api_error",
+                "simulated api_error",
+                &request_id,
+                None,
+            );
         }
         _ => {}
     }
     tokio::time::sleep(wait).await;
     st.stats.completed.fetch_add(1, Ordering::SeqCst);
-    let body = json!({
-        "id": msg_id, "type": "message", "role": "assistant", "model": p.model,
-        "content": [{"type": "text", "text": tokens.concat()}],
-        "stop_reason": stop_reason, "stop_sequence": null,
-        "usage": {"input_tokens": p.input_tokens, "output_tokens": total},
-    });
+    let text = a.tokens.concat();
+    let body = match a.wire {
+        Wire::Anthropic => json!({
+            "id": format!("msg_sim_{}", a.msg_id), "type": "message", "role": "assistant", "model": p.model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": a.stop_reason(), "stop_sequence": null,
+            "usage": {"input_tokens": p.input_tokens, "output_tokens": total},
+        }),
+        Wire::OpenAi => json!({
+            "id": format!("chatcmpl-sim{}", a.msg_id), "object": "chat.completion", "created": 1_735_689_600,
+            "model": p.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": a.stop_reason()}],
+            "usage": {"prompt_tokens": p.input_tokens, "completion_tokens": total, "total_tokens": p.input_tokens + total},
+        }),
+    };
     let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("request-id", v);
@@ -601,8 +752,11 @@ async fn full_answer(
 
 async fn models(State(st): State<Arc<SimState>>) -> Response {
     st.stats.model_lists.fetch_add(1, Ordering::SeqCst);
+    // One body that satisfies both APIs' list shapes.
     axum::Json(json!({
-        "data": [{"type": "model", "id": "claude-sim", "display_name": "Model simulator", "created_at": "2025-01-01T00:00:00Z"}],
+        "object": "list",
+        "data": [{"type": "model", "object": "model", "id": "claude-sim", "display_name": "Model simulator",
+                  "created_at": "2025-01-01T00:00:00Z", "created": 1_735_689_600, "owned_by": "model-sim"}],
         "has_more": false, "first_id": "claude-sim", "last_id": "claude-sim",
     }))
     .into_response()

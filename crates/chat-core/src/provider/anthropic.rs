@@ -9,10 +9,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use futures_util::stream::{self, BoxStream, StreamExt};
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::CONTENT_TYPE;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -77,14 +76,17 @@ impl ModelProvider for AnthropicProvider {
                 .json(&body)
                 .send()
                 .await
-                .map_err(send_error)?;
+                .map_err(super::send_error)?;
             let status = resp.status();
             if !status.is_success() {
-                let retry_after = retry_after(resp.headers());
-                let body = read_capped(resp, 64 * 1024).await;
+                let retry_after = super::retry_after(resp.headers());
+                let body = super::read_capped(resp, 64 * 1024).await;
                 return Err(status_error(status.as_u16(), &body, retry_after));
             }
-            Ok(chunk_stream(resp.bytes_stream().boxed()))
+            Ok(super::decode_stream(
+                resp.bytes_stream().boxed(),
+                StreamDecoder::new(),
+            ))
         })
     }
 
@@ -99,39 +101,12 @@ impl ModelProvider for AnthropicProvider {
                 .header("anthropic-version", &self.version)
                 .send()
                 .await
-                .map_err(send_error)?;
+                .map_err(super::send_error)?;
             // Drain the body so the connection goes back to the pool.
-            let _ = read_capped(resp, 64 * 1024).await;
+            let _ = super::read_capped(resp, 64 * 1024).await;
             Ok(())
         })
     }
-}
-
-fn send_error(e: reqwest::Error) -> UpstreamError {
-    if e.is_timeout() && e.is_connect() {
-        UpstreamError::Timeout(crate::error::TimeoutKind::Connect)
-    } else {
-        UpstreamError::Connect(e)
-    }
-}
-
-async fn read_capped(resp: reqwest::Response, cap: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut s = resp.bytes_stream();
-    while let Some(Ok(b)) = s.next().await {
-        out.extend_from_slice(&b[..b.len().min(cap - out.len())]);
-        if out.len() >= cap {
-            break;
-        }
-    }
-    out
-}
-
-/// `retry-after` in seconds (Anthropic sends whole seconds).
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let secs: f64 = v.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
 }
 
 #[derive(Deserialize)]
@@ -164,7 +139,7 @@ pub fn status_error(status: u16, body: &[u8], retry_after: Option<Duration>) -> 
     }
 }
 
-fn default_kind(status: u16) -> &'static str {
+pub(crate) fn default_kind(status: u16) -> &'static str {
     match status {
         400 => "invalid_request_error",
         401 => "authentication_error",
@@ -299,15 +274,17 @@ impl StreamDecoder {
     pub fn new() -> Self {
         Self::default()
     }
+}
 
+impl super::Decoder for StreamDecoder {
     /// True once `message_stop` was seen.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.finished
     }
 
     /// Feeds one network read; returns the chunks it completed. Stops at
     /// the first error or at `message_stop`.
-    pub fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<Result<Chunk, UpstreamError>>) {
+    fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<Result<Chunk, UpstreamError>>) {
         if self.finished {
             return;
         }
@@ -340,51 +317,11 @@ impl StreamDecoder {
     }
 }
 
-struct LiveStream {
-    body: BoxStream<'static, reqwest::Result<Bytes>>,
-    decoder: StreamDecoder,
-    ready: VecDeque<Result<Chunk, UpstreamError>>,
-    done: bool,
-}
-
-fn chunk_stream(body: BoxStream<'static, reqwest::Result<Bytes>>) -> ChunkStream {
-    let state = LiveStream {
-        body,
-        decoder: StreamDecoder::new(),
-        ready: VecDeque::new(),
-        done: false,
-    };
-    stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(item) = s.ready.pop_front() {
-                if item.is_err() {
-                    s.done = true;
-                    s.ready.clear();
-                }
-                return Some((item, s));
-            }
-            if s.done || s.decoder.finished() {
-                return None;
-            }
-            match s.body.next().await {
-                Some(Ok(bytes)) => s.decoder.feed(&bytes, &mut s.ready),
-                Some(Err(e)) => {
-                    s.done = true;
-                    return Some((Err(UpstreamError::Transport(e)), s));
-                }
-                None => {
-                    s.done = true;
-                    return Some((Err(UpstreamError::Truncated), s));
-                }
-            }
-        }
-    })
-    .boxed()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::{Decoder, retry_after};
     use super::*;
+    use reqwest::header::{HeaderMap, RETRY_AFTER};
 
     /// A literal stream as the Messages API sends it (shape from the API
     /// reference), including a ping and an event type we do not know.

@@ -8,9 +8,16 @@
 //! unit-tested on literal provider events.
 
 pub mod anthropic;
+pub mod openai;
 
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use futures_util::stream::BoxStream;
+use futures_util::stream::{self, BoxStream};
+use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Serialize;
 
 use crate::error::UpstreamError;
@@ -71,4 +78,104 @@ pub trait ModelProvider: Send + Sync {
     /// Opens (or re-checks) a pooled connection to the provider without
     /// generating tokens, so the next request skips TCP and TLS set-up.
     fn prewarm(&self) -> BoxFuture<'_, Result<(), UpstreamError>>;
+}
+
+/// The configured providers, by name.
+#[derive(Clone, Default)]
+pub struct Providers(Vec<std::sync::Arc<dyn ModelProvider>>);
+
+impl Providers {
+    pub fn new(list: Vec<std::sync::Arc<dyn ModelProvider>>) -> Self {
+        Self(list)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&std::sync::Arc<dyn ModelProvider>> {
+        self.0.iter().find(|p| p.name() == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &std::sync::Arc<dyn ModelProvider>> {
+        self.0.iter()
+    }
+}
+
+/// A provider's wire format: network reads in, chunks out. Pure; stops at
+/// the first error or at the end of the answer.
+pub trait Decoder: Send + 'static {
+    fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<Result<Chunk, UpstreamError>>);
+    fn finished(&self) -> bool;
+}
+
+pub(crate) fn send_error(e: reqwest::Error) -> UpstreamError {
+    if e.is_timeout() && e.is_connect() {
+        UpstreamError::Timeout(crate::error::TimeoutKind::Connect)
+    } else {
+        UpstreamError::Connect(e)
+    }
+}
+
+/// Reads at most `cap` bytes of an (error) body.
+pub(crate) async fn read_capped(resp: reqwest::Response, cap: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = resp.bytes_stream();
+    while let Some(Ok(b)) = s.next().await {
+        out.extend_from_slice(&b[..b.len().min(cap - out.len())]);
+        if out.len() >= cap {
+            break;
+        }
+    }
+    out
+}
+
+/// `retry-after` in seconds (what Anthropic and OpenAI send).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let secs: f64 = v.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
+struct LiveStream<D> {
+    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    decoder: D,
+    ready: VecDeque<Result<Chunk, UpstreamError>>,
+    done: bool,
+}
+
+/// Turns a response body into chunks with `decoder`. The body ending before
+/// the decoder saw the end of the answer is [`UpstreamError::Truncated`].
+pub(crate) fn decode_stream<D: Decoder>(
+    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    decoder: D,
+) -> ChunkStream {
+    let state = LiveStream {
+        body,
+        decoder,
+        ready: VecDeque::new(),
+        done: false,
+    };
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(item) = s.ready.pop_front() {
+                if item.is_err() {
+                    s.done = true;
+                    s.ready.clear();
+                }
+                return Some((item, s));
+            }
+            if s.done || s.decoder.finished() {
+                return None;
+            }
+            match s.body.next().await {
+                Some(Ok(bytes)) => s.decoder.feed(&bytes, &mut s.ready),
+                Some(Err(e)) => {
+                    s.done = true;
+                    return Some((Err(UpstreamError::Transport(e)), s));
+                }
+                None => {
+                    s.done = true;
+                    return Some((Err(UpstreamError::Truncated), s));
+                }
+            }
+        }
+    })
+    .boxed()
 }

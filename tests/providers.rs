@@ -1,0 +1,223 @@
+//! The OpenAI-compatible provider, fallback across providers, routing and
+//! the model allowlist, over real HTTP against model-sim.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use e2e::{ChatServer, Event, answer_text, read_sse};
+use model_sim::{Knobs, Sim, SimConfig};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn sim(tokens: u32) -> Sim {
+    Sim::start(SimConfig {
+        knobs: Knobs {
+            ttft: Duration::from_millis(5),
+            tokens_per_sec: 500.0,
+            output_tokens: tokens,
+            fault: None,
+            fault_times: None,
+        },
+        api_key: Some("test-key".into()),
+    })
+    .await
+    .unwrap()
+}
+
+async fn post(server: &ChatServer, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(server.url("/chat"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn kinds(events: &[Event]) -> Vec<&str> {
+    events.iter().map(|e| e.event.as_str()).collect()
+}
+
+#[tokio::test]
+async fn an_openai_compatible_endpoint_alone_serves_chat() {
+    let sim = sim(9).await;
+    let base = format!("{}/v1", sim.url());
+    let server = ChatServer::start(&[
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "test-key"),
+        ("DEFAULT_MODEL", "gpt-sim"),
+    ])
+    .await;
+    let resp = post(
+        &server,
+        json!({"message": "What is SSE?", "system": "be brief", "max_tokens": 50}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let (events, _) = read_sse(resp, LIMIT).await;
+    let k = kinds(&events);
+    assert_eq!(k.first(), Some(&"meta"));
+    assert_eq!(k.last(), Some(&"done"), "{k:?}");
+    assert_eq!(events[0].data["model"], "gpt-sim");
+    let done = &events.last().unwrap().data;
+    assert_eq!(done["stop_reason"], "end_turn");
+    assert_eq!(done["usage"]["output_tokens"], 9);
+    assert!(done["usage"]["input_tokens"].as_u64().unwrap() > 0);
+
+    // What went over the wire is a Chat Completions request.
+    let sent = sim.requests().pop().unwrap();
+    assert_eq!(sent["messages"][0]["role"], "system");
+    assert_eq!(sent["messages"][1]["content"], "What is SSE?");
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+
+    // The sim answers the same conversation with the same words in either
+    // format: the relayed text equals its Anthropic-format answer.
+    let direct: Value = reqwest::Client::new()
+        .post(format!("{}/v1/messages", sim.url()))
+        .header("x-api-key", "test-key")
+        .header("anthropic-version", "2023-06-01")
+        .json(
+            &json!({"model": "gpt-sim", "max_tokens": 50, "system": "be brief",
+                      "messages": [{"role": "user", "content": "What is SSE?"}]}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer_text(&events),
+        direct["content"][0]["text"].as_str().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn openai_errors_map_like_every_provider() {
+    let sim = sim(6).await;
+    let base = format!("{}/v1", sim.url());
+    let server = ChatServer::start(&[
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "test-key"),
+        ("UPSTREAM_MAX_RETRIES", "0"),
+    ])
+    .await;
+    let resp = post(
+        &server,
+        json!({"message": "x", "model": "g+fault=status:429:4"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "4");
+    let resp = post(
+        &server,
+        json!({"message": "x", "model": "g+fault=status:401"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 502);
+    let resp = post(
+        &server,
+        json!({"message": "x", "model": "g+fault=error-mid@3"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let (events, _) = read_sse(resp, LIMIT).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "error");
+    assert_eq!(last.data["code"], "upstream_overloaded");
+    assert_eq!(kinds(&events).iter().filter(|k| **k == "delta").count(), 3);
+
+    // A wrong key is an auth failure on our side: 502, not a 401 to the caller.
+    let bad = ChatServer::start(&[
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "wrong"),
+    ])
+    .await;
+    assert_eq!(post(&bad, json!({"message": "x"})).await.status(), 502);
+}
+
+#[tokio::test]
+async fn anthropic_failure_falls_back_to_an_openai_model() {
+    let sim = sim(5).await;
+    let url = sim.url();
+    let base = format!("{url}/v1");
+    let server = ChatServer::start(&[
+        ("ANTHROPIC_BASE_URL", url.as_str()),
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "test-key"),
+        ("UPSTREAM_MAX_RETRIES", "0"),
+        ("MODEL_FALLBACKS", "openai:gpt-backup"),
+    ])
+    .await;
+    let resp = post(
+        &server,
+        json!({"message": "hi", "model": "claude+fault=status:529"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let (events, _) = read_sse(resp, LIMIT).await;
+    assert_eq!(events[0].data["model"], "gpt-backup");
+    assert_eq!(events.last().unwrap().event, "done");
+    let reqs = sim.requests();
+    assert_eq!(reqs.len(), 2);
+    assert!(
+        reqs[0].get("stream_options").is_none(),
+        "first call in Anthropic format"
+    );
+    assert_eq!(
+        reqs[1]["stream_options"]["include_usage"], true,
+        "second in OpenAI format"
+    );
+    let health: Value = reqwest::get(server.url("/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["dependencies"]["openai"]["state"], "ok");
+    assert_eq!(health["dependencies"]["anthropic"]["state"], "degraded");
+}
+
+#[tokio::test]
+async fn short_prompts_route_to_the_fast_model_and_the_allowlist_holds() {
+    let sim = sim(4).await;
+    let url = sim.url();
+    // No MODEL_ALLOWLIST=*: only the models this deployment names.
+    let server = ChatServer::start(&[
+        ("ANTHROPIC_BASE_URL", url.as_str()),
+        ("MODEL_ALLOWLIST", ""),
+        ("DEFAULT_MODEL", "claude-big"),
+        ("ROUTE_SHORT_MODEL", "claude-fast"),
+        ("ROUTE_SHORT_MAX_CHARS", "40"),
+        ("MODEL_FALLBACKS", "claude-backup"),
+    ])
+    .await;
+    let meta_model = |events: Vec<Event>| events[0].data["model"].as_str().unwrap().to_owned();
+
+    let (ev, _) = read_sse(
+        post(&server, json!({"message": "capital of France?"})).await,
+        LIMIT,
+    )
+    .await;
+    assert_eq!(meta_model(ev), "claude-fast");
+    let long = "Please compare these two approaches in detail and explain the trade-offs.";
+    let (ev, _) = read_sse(post(&server, json!({"message": long})).await, LIMIT).await;
+    assert_eq!(meta_model(ev), "claude-big");
+    let (ev, _) = read_sse(
+        post(&server, json!({"message": "hi", "model": "claude-backup"})).await,
+        LIMIT,
+    )
+    .await;
+    assert_eq!(meta_model(ev), "claude-backup");
+
+    let resp = post(
+        &server,
+        json!({"message": "hi", "model": "claude-most-expensive"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "model_not_allowed");
+    assert_eq!(body["field"], "model");
+    assert_eq!(sim.calls(), 3, "a refused model costs no call");
+}
