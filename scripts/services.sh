@@ -4,12 +4,14 @@
 # (use: eval "$(scripts/services.sh start)").
 #
 #   moto server (DynamoDB, SQS, Secrets Manager) on MOTO_PORT (5005)
+#   Redis on REDIS_PORT (6379), installed from Debian's packages if missing
 #
 # `scripts/services.sh stop` stops what this script started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=.run
 MOTO_PORT=${MOTO_PORT:-5005}
+REDIS_PORT=${REDIS_PORT:-6379}
 VENV=${VENV:-.venv}
 mkdir -p "$RUN"
 
@@ -24,14 +26,36 @@ start_moto() {
   fi
 }
 
+ensure_redis_installed() {
+  command -v redis-server >/dev/null && return 0
+  echo "installing redis-server (Debian package)" >&2
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >&2
+  else
+    (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >&2
+  fi
+}
+
+start_redis() {
+  ensure_redis_installed
+  if ! listening "$REDIS_PORT"; then
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+      --daemonize yes --pidfile "$PWD/$RUN/redis.pid" --logfile "$PWD/$RUN/redis.log"
+    for _ in $(seq 1 100); do listening "$REDIS_PORT" && break; sleep 0.1; done
+    listening "$REDIS_PORT" || { echo "redis did not start; see $RUN/redis.log" >&2; exit 1; }
+  fi
+}
+
 case "${1:-start}" in
   start)
     start_moto
+    start_redis
     cat <<ENV
 export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-testing}
 export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-testing}
 export AWS_REGION=${AWS_REGION:-us-east-1}
+export REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 ENV
     ;;
   stop)

@@ -19,9 +19,10 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::error::{ApiError, UpstreamError};
+use crate::fleet::Fleet;
 use crate::provider::Providers;
 use crate::relay;
-use crate::resilience::{BreakerState, Breakers, RetryBudget};
+use crate::resilience::{BreakerState, RetryBudget};
 use crate::validate::{body_too_large, parse_chat_request};
 
 /// Shared, read-only after init (plus the health record).
@@ -33,17 +34,16 @@ struct Inner {
     providers: Providers,
     /// One record per provider, by name.
     health: Vec<(&'static str, ModelHealth)>,
-    breakers: Breakers,
+    fleet: Fleet,
     retry_budget: RetryBudget,
 }
 
 impl AppState {
-    pub fn new(config: Config, providers: Providers) -> Self {
+    pub fn new(config: Config, providers: Providers, fleet: Fleet) -> Self {
         let health = providers
             .iter()
             .map(|p| (p.name(), ModelHealth::default()))
             .collect();
-        let breakers = Breakers::new(config.resilience.breaker);
         // Retries may add at most `ratio` of the request rate; a quiet
         // function keeps a reserve of ten.
         let retry_budget = RetryBudget::new(config.resilience.retry_budget_ratio, 10.0);
@@ -51,7 +51,7 @@ impl AppState {
             config,
             providers,
             health,
-            breakers,
+            fleet,
             retry_budget,
         }))
     }
@@ -105,8 +105,8 @@ impl AppState {
         futures_util::future::join_all(checks).await
     }
 
-    pub(crate) fn breakers(&self) -> &Breakers {
-        &self.0.breakers
+    pub(crate) fn fleet(&self) -> &Fleet {
+        &self.0.fleet
     }
 
     pub(crate) fn retry_budget(&self) -> &RetryBudget {
@@ -119,6 +119,24 @@ impl AppState {
 pub struct RequestCtx {
     pub id: Arc<str>,
     pub start: Instant,
+    /// Who is calling, for rate limits: `ip:ADDR` until callers are
+    /// authenticated.
+    pub caller: Arc<str>,
+}
+
+/// The client's address: the last `X-Forwarded-For` entry (the one the
+/// Function URL front end appended; earlier entries are the client's own
+/// claims), else the socket peer in local server mode.
+pub fn client_ip(headers: &HeaderMap, peer: Option<std::net::SocketAddr>) -> String {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .next_back()
+        .and_then(|v| v.rsplit(',').map(str::trim).find(|v| !v.is_empty()))
+        .map(str::to_owned)
+        .or_else(|| peer.map(|p| p.ip().to_string()))
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Marks a response whose log line is written when its body ends.
@@ -161,9 +179,15 @@ async fn request_context(mut req: Request, next: Next) -> Response {
     let id = incoming_request_id(req.headers()).unwrap_or_else(|| Arc::from(new_id()));
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let caller: Arc<str> = Arc::from(format!("ip:{}", client_ip(req.headers(), peer)));
     req.extensions_mut().insert(RequestCtx {
         id: id.clone(),
         start,
+        caller,
     });
 
     let mut resp = next.run(req).await;
@@ -249,6 +273,7 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
         .unwrap_or_else(|| RequestCtx {
             id: Arc::from(new_id()),
             start: Instant::now(),
+            caller: Arc::from("ip:unknown"),
         });
     let limits = state.config().limits;
     if !is_json_content_type(&parts.headers) {
@@ -352,7 +377,8 @@ async fn health(State(state): State<AppState>, req: Request) -> Response {
             .any(|kv| kv == "probe" || kv == "probe=1" || kv == "probe=true")
     });
     let circuits: serde_json::Map<String, serde_json::Value> = state
-        .breakers()
+        .fleet()
+        .local_breakers()
         .states(Instant::now())
         .into_iter()
         .map(|(k, st)| {
@@ -384,6 +410,13 @@ async fn health(State(state): State<AppState>, req: Request) -> Response {
         }
         deps.insert(p.name().to_owned(), dep);
     }
+    let redis = state.fleet().redis_health(probe_requested).await;
+    // Redis down degrades (limits become per instance); it never fails chat.
+    degraded |= redis == "down";
+    deps.insert(
+        "redis".to_owned(),
+        json!({"state": redis, "scope": if redis == "ok" { "fleet" } else { "instance" }}),
+    );
     let status_word = if !ok {
         "down"
     } else if degraded {
@@ -408,4 +441,24 @@ async fn health(State(state): State<AppState>, req: Request) -> Response {
         axum::Json(body),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ip_is_the_last_forwarded_entry_then_the_peer() {
+        let peer = Some(std::net::SocketAddr::from(([10, 0, 0, 9], 5000)));
+        let mut h = HeaderMap::new();
+        assert_eq!(client_ip(&h, peer), "10.0.0.9");
+        assert_eq!(client_ip(&h, None), "unknown");
+        // A client can send its own X-Forwarded-For; the entry the front end
+        // appended last is the one to trust.
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 203.0.113.7"),
+        );
+        assert_eq!(client_ip(&h, peer), "203.0.113.7");
+    }
 }

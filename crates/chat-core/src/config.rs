@@ -187,6 +187,11 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub resilience: Resilience,
+    /// `redis://` or `rediss://`; shares rate limits and breakers across
+    /// instances. May hold a password, so it is a secret.
+    pub redis_url: Option<Secret>,
+    pub redis_timeout: Duration,
+    pub rate_limits: crate::fleet::RateLimits,
     /// Open the upstream connection at init so the first request does not
     /// pay for TCP + TLS.
     pub prewarm: bool,
@@ -440,7 +445,24 @@ impl Config {
             },
             fallbacks,
         };
+        let redis_url = r.string("REDIS_URL");
+        if let Some(u) = &redis_url {
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                return Err(ConfigError::new(
+                    "REDIS_URL",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+        }
+        let redis_timeout = r.ms("REDIS_TIMEOUT_MS", 50)?;
+        let rate_limits = crate::fleet::RateLimits {
+            rpm: r.ranged("RATE_LIMIT_RPM", 60u32, 0, 1_000_000)?,
+            tpm: r.ranged("RATE_LIMIT_TPM", 200_000u32, 0, 1_000_000_000)?,
+        };
         Ok(Config {
+            redis_url: redis_url.map(Secret::new),
+            redis_timeout,
+            rate_limits,
             bind_addr,
             log_level,
             anthropic,
@@ -494,6 +516,8 @@ mod tests {
             ("UPSTREAM_MAX_RETRIES", "99"),
             ("BREAKER_FAILURES", "0"),
             ("MODEL_FALLBACKS", "a,has space"),
+            ("REDIS_URL", "http://x"),
+            ("RATE_LIMIT_RPM", "-5"),
         ] {
             let e = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(e.variable, k, "{e}");

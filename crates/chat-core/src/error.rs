@@ -170,6 +170,8 @@ pub struct ApiError {
     /// The request field at fault, when there is one.
     pub field: Option<String>,
     pub retry_after: Option<Duration>,
+    /// Headers that explain the error (e.g. `x-ratelimit-*` on a 429).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 #[derive(Serialize)]
@@ -188,6 +190,7 @@ impl ApiError {
             message: message.into(),
             field: None,
             retry_after: None,
+            headers: Vec::new(),
         }
     }
 
@@ -219,6 +222,7 @@ impl From<&UpstreamError> for ApiError {
             message: e.client_message(),
             field: None,
             retry_after: e.retry_after(),
+            headers: Vec::new(),
         }
     }
 }
@@ -238,6 +242,11 @@ impl IntoResponse for ApiError {
             }
             _ => None,
         });
+        for (name, value) in &self.headers {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                resp.headers_mut().insert(*name, v);
+            }
+        }
         if let Some(ra) = retry_after {
             let secs = ra.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

@@ -10,6 +10,7 @@
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod http;
 pub mod logging;
 pub mod provider;
@@ -71,7 +72,16 @@ pub async fn build_state(config: Config) -> Result<AppState, InitError> {
     let providers = Providers::new(list);
     let budget = config.timeouts.connect + Duration::from_secs(2);
     let prewarm = config.prewarm;
-    let state = AppState::new(config, providers);
+    let redis = match &config.redis_url {
+        Some(url) => Some(
+            fleet::RedisLink::new(url.expose(), config.redis_timeout).map_err(|e| {
+                ConfigError::new("REDIS_URL", format!("not a usable Redis URL: {e}"))
+            })?,
+        ),
+        None => None,
+    };
+    let fleet = fleet::Fleet::new(redis, config.rate_limits, config.resilience.breaker);
+    let state = AppState::new(config, providers, fleet);
     if prewarm {
         for (name, result) in state.check_providers(budget).await {
             match result {

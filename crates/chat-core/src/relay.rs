@@ -27,8 +27,9 @@ use crate::app::{AppState, LogDeferred, RequestCtx, ms, new_id};
 use crate::error::{ApiError, TimeoutKind, UpstreamError};
 use std::sync::Arc;
 
+use crate::fleet::Decision;
 use crate::provider::{Chunk, ChunkStream, Message, ModelProvider, ModelRequest, Role};
-use crate::resilience::{Admission, Breaker};
+use crate::resilience::Admission;
 use crate::routing::ModelRef;
 use crate::sse;
 use crate::validate::ChatRequest;
@@ -96,6 +97,19 @@ pub(crate) async fn start(
         )
         .with_field("model"));
     }
+    let rate = state.fleet().check_rate(&ctx.caller).await;
+    let rate_headers = rate_limit_headers(&rate);
+    if !rate.allowed {
+        let what = rate.exceeded.unwrap_or("requests");
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many {what} per minute from this caller; retry after the reset"),
+        );
+        e.retry_after = Some(rate.reset);
+        e.headers = rate_headers;
+        return Err(e);
+    }
     let validate = ctx.start.elapsed();
     let model_req = ModelRequest {
         model: chosen,
@@ -117,7 +131,7 @@ pub(crate) async fn start(
     // retries and fallbacks are still invisible to the client.
     let Opened {
         provider,
-        breaker,
+        model_key,
         stream: upstream,
         first,
         model,
@@ -156,7 +170,8 @@ pub(crate) async fn start(
     );
     let relay = Relay {
         provider,
-        breaker,
+        model_key,
+        caller: ctx.caller.clone(),
         state,
         upstream,
         pending,
@@ -198,6 +213,11 @@ pub(crate) async fn start(
     if let Ok(v) = HeaderValue::from_str(&server_timing) {
         h.insert("server-timing", v);
     }
+    for (name, value) in rate_headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
     *resp.status_mut() = StatusCode::OK;
     resp.extensions_mut().insert(LogDeferred);
     Ok(resp)
@@ -206,7 +226,8 @@ pub(crate) async fn start(
 /// A model call that has produced its first text (or ended empty).
 struct Opened {
     provider: &'static str,
-    breaker: Arc<Breaker>,
+    /// `provider:model`: the breaker's key.
+    model_key: String,
     stream: ChunkStream,
     first: Chunk,
     model: String,
@@ -278,10 +299,11 @@ async fn open_with_fallback(
         let Some(provider) = state.providers().get(&mref.provider) else {
             continue;
         };
-        let breaker = state.breakers().get(&mref.key());
+        let model_key = mref.key();
         let mut retries = 0u32;
         loop {
-            if breaker.admit(Instant::now()) == Admission::Rejected {
+            let admission = state.fleet().admit(&model_key).await;
+            if admission == Admission::Rejected {
                 last.get_or_insert(UpstreamError::CircuitOpen);
                 continue 'models;
             }
@@ -301,11 +323,11 @@ async fn open_with_fallback(
             };
             let e = match attempt(provider.as_ref(), &req, deadline, kind).await {
                 Ok((stream, first, model, input_tokens, upstream_connect)) => {
-                    breaker.on_success();
+                    state.fleet().on_success(&model_key, admission).await;
                     let model = if model.is_empty() { mref.model } else { model };
                     return Ok(Opened {
                         provider: provider.name(),
-                        breaker,
+                        model_key,
                         stream,
                         first,
                         model,
@@ -322,7 +344,7 @@ async fn open_with_fallback(
                 // The request itself is at fault: no other try will do better.
                 return Err((e, attempts));
             }
-            breaker.on_failure(Instant::now());
+            state.fleet().on_failure(&model_key).await;
             // A slow first token is not fixed by asking the same model again.
             let same_model_again = !matches!(e, UpstreamError::Timeout(_))
                 && retries < res.retry.max_retries
@@ -346,6 +368,22 @@ async fn open_with_fallback(
         last.unwrap_or(UpstreamError::Timeout(TimeoutKind::Total)),
         attempts,
     ))
+}
+
+/// `X-RateLimit-*` headers for a decision (none when limits are off).
+fn rate_limit_headers(d: &Decision) -> Vec<(&'static str, String)> {
+    if d.scope == "off" || d.limit == 0 {
+        return Vec::new();
+    }
+    vec![
+        ("x-ratelimit-limit", d.limit.to_string()),
+        ("x-ratelimit-remaining", d.remaining.to_string()),
+        (
+            "x-ratelimit-reset",
+            d.reset.as_secs_f64().ceil().to_string(),
+        ),
+        ("x-ratelimit-scope", d.scope.to_owned()),
+    ]
 }
 
 fn pre_stream_failure(ctx: &RequestCtx, model: &str, e: UpstreamError, attempts: u32) -> ApiError {
@@ -372,8 +410,10 @@ struct LogCtx {
 
 struct Relay {
     provider: &'static str,
-    /// The answering model's breaker: a mid-stream failure counts too.
-    breaker: Arc<Breaker>,
+    /// The answering model's breaker key: a mid-stream failure counts too.
+    model_key: String,
+    /// Rate-limit identity: the answer's tokens count against it.
+    caller: Arc<str>,
     state: AppState,
     upstream: ChunkStream,
     /// The first chunk after `Start`, read before the headers went out.
@@ -420,9 +460,9 @@ impl Relay {
             self.last_chunk = Instant::now();
             let chunk = match item {
                 Ok(Some(Ok(chunk))) => chunk,
-                Ok(Some(Err(e))) => return Some(self.fail(e)),
-                Ok(None) => return Some(self.fail(UpstreamError::Truncated)),
-                Err(kind) => return Some(self.fail(UpstreamError::Timeout(kind))),
+                Ok(Some(Err(e))) => return Some(self.fail(e).await),
+                Ok(None) => return Some(self.fail(UpstreamError::Truncated).await),
+                Err(kind) => return Some(self.fail(UpstreamError::Timeout(kind)).await),
             };
             match chunk {
                 Chunk::Delta(text) if text.is_empty() => {}
@@ -441,7 +481,13 @@ impl Relay {
                     self.input_tokens = input_tokens.or(self.input_tokens);
                     self.output_tokens = output_tokens.or(self.output_tokens);
                 }
-                Chunk::End => return Some(self.complete()),
+                Chunk::End => {
+                    // Count the tokens before the final event, while the
+                    // invocation is surely still running.
+                    let used = self.input_tokens.unwrap_or(0) + self.output_tokens.unwrap_or(0);
+                    self.state.fleet().add_tokens(&self.caller, used).await;
+                    return Some(self.complete());
+                }
             }
         }
     }
@@ -463,11 +509,11 @@ impl Relay {
         frame
     }
 
-    fn fail(&mut self, e: UpstreamError) -> Bytes {
+    async fn fail(&mut self, e: UpstreamError) -> Bytes {
         self.finished = true;
         self.state.health(self.provider).record_error(&e);
         if e.retryable() {
-            self.breaker.on_failure(Instant::now());
+            self.state.fleet().on_failure(&self.model_key).await;
         }
         let err = ApiError::from(&e);
         tracing::warn!(error = %e, error_code = e.code(), "upstream failed mid-stream");
