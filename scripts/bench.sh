@@ -39,6 +39,7 @@ run_layout() { # name cpu_for_chat cpu_for_rest
   wait_for "$SIM_PORT"
   # Production log level: one JSON line per request is part of the cost.
   ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT" ANTHROPIC_API_KEY=bench LOG_LEVEL=info \
+    RATE_LIMIT_RPM=100000000 RATE_LIMIT_TPM=1000000000 \
     "${on_chat[@]}" "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" >"$OUT/chat.log" 2>&1 &
   pids+=($!)
   wait_for "$PORT"
@@ -75,6 +76,58 @@ run_layout "shared: all processes on all cores" "" ""
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   run_layout "pinned: chat-stream on CPU 0, client and sim on CPU 1" 0 1
 fi
+
+# Overhead of rate limiting + circuit breaking on the request path: the
+# same chat-stream with limits off and no Redis, with limits on in memory
+# (per instance), and with limits and breakers in Redis (one Lua round trip
+# for the limit, one for the breaker). Limits are set high enough never to
+# refuse. Pinned layout; Redis shares CPU 1 with the client and sim.
+overhead_row() { # label env...
+  local label=$1; shift
+  taskset -c 1 "$BIN/model-sim" --addr "127.0.0.1:$SIM_PORT" --ttft-ms 0 --tps 0 --tokens 16 >"$OUT/sim.log" 2>&1 &
+  pids+=($!)
+  wait_for "$SIM_PORT"
+  env ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT" ANTHROPIC_API_KEY=bench LOG_LEVEL=info "$@" \
+    taskset -c 0 "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" >"$OUT/chat.log" 2>&1 &
+  pids+=($!)
+  wait_for "$PORT"
+  for c in 1 20; do
+    taskset -c 1 "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat \
+      --concurrency "$c" --requests "$REQ" --warmup 200 --label "$label" --json 2>"$OUT/oh-$label-$c.json"
+  done
+  stop_all
+}
+if command -v taskset >/dev/null && command -v redis-server >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  RPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  taskset -c 1 redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 &
+  redis_pid=$!
+  wait_for "$RPORT"
+  echo "### Rate limiter + circuit breaker overhead (pinned layout)"
+  echo
+  echo "| configuration | concurrency | requests | TTFT p50 ms | TTFT p95 ms | TTFT p99 ms | total p50 ms | req/s | errors |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  overhead_row "limits off" RATE_LIMIT_RPM=0 RATE_LIMIT_TPM=0
+  overhead_row "limits in memory" RATE_LIMIT_RPM=100000000 RATE_LIMIT_TPM=1000000000
+  overhead_row "limits + breakers in Redis" RATE_LIMIT_RPM=100000000 RATE_LIMIT_TPM=1000000000 REDIS_URL="redis://127.0.0.1:$RPORT"
+  echo
+  echo "Added TTFT p50 over \"limits off\":"
+  echo
+  echo "| configuration | concurrency 1, ms | concurrency 20, ms |"
+  echo "|---|---|---|"
+  python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def p50(label, c):
+    return json.loads(open(os.path.join(out, f"oh-{label}-{c}.json")).read().strip().splitlines()[-1])["ttft_ms"]["p50"]
+for label in ["limits in memory", "limits + breakers in Redis"]:
+    print(f"| {label} | {p50(label, 1) - p50('limits off', 1):.3f} | {p50(label, 20) - p50('limits off', 20):.3f} |")
+PY
+  echo
+  kill "$redis_pid" 2>/dev/null || true
+fi
+
+scripts/faults.sh
+echo
 
 boot=target/lambda/chat-stream/bootstrap
 if [ -f "$boot" ]; then

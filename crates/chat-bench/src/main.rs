@@ -12,6 +12,8 @@
 //! after `--warmup` untimed requests. Prints one Markdown table row (and a
 //! JSON line with `--json`).
 
+mod faults;
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -145,8 +147,48 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1e3
 }
 
+async fn faults_main() -> ExitCode {
+    let mut fa = faults::FaultArgs {
+        chat: String::new(),
+        dead_chat: None,
+        fallback_chat: None,
+    };
+    let mut it = std::env::args().skip(2);
+    while let Some(flag) = it.next() {
+        let Some(v) = it.next() else {
+            eprintln!("chat-bench faults: {flag} needs a value");
+            return ExitCode::from(2);
+        };
+        match flag.as_str() {
+            "--chat" => fa.chat = v,
+            "--dead-chat" => fa.dead_chat = Some(v),
+            "--fallback-chat" => fa.fallback_chat = Some(v),
+            _ => {
+                eprintln!("chat-bench faults: unknown flag {flag}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match faults::run(fa).await {
+        Ok(rows) => {
+            #[allow(clippy::print_stdout)]
+            for r in rows {
+                println!("{r}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("chat-bench faults: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("faults") {
+        return faults_main().await;
+    }
     let a = match parse_args() {
         Ok(a) => a,
         Err(e) => {

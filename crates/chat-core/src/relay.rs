@@ -213,6 +213,7 @@ pub(crate) async fn start(
     if let Ok(v) = HeaderValue::from_str(&server_timing) {
         h.insert("server-timing", v);
     }
+    h.insert("x-upstream-attempts", HeaderValue::from(attempts));
     for (name, value) in rate_headers {
         if let Ok(v) = HeaderValue::from_str(&value) {
             h.insert(name, v);
@@ -396,7 +397,10 @@ fn pre_stream_failure(ctx: &RequestCtx, model: &str, e: UpstreamError, attempts:
         retryable = e.retryable(),
         "upstream failed before the stream started"
     );
-    ApiError::from(&e)
+    let mut err = ApiError::from(&e);
+    err.headers
+        .push(("x-upstream-attempts", attempts.to_string()));
+    err
 }
 
 struct LogCtx {

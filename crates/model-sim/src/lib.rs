@@ -58,7 +58,8 @@ pub struct SimState {
     config: SimConfig,
     stats: Stats,
     requests: Mutex<VecDeque<Value>>,
-    /// How often each request (by seed) has been faulted, for `times=N`.
+    /// How often each request (by seed and fault) has been faulted, for
+    /// `times=N`.
     faulted: Mutex<std::collections::HashMap<u64, u32>>,
 }
 
@@ -454,9 +455,12 @@ async fn handle(wire: Wire, st: Arc<SimState>, headers: HeaderMap, body: Bytes) 
             return error_response(wire, 400, "invalid_request_error", &msg, &request_id, None);
         }
     };
-    if let (Some(times), Some(_)) = (p.knobs.fault_times, &p.knobs.fault) {
+    if let (Some(times), Some(fault)) = (p.knobs.fault_times, &p.knobs.fault) {
+        // Counted per request and fault: "500 once" and "429 once" on the
+        // same question are separate budgets.
+        let key = text::fnv1a(&[&p.seed.to_string(), &format!("{fault:?}/{times}")]);
         let mut m = st.faulted.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(p.seed).or_insert(0);
+        let n = m.entry(key).or_insert(0);
         if *n >= times {
             p.knobs.fault = None;
         } else {
