@@ -25,8 +25,8 @@ PORT=${PORT:-3110}
 SIM_PORT=${SIM_PORT:-4110}
 OUT=$(mktemp -d)
 pids=()
-stop_all() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
-trap 'stop_all; rm -rf "$OUT"' EXIT
+stop_all() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; pids=(); }
+trap 'stop_all; kill ${redis_pid:-} 2>/dev/null || true; rm -rf "$OUT"' EXIT
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_for() { for _ in $(seq 1 100); do listening "$1" && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
@@ -39,7 +39,7 @@ run_layout() { # name cpu_for_chat cpu_for_rest
   wait_for "$SIM_PORT"
   # Production log level: one JSON line per request is part of the cost.
   ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT" ANTHROPIC_API_KEY=bench LOG_LEVEL=info \
-    RATE_LIMIT_RPM=100000000 RATE_LIMIT_TPM=1000000000 \
+    RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000 \
     "${on_chat[@]}" "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" >"$OUT/chat.log" 2>&1 &
   pids+=($!)
   wait_for "$PORT"
@@ -107,8 +107,8 @@ if command -v taskset >/dev/null && command -v redis-server >/dev/null && [ "$(n
   echo "| configuration | concurrency | requests | TTFT p50 ms | TTFT p95 ms | TTFT p99 ms | total p50 ms | req/s | errors |"
   echo "|---|---|---|---|---|---|---|---|---|"
   overhead_row "limits off" RATE_LIMIT_RPM=0 RATE_LIMIT_TPM=0
-  overhead_row "limits in memory" RATE_LIMIT_RPM=100000000 RATE_LIMIT_TPM=1000000000
-  overhead_row "limits + breakers in Redis" RATE_LIMIT_RPM=100000000 RATE_LIMIT_TPM=1000000000 REDIS_URL="redis://127.0.0.1:$RPORT"
+  overhead_row "limits in memory" RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000
+  overhead_row "limits + breakers in Redis" RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000 REDIS_URL="redis://127.0.0.1:$RPORT"
   echo
   echo "Added TTFT p50 over \"limits off\":"
   echo
@@ -123,7 +123,7 @@ for label in ["limits in memory", "limits + breakers in Redis"]:
     print(f"| {label} | {p50(label, 1) - p50('limits off', 1):.3f} | {p50(label, 20) - p50('limits off', 20):.3f} |")
 PY
   echo
-  kill "$redis_pid" 2>/dev/null || true
+  kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; redis_pid=""
 fi
 
 scripts/faults.sh

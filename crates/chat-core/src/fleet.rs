@@ -253,6 +253,7 @@ pub struct Fleet {
     admit: Script,
     fail: Script,
     success: Script,
+    release: Script,
 }
 
 /// Local map size at which old windows are swept out.
@@ -271,6 +272,7 @@ impl Fleet {
             admit: Script::new(ADMIT_LUA),
             fail: Script::new(FAIL_LUA),
             success: Script::new(SUCCESS_LUA),
+            release: Script::new("redis.call('DEL', KEYS[1]) return 1"),
         }
     }
 
@@ -413,6 +415,15 @@ impl Fleet {
             }
         }
         self.breakers.get(model_key).admit(Instant::now())
+    }
+
+    /// Releases a probe slot that will not be used.
+    pub async fn abandon_probe(&self, model_key: &str) {
+        if let Some(r) = &self.redis {
+            let keys = Self::breaker_keys(model_key);
+            let _ = r.eval::<i64>(&self.release, &keys[3..], &[]).await;
+        }
+        self.breakers.get(model_key).abandon_probe();
     }
 
     pub async fn on_failure(&self, model_key: &str) {

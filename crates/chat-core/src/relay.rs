@@ -97,9 +97,19 @@ pub(crate) async fn start(
         )
         .with_field("model"));
     }
-    let rate = state.fleet().check_rate(&ctx.caller).await;
+    // The rate limit and the first model's circuit are independent: ask
+    // both at once, so shared state costs one round trip, not two.
+    let primary_key = chosen_ref.key();
+    let (rate, primary_admission) = tokio::join!(
+        state.fleet().check_rate(&ctx.caller),
+        state.fleet().admit(&primary_key)
+    );
     let rate_headers = rate_limit_headers(&rate);
     if !rate.allowed {
+        if primary_admission == Admission::Probe {
+            // Give the probe slot back for a request that will be made.
+            state.fleet().abandon_probe(&primary_key).await;
+        }
         let what = rate.exceeded.unwrap_or("requests");
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -138,7 +148,7 @@ pub(crate) async fn start(
         input_tokens,
         upstream_connect,
         attempts,
-    } = match open_with_fallback(&state, &model_req, &deadlines).await {
+    } = match open_with_fallback(&state, &model_req, &deadlines, primary_admission).await {
         Ok(o) => o,
         Err((e, attempts)) => {
             return Err(pre_stream_failure(&ctx, &model_req.model, e, attempts));
@@ -281,7 +291,9 @@ async fn open_with_fallback(
     state: &AppState,
     base: &ModelRequest,
     deadlines: &Deadlines,
+    primary_admission: Admission,
 ) -> Result<Opened, (UpstreamError, u32)> {
+    let mut known_admission = Some(primary_admission);
     let res = &state.config().resilience;
     let per_attempt = state.config().timeouts.first_token;
     let default_provider = &state.config().default_provider;
@@ -303,7 +315,10 @@ async fn open_with_fallback(
         let model_key = mref.key();
         let mut retries = 0u32;
         loop {
-            let admission = state.fleet().admit(&model_key).await;
+            let admission = match known_admission.take() {
+                Some(a) => a,
+                None => state.fleet().admit(&model_key).await,
+            };
             if admission == Admission::Rejected {
                 last.get_or_insert(UpstreamError::CircuitOpen);
                 continue 'models;

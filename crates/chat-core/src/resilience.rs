@@ -173,6 +173,11 @@ impl Breaker {
         }
     }
 
+    /// A probe that was admitted but never made: let the next one through.
+    pub fn abandon_probe(&self) {
+        self.lock().probe_in_flight = false;
+    }
+
     pub fn on_success(&self) {
         let mut g = self.lock();
         g.state = BreakerState::Closed;
