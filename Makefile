@@ -41,9 +41,9 @@ rust-arm64:
 
 # --- local run --------------------------------------------------------------
 
-run:
+run: $(TOOLS)
 	cargo build -p chat-stream -p model-sim
-	BIN=target/debug scripts/run-local.sh
+	@eval "$$(scripts/services.sh start)"; BIN=target/debug scripts/run-local.sh
 
 # --- quality gates ----------------------------------------------------------
 

@@ -50,6 +50,11 @@ if [ -z "${ANTHROPIC_API_KEY:-}" ]; then
   export ANTHROPIC_API_KEY="local-model-sim"
   # The sim speaks the OpenAI-compatible format too: "model": "openai:gpt-sim".
   export OPENAI_BASE_URL="http://127.0.0.1:$SIM_PORT/v1"
+  # ...and Bedrock's ConverseStream: "model": "bedrock:anthropic.claude-sim-v1:0"
+  # (the AWS SDK signs with the local stack's test credentials).
+  export BEDROCK_ENABLED=true BEDROCK_REGION=us-east-1
+  export AWS_ENDPOINT_URL_BEDROCK_RUNTIME="http://127.0.0.1:$SIM_PORT"
+  export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-testing}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-testing}"
   # Any model name, so model-sim's knobs work: "model": "claude-sim+ttft=800,fault=drop-mid@5".
   export MODEL_ALLOWLIST="${MODEL_ALLOWLIST:-*}"
   model="model-sim at $ANTHROPIC_BASE_URL"

@@ -221,3 +221,99 @@ async fn short_prompts_route_to_the_fast_model_and_the_allowlist_holds() {
     assert_eq!(body["field"], "model");
     assert_eq!(sim.calls(), 3, "a refused model costs no call");
 }
+
+/// The AWS SDK signs with the environment's credentials; `make test` sets
+/// test ones (and moto's endpoint, which the Bedrock endpoint overrides).
+fn require_aws_credentials() {
+    assert!(
+        std::env::var("AWS_ACCESS_KEY_ID").is_ok(),
+        "AWS credentials are not set: run the tests with `make test`"
+    );
+}
+
+#[tokio::test]
+async fn bedrock_converse_stream_through_the_aws_sdk() {
+    require_aws_credentials();
+    let sim = sim(7).await;
+    let url = sim.url();
+    let model = "anthropic.claude-sim-v1:0";
+    let server = ChatServer::start(&[
+        ("BEDROCK_ENABLED", "true"),
+        ("BEDROCK_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", url.as_str()),
+        ("DEFAULT_MODEL", model),
+        ("UPSTREAM_MAX_RETRIES", "0"),
+    ])
+    .await;
+    let resp = post(
+        &server,
+        json!({"message": "What is SSE?", "system": "be brief", "max_tokens": 50}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let (events, _) = read_sse(resp, LIMIT).await;
+    let k = kinds(&events);
+    assert_eq!(k.iter().filter(|k| **k == "delta").count(), 7, "{k:?}");
+    assert_eq!(events[0].data["model"], model);
+    let done = &events.last().unwrap().data;
+    assert_eq!(done["stop_reason"], "end_turn");
+    assert_eq!(done["usage"]["output_tokens"], 7);
+
+    // Same conversation, same words as the sim's Anthropic-format answer.
+    let direct: Value = reqwest::Client::new()
+        .post(format!("{url}/v1/messages"))
+        .header("x-api-key", "test-key")
+        .header("anthropic-version", "2023-06-01")
+        .json(
+            &json!({"model": model, "max_tokens": 50, "system": "be brief",
+                      "messages": [{"role": "user", "content": "What is SSE?"}]}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer_text(&events),
+        direct["content"][0]["text"].as_str().unwrap()
+    );
+
+    // Errors: a throttle before the stream, an exception and a dropped
+    // connection inside it.
+    let resp = post(
+        &server,
+        json!({"message": "x", "model": format!("{model}+fault=status:429")}),
+    )
+    .await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["code"],
+        "upstream_rate_limited"
+    );
+    for (fault, code) in [
+        ("error-mid@3", "upstream_overloaded"),
+        ("drop-mid@3", "upstream_disconnected"),
+    ] {
+        let resp = post(
+            &server,
+            json!({"message": "x", "model": format!("{model}+fault={fault}")}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{fault}");
+        let (events, _) = read_sse(resp, LIMIT).await;
+        let last = events.last().unwrap();
+        assert_eq!(last.event, "error", "{fault}");
+        assert_eq!(last.data["code"], code, "{fault}");
+    }
+    let health: Value = reqwest::get(server.url("/health?probe=1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        health["dependencies"]["bedrock"]["probe"]["ok"],
+        Value::Null
+    );
+}

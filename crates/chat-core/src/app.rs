@@ -79,25 +79,25 @@ impl AppState {
     /// within `budget`, and records what it found in their health. Used for
     /// the pre-warm at init and by `/health?probe=1`. Gives each provider's
     /// latency in ms, or the error code.
-    pub async fn check_providers(
-        &self,
-        budget: Duration,
-    ) -> Vec<(&'static str, Result<f64, &'static str>)> {
+    pub async fn check_providers(&self, budget: Duration) -> Vec<(&'static str, Probe)> {
         let checks = self.providers().iter().map(|p| async move {
+            if !p.can_probe() {
+                return (p.name(), Probe::Skipped);
+            }
             let t = Instant::now();
             let result = match tokio::time::timeout(budget, p.prewarm()).await {
                 Ok(Ok(())) => {
                     self.health(p.name()).record_ok();
-                    Ok(ms(t.elapsed()))
+                    Probe::Ok(ms(t.elapsed()))
                 }
                 Ok(Err(e)) => {
                     self.health(p.name()).record_error(&e);
-                    Err(e.code())
+                    Probe::Failed(e.code())
                 }
                 Err(_) => {
                     self.health(p.name())
                         .record_error(&UpstreamError::Timeout(crate::error::TimeoutKind::Connect));
-                    Err("upstream_timeout")
+                    Probe::Failed("upstream_timeout")
                 }
             };
             (p.name(), result)
@@ -112,6 +112,17 @@ impl AppState {
     pub(crate) fn retry_budget(&self) -> &RetryBudget {
         &self.0.retry_budget
     }
+}
+
+/// What a live check of a provider found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Probe {
+    /// Reachable; latency in ms.
+    Ok(f64),
+    /// Failed with this error code.
+    Failed(&'static str),
+    /// The provider has no call that costs nothing; not checked.
+    Skipped,
 }
 
 /// Per-request facts every handler may need.
@@ -402,10 +413,15 @@ async fn health(State(state): State<AppState>, req: Request) -> Response {
         let mut dep = state.health(p.name()).snapshot();
         degraded |= matches!(dep["state"].as_str(), Some("failing") | Some("degraded"));
         if let Some((_, result)) = probes.iter().find(|(n, _)| *n == p.name()) {
-            ok &= result.is_ok();
             dep["probe"] = match result {
-                Ok(latency) => json!({"ok": true, "latency_ms": latency}),
-                Err(code) => json!({"ok": false, "error": code}),
+                Probe::Ok(latency) => json!({"ok": true, "latency_ms": latency}),
+                Probe::Failed(code) => {
+                    ok = false;
+                    json!({"ok": false, "error": code})
+                }
+                Probe::Skipped => {
+                    json!({"ok": null, "skipped": "this provider has no token-free call"})
+                }
             };
         }
         deps.insert(p.name().to_owned(), dep);

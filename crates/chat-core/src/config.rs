@@ -162,6 +162,15 @@ pub struct Limits {
     pub default_max_tokens: u32,
 }
 
+/// Amazon Bedrock through the AWS SDK (IAM credentials, no key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BedrockConfig {
+    /// `BEDROCK_REGION`; else the SDK's region (`AWS_REGION`).
+    pub region: Option<String>,
+    /// `AWS_ENDPOINT_URL_BEDROCK_RUNTIME`: a stand-in such as model-sim.
+    pub endpoint_url: Option<String>,
+}
+
 /// What happens when a model call fails before the first text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resilience {
@@ -181,6 +190,8 @@ pub struct Config {
     pub anthropic: Option<AnthropicConfig>,
     /// Configured when `OPENAI_API_KEY`, `..._SECRET_ARN` or `OPENAI_BASE_URL` is set.
     pub openai: Option<OpenAiConfig>,
+    /// Configured when `BEDROCK_ENABLED=true`.
+    pub bedrock: Option<BedrockConfig>,
     /// Provider of model names without a `provider:` prefix.
     pub default_provider: String,
     pub routing: crate::routing::Routing,
@@ -318,37 +329,55 @@ impl Config {
         } else {
             None
         };
-        if anthropic.is_none() && openai.is_none() {
+        let bedrock = if r.bool("BEDROCK_ENABLED", false)? {
+            let endpoint_url = match r.string("AWS_ENDPOINT_URL_BEDROCK_RUNTIME") {
+                Some(_) => Some(url(&r, "AWS_ENDPOINT_URL_BEDROCK_RUNTIME", "")?),
+                None => None,
+            };
+            Some(BedrockConfig {
+                region: r.string("BEDROCK_REGION"),
+                endpoint_url,
+            })
+        } else {
+            None
+        };
+        if anthropic.is_none() && openai.is_none() && bedrock.is_none() {
             return Err(ConfigError::new(
                 "ANTHROPIC_API_KEY",
                 "not set (set it, or ANTHROPIC_API_KEY_SECRET_ARN to read it from Secrets Manager, \
-                 or configure an OpenAI-compatible provider with OPENAI_BASE_URL / OPENAI_API_KEY)",
+                 configure an OpenAI-compatible provider with OPENAI_BASE_URL / OPENAI_API_KEY, \
+                 or set BEDROCK_ENABLED=true)",
             ));
         }
         let configured = |p: &str| match p {
             "anthropic" => anthropic.is_some(),
             "openai" => openai.is_some(),
+            "bedrock" => bedrock.is_some(),
             _ => false,
         };
         let default_provider = r.string("DEFAULT_PROVIDER").unwrap_or_else(|| {
             if anthropic.is_some() {
                 "anthropic"
-            } else {
+            } else if openai.is_some() {
                 "openai"
+            } else {
+                "bedrock"
             }
             .to_owned()
         });
         if !configured(&default_provider) {
             return Err(ConfigError::new(
                 "DEFAULT_PROVIDER",
-                format!("{default_provider:?} is not a configured provider (anthropic, openai)"),
+                format!(
+                    "{default_provider:?} is not a configured provider (anthropic, openai, bedrock)"
+                ),
             ));
         }
         let default_model = r.string("DEFAULT_MODEL").unwrap_or_else(|| {
-            if default_provider == "openai" {
-                "gpt-4o-mini"
-            } else {
-                "claude-sonnet-4-5"
+            match default_provider.as_str() {
+                "openai" => "gpt-4o-mini",
+                "bedrock" => "anthropic.claude-3-5-haiku-20241022-v1:0",
+                _ => "claude-sonnet-4-5",
             }
             .to_owned()
         });
@@ -467,6 +496,7 @@ impl Config {
             log_level,
             anthropic,
             openai,
+            bedrock,
             default_provider,
             routing,
             timeouts,

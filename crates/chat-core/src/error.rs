@@ -51,6 +51,9 @@ pub enum UpstreamError {
     StreamEvent { kind: String, message: String },
     #[error("could not reach upstream")]
     Connect(#[source] reqwest::Error),
+    /// Like `Connect`, from a transport that is not ours (the AWS SDK's).
+    #[error("could not reach upstream: {0}")]
+    Unreachable(String),
     #[error("upstream timed out ({0})")]
     Timeout(TimeoutKind),
     #[error("upstream connection failed mid-stream")]
@@ -83,7 +86,7 @@ impl UpstreamError {
                 "invalid_request_error" => "upstream_rejected_request",
                 _ => "upstream_error",
             },
-            UpstreamError::Connect(_) => "upstream_unreachable",
+            UpstreamError::Connect(_) | UpstreamError::Unreachable(_) => "upstream_unreachable",
             UpstreamError::Timeout(_) => "upstream_timeout",
             UpstreamError::Transport(_) | UpstreamError::Truncated => "upstream_disconnected",
             UpstreamError::Protocol(_) => "upstream_protocol_error",
@@ -114,6 +117,7 @@ impl UpstreamError {
             UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamError::Connect(_)
+            | UpstreamError::Unreachable(_)
             | UpstreamError::Transport(_)
             | UpstreamError::Truncated
             | UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
@@ -131,6 +135,7 @@ impl UpstreamError {
                 "overloaded_error" | "api_error" | "rate_limit_error" | "timeout_error"
             ),
             UpstreamError::Connect(_)
+            | UpstreamError::Unreachable(_)
             | UpstreamError::Timeout(_)
             | UpstreamError::Transport(_)
             | UpstreamError::Truncated

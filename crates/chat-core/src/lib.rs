@@ -29,6 +29,7 @@ pub use app::{AppState, app};
 pub use config::{Config, ConfigError};
 
 use provider::anthropic::AnthropicProvider;
+use provider::bedrock::BedrockProvider;
 use provider::openai::OpenAiProvider;
 use provider::{ModelProvider, Providers};
 
@@ -69,6 +70,20 @@ pub async fn build_state(config: Config) -> Result<AppState, InitError> {
             key,
         )));
     }
+    if let Some(b) = &config.bedrock {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &b.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        let sdk = loader.load().await;
+        let mut conf = aws_sdk_bedrockruntime::config::Builder::from(&sdk);
+        if let Some(url) = &b.endpoint_url {
+            conf = conf.endpoint_url(url);
+        }
+        list.push(Arc::new(BedrockProvider::new(
+            aws_sdk_bedrockruntime::Client::from_conf(conf.build()),
+        )));
+    }
     let providers = Providers::new(list);
     let budget = config.timeouts.connect + Duration::from_secs(2);
     let prewarm = config.prewarm;
@@ -85,8 +100,13 @@ pub async fn build_state(config: Config) -> Result<AppState, InitError> {
     if prewarm {
         for (name, result) in state.check_providers(budget).await {
             match result {
-                Ok(ms) => tracing::info!(provider = name, ms, "upstream connection pre-warmed"),
-                Err(code) => tracing::warn!(provider = name, error_code = code, "pre-warm failed"),
+                app::Probe::Ok(ms) => {
+                    tracing::info!(provider = name, ms, "upstream connection pre-warmed")
+                }
+                app::Probe::Failed(code) => {
+                    tracing::warn!(provider = name, error_code = code, "pre-warm failed")
+                }
+                app::Probe::Skipped => {}
             }
         }
     }

@@ -6,13 +6,15 @@
 //!   is set (a fast model answers "what's the capital of France?" sooner
 //!   and cheaper), everything else to `DEFAULT_MODEL`.
 //! - Model references may name their provider: `openai:gpt-4o-mini`,
-//!   `anthropic:claude-haiku-4-5`; without a known prefix the default
-//!   provider is meant (Bedrock model ids contain `:` themselves).
+//!   `anthropic:claude-haiku-4-5`,
+//!   `bedrock:anthropic.claude-3-5-haiku-20241022-v1:0`; without a known
+//!   prefix the default provider is meant (Bedrock model ids contain `:`
+//!   themselves, so only a known provider name counts as a prefix).
 
 use crate::error::ApiError;
 use crate::validate::ChatRequest;
 
-pub const PROVIDERS: [&str; 2] = ["anthropic", "openai"];
+pub const PROVIDERS: [&str; 3] = ["anthropic", "openai", "bedrock"];
 
 /// `provider:model`, split.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +202,12 @@ mod tests {
             ModelRef::parse("claude-x", "anthropic").provider,
             "anthropic"
         );
+        let b = ModelRef::parse(
+            "bedrock:anthropic.claude-3-5-haiku-20241022-v1:0",
+            "anthropic",
+        );
+        assert_eq!(b.provider, "bedrock");
+        assert_eq!(b.model, "anthropic.claude-3-5-haiku-20241022-v1:0");
         // A Bedrock-style id with a colon stays whole.
         let r = ModelRef::parse("anthropic.claude-3-5-sonnet-20240620-v1:0", "anthropic");
         assert_eq!(r.model, "anthropic.claude-3-5-sonnet-20240620-v1:0");

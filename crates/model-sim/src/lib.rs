@@ -10,6 +10,7 @@
 //! request ([`knobs`]). In tests, [`Sim::start`] runs it in-process on a
 //! random port.
 
+pub mod eventstream;
 pub mod knobs;
 pub mod text;
 
@@ -125,6 +126,8 @@ pub fn router(state: Arc<SimState>) -> Router {
     Router::new()
         .route("/v1/messages", post(messages))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/model/{model_id}/converse-stream", post(converse_stream))
+        .route("/model/{model_id}/converse", post(converse_once))
         .route("/v1/models", get(models))
         .route("/sim/stats", get(stats))
         .route("/sim/requests", get(requests))
@@ -209,6 +212,8 @@ enum Wire {
     Anthropic,
     /// OpenAI-compatible Chat Completions (`POST /v1/chat/completions`).
     OpenAi,
+    /// Amazon Bedrock `ConverseStream` (`POST /model/{id}/converse-stream`).
+    Bedrock,
 }
 
 fn error_response(
@@ -228,6 +233,11 @@ fn error_response(
         Wire::OpenAi => json!({
             "error": {"message": message, "type": kind, "code": kind, "param": null},
         }),
+        Wire::Bedrock => json!({ "message": message }),
+    };
+    let (status, amzn_type) = match wire {
+        Wire::Bedrock => bedrock_error(status),
+        _ => (status, ""),
     };
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (
@@ -244,6 +254,9 @@ fn error_response(
     if let Some(s) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
         h.insert(header::RETRY_AFTER, s);
     }
+    if !amzn_type.is_empty() {
+        h.insert("x-amzn-errortype", HeaderValue::from_static(amzn_type));
+    }
     h.insert(
         "x-should-retry",
         HeaderValue::from_static(if matches!(status, 408 | 409 | 429 | 500..=599) {
@@ -253,6 +266,19 @@ fn error_response(
         }),
     );
     resp
+}
+
+/// Bedrock names errors, and has fewer statuses than the other APIs.
+fn bedrock_error(status: u16) -> (u16, &'static str) {
+    match status {
+        429 => (429, "ThrottlingException"),
+        503 | 529 => (503, "ServiceUnavailableException"),
+        400 | 413 => (400, "ValidationException"),
+        401 | 403 => (403, "AccessDeniedException"),
+        404 => (404, "ResourceNotFoundException"),
+        408 => (408, "ModelTimeoutException"),
+        _ => (500, "InternalServerException"),
+    }
 }
 
 fn kind_for(status: u16) -> &'static str {
@@ -275,7 +301,7 @@ fn content_text(content: &Value) -> Option<String> {
         Value::Array(blocks) => Some(
             blocks
                 .iter()
-                .filter(|b| b["type"] == "text")
+                .filter(|b| b["type"] == "text" || (b["type"].is_null() && b["text"].is_string()))
                 .filter_map(|b| b["text"].as_str())
                 .collect::<Vec<_>>()
                 .join(""),
@@ -305,6 +331,7 @@ fn parse_request(
     let model = body["model"].as_str().ok_or("model: field required")?;
     let max_tokens = match wire {
         Wire::Anthropic => Some(&body["max_tokens"]),
+        Wire::Bedrock => Some(&body["max_tokens"]).filter(|v| !v.is_null()),
         Wire::OpenAi => [&body["max_completion_tokens"], &body["max_tokens"]]
             .into_iter()
             .find(|v| !v.is_null()),
@@ -324,7 +351,7 @@ fn parse_request(
     // system text and turns are hashed the same way.
     let mut system = match &body["system"] {
         Value::Null => String::new(),
-        v if wire == Wire::Anthropic => {
+        v if wire != Wire::OpenAi => {
             content_text(v).ok_or("system: must be a string or text blocks")?
         }
         _ => return Err("system: not a Chat Completions field; send a system message".into()),
@@ -381,6 +408,60 @@ async fn messages(State(st): State<Arc<SimState>>, headers: HeaderMap, body: Byt
     handle(Wire::Anthropic, st, headers, body).await
 }
 
+/// Bedrock's request shape, restated in the fields `parse_request` reads.
+fn bedrock_body(model_id: &str, body: &[u8], stream: bool) -> Result<Value, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    Ok(json!({
+        "model": model_id,
+        "max_tokens": v["inferenceConfig"]["maxTokens"],
+        "temperature": v["inferenceConfig"]["temperature"],
+        "system": v["system"],
+        "messages": v["messages"],
+        "stream": stream,
+    }))
+}
+
+async fn converse_stream(
+    State(st): State<Arc<SimState>>,
+    axum::extract::Path(model_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    converse(st, model_id, headers, body, true).await
+}
+
+async fn converse_once(
+    State(st): State<Arc<SimState>>,
+    axum::extract::Path(model_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    converse(st, model_id, headers, body, false).await
+}
+
+async fn converse(
+    st: Arc<SimState>,
+    model_id: String,
+    headers: HeaderMap,
+    body: Bytes,
+    stream: bool,
+) -> Response {
+    match bedrock_body(&model_id, &body, stream) {
+        Ok(v) => handle(Wire::Bedrock, st, headers, Bytes::from(v.to_string())).await,
+        Err(e) => {
+            st.stats.calls.fetch_add(1, Ordering::SeqCst);
+            error_response(
+                Wire::Bedrock,
+                400,
+                "invalid_request_error",
+                &e,
+                "req_sim_bad",
+                None,
+            )
+        }
+    }
+}
+
 async fn chat_completions(
     State(st): State<Arc<SimState>>,
     headers: HeaderMap,
@@ -393,6 +474,7 @@ async fn handle(wire: Wire, st: Arc<SimState>, headers: HeaderMap, body: Bytes) 
     let n = st.stats.calls.fetch_add(1, Ordering::SeqCst) + 1;
     let request_id = format!("req_sim_{n:012}");
     let key = match wire {
+        Wire::Bedrock => "",
         Wire::Anthropic => headers
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
@@ -404,6 +486,12 @@ async fn handle(wire: Wire, st: Arc<SimState>, headers: HeaderMap, body: Bytes) 
             .unwrap_or(""),
     };
     let key_ok = match (&st.config.api_key, wire) {
+        // Bedrock uses SigV4 from the caller's AWS credentials: the request
+        // must be signed; the signature itself is not checked.
+        (_, Wire::Bedrock) => headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256")),
         (Some(expected), _) => key == expected,
         // Anthropic always wants a key; OpenAI-compatible local servers may not.
         (None, Wire::Anthropic) => !key.is_empty(),
@@ -515,6 +603,8 @@ impl Answer {
             (Wire::Anthropic, true) => "max_tokens",
             (Wire::OpenAi, false) => "stop",
             (Wire::OpenAi, true) => "length",
+            (Wire::Bedrock, false) => "end_turn",
+            (Wire::Bedrock, true) => "max_tokens",
         }
     }
 
@@ -546,6 +636,12 @@ impl Answer {
             Wire::OpenAi => {
                 vec![self.openai_chunk(p, json!({"role": "assistant", "content": ""}), None)]
             }
+            // Text answers get no contentBlockStart (Bedrock sends one only
+            // for tool use).
+            Wire::Bedrock => vec![eventstream::event(
+                "messageStart",
+                &json!({"role": "assistant"}),
+            )],
         }
     }
 
@@ -556,6 +652,10 @@ impl Answer {
                 &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": tok}}),
             ),
             Wire::OpenAi => self.openai_chunk(p, json!({"content": tok}), None),
+            Wire::Bedrock => eventstream::event(
+                "contentBlockDelta",
+                &json!({"contentBlockIndex": 0, "delta": {"text": tok}}),
+            ),
         }
     }
 
@@ -587,6 +687,16 @@ impl Answer {
                 v.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 v
             }
+            Wire::Bedrock => vec![
+                eventstream::event("contentBlockStop", &json!({"contentBlockIndex": 0})),
+                eventstream::event("messageStop", &json!({"stopReason": self.stop_reason()})),
+                eventstream::event(
+                    "metadata",
+                    &json!({"usage": {"inputTokens": p.input_tokens, "outputTokens": n,
+                                      "totalTokens": p.input_tokens as usize + n},
+                            "metrics": {"latencyMs": 1}}),
+                ),
+            ],
         }
     }
 
@@ -599,6 +709,14 @@ impl Answer {
             ),
             Wire::OpenAi => {
                 data_line(&json!({"error": {"message": message, "type": kind, "code": kind}}))
+            }
+            Wire::Bedrock => {
+                let exception = match kind {
+                    "rate_limit_error" => "throttlingException",
+                    "overloaded_error" => "serviceUnavailableException",
+                    _ => "modelStreamErrorException",
+                };
+                eventstream::exception(exception, &message)
             }
         }
     }
@@ -623,6 +741,10 @@ async fn pause(tx: &mpsc::Sender<Frame>, until: Instant) -> bool {
 }
 
 fn stream_answer(st: Arc<SimState>, p: Parsed, answer: Answer, request_id: String) -> Response {
+    let content_type = match answer.wire {
+        Wire::Bedrock => "application/vnd.amazon.eventstream",
+        _ => "text/event-stream; charset=utf-8",
+    };
     let (tx, rx) = mpsc::channel::<Frame>(32);
     tokio::spawn(async move {
         match produce(&tx, &p, &answer).await {
@@ -638,14 +760,12 @@ fn stream_answer(st: Arc<SimState>, p: Parsed, answer: Answer, request_id: Strin
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         h.insert("request-id", v.clone());
-        h.insert("x-request-id", v);
+        h.insert("x-request-id", v.clone());
+        h.insert("x-amzn-requestid", v);
     }
     resp
 }
@@ -739,6 +859,12 @@ async fn full_answer(st: Arc<SimState>, p: Parsed, a: Answer, request_id: String
             "content": [{"type": "text", "text": text}],
             "stop_reason": a.stop_reason(), "stop_sequence": null,
             "usage": {"input_tokens": p.input_tokens, "output_tokens": total},
+        }),
+        Wire::Bedrock => json!({
+            "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+            "stopReason": a.stop_reason(),
+            "usage": {"inputTokens": p.input_tokens, "outputTokens": total, "totalTokens": p.input_tokens + total},
+            "metrics": {"latencyMs": 1},
         }),
         Wire::OpenAi => json!({
             "id": format!("chatcmpl-sim{}", a.msg_id), "object": "chat.completion", "created": 1_735_689_600,

@@ -8,6 +8,7 @@
 //! unit-tested on literal provider events.
 
 pub mod anthropic;
+pub mod bedrock;
 pub mod openai;
 
 use std::collections::VecDeque;
@@ -78,6 +79,12 @@ pub trait ModelProvider: Send + Sync {
     /// Opens (or re-checks) a pooled connection to the provider without
     /// generating tokens, so the next request skips TCP and TLS set-up.
     fn prewarm(&self) -> BoxFuture<'_, Result<(), UpstreamError>>;
+
+    /// Whether [`prewarm`](Self::prewarm) really checks the provider (some
+    /// APIs have no call that costs nothing).
+    fn can_probe(&self) -> bool {
+        true
+    }
 }
 
 /// The configured providers, by name.
