@@ -43,7 +43,7 @@ rust-arm64:
 
 run: $(TOOLS)
 	cargo build -p chat-stream -p model-sim
-	@eval "$$(scripts/services.sh start)"; BIN=target/debug scripts/run-local.sh
+	BIN=target/debug scripts/run-local.sh
 
 # --- quality gates ----------------------------------------------------------
 

@@ -13,10 +13,16 @@ SIM_PORT=${SIM_PORT:-4010}
 BIN=${BIN:-target/debug}
 pids=()
 
+started_services=()
 cleanup() {
   trap - EXIT INT TERM
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # Stop the local stack's services this run started (not ones that were
+  # already running before it).
+  for s in "${started_services[@]}"; do
+    [ -f ".run/$s.pid" ] && kill "$(cat ".run/$s.pid")" 2>/dev/null && rm -f ".run/$s.pid"
+  done
   echo "stopped."
 }
 trap cleanup EXIT
@@ -33,6 +39,11 @@ wait_for() { # port name pid
   echo "$2 did not start listening on port $1" >&2
   exit 1
 }
+
+# The local stack: Redis (shared rate limits and breakers) and moto.
+listening "${REDIS_PORT:-6379}" || started_services+=(redis)
+listening "${MOTO_PORT:-5005}" || started_services+=(moto)
+eval "$(scripts/services.sh start)"
 
 for p in "$PORT" $([ -z "${ANTHROPIC_API_KEY:-}" ] && echo "$SIM_PORT"); do
   if listening "$p"; then
