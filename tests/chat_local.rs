@@ -3,26 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{ChatServer, Event, answer_text, read_sse};
-use model_sim::{Knobs, Sim, SimConfig};
+use e2e::{ChatServer, Event, answer_text, read_sse, sim};
+use model_sim::Sim;
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-async fn sim(ttft_ms: u64, tps: f64, tokens: u32) -> Sim {
-    Sim::start(SimConfig {
-        knobs: Knobs {
-            ttft: Duration::from_millis(ttft_ms),
-            tokens_per_sec: tps,
-            output_tokens: tokens,
-            fault: None,
-            fault_times: None,
-        },
-        api_key: Some("test-key".into()),
-    })
-    .await
-    .unwrap()
-}
 
 async fn chat(sim: &Sim, extra: &[(&str, &str)]) -> ChatServer {
     let url = sim.url();

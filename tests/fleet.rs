@@ -4,26 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{ChatServer, RedisServer, read_sse};
-use model_sim::{Knobs, Sim, SimConfig};
+use e2e::{ChatServer, RedisServer, read_sse, sim};
+use model_sim::Sim;
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-async fn sim(tokens: u32) -> Sim {
-    Sim::start(SimConfig {
-        knobs: Knobs {
-            ttft: Duration::ZERO,
-            tokens_per_sec: 0.0,
-            output_tokens: tokens,
-            fault: None,
-            fault_times: None,
-        },
-        api_key: Some("test-key".into()),
-    })
-    .await
-    .unwrap()
-}
 
 async fn instance(sim: &Sim, redis: &str, extra: &[(&str, &str)]) -> ChatServer {
     let url = sim.url();
@@ -56,7 +41,7 @@ fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
 #[tokio::test]
 async fn two_instances_share_one_rate_limit() {
     let redis = RedisServer::start().await;
-    let sim = sim(3).await;
+    let sim = sim(0, 0.0, 3).await;
     let url = redis.url();
     let a = instance(&sim, &url, &[("RATE_LIMIT_RPM", "4")]).await;
     let b = instance(&sim, &url, &[("RATE_LIMIT_RPM", "4")]).await;
@@ -88,7 +73,7 @@ async fn two_instances_share_one_rate_limit() {
 #[tokio::test]
 async fn tokens_per_minute_are_limited_too() {
     let redis = RedisServer::start().await;
-    let sim = sim(20).await;
+    let sim = sim(0, 0.0, 20).await;
     let a = instance(&sim, &redis.url(), &[("RATE_LIMIT_TPM", "20")]).await;
     let r = chat(&a, "m").await;
     assert_eq!(r.status(), 200);
@@ -108,7 +93,7 @@ async fn tokens_per_minute_are_limited_too() {
 #[tokio::test]
 async fn redis_down_means_a_local_limit_not_an_outage() {
     let mut redis = RedisServer::start().await;
-    let sim = sim(3).await;
+    let sim = sim(0, 0.0, 3).await;
     let a = instance(
         &sim,
         &redis.url(),
@@ -151,7 +136,7 @@ async fn redis_down_means_a_local_limit_not_an_outage() {
 #[tokio::test]
 async fn two_instances_share_one_breaker() {
     let redis = RedisServer::start().await;
-    let sim = sim(3).await;
+    let sim = sim(0, 0.0, 3).await;
     let url = redis.url();
     let cfg = [("BREAKER_FAILURES", "2"), ("BREAKER_COOLDOWN_MS", "500")];
     let a = instance(&sim, &url, &cfg).await;

@@ -4,26 +4,10 @@
 
 use std::time::Duration;
 
-use e2e::{ChatServer, Event, answer_text, read_sse};
-use model_sim::{Knobs, Sim, SimConfig};
+use e2e::{ChatServer, Event, answer_text, read_sse, sim};
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-async fn sim(tokens: u32) -> Sim {
-    Sim::start(SimConfig {
-        knobs: Knobs {
-            ttft: Duration::from_millis(5),
-            tokens_per_sec: 500.0,
-            output_tokens: tokens,
-            fault: None,
-            fault_times: None,
-        },
-        api_key: Some("test-key".into()),
-    })
-    .await
-    .unwrap()
-}
 
 async fn post(server: &ChatServer, body: Value) -> reqwest::Response {
     reqwest::Client::new()
@@ -40,7 +24,7 @@ fn kinds(events: &[Event]) -> Vec<&str> {
 
 #[tokio::test]
 async fn an_openai_compatible_endpoint_alone_serves_chat() {
-    let sim = sim(9).await;
+    let sim = sim(5, 500.0, 9).await;
     let base = format!("{}/v1", sim.url());
     let server = ChatServer::start(&[
         ("OPENAI_BASE_URL", base.as_str()),
@@ -94,7 +78,7 @@ async fn an_openai_compatible_endpoint_alone_serves_chat() {
 
 #[tokio::test]
 async fn openai_errors_map_like_every_provider() {
-    let sim = sim(6).await;
+    let sim = sim(5, 500.0, 6).await;
     let base = format!("{}/v1", sim.url());
     let server = ChatServer::start(&[
         ("OPENAI_BASE_URL", base.as_str()),
@@ -138,7 +122,7 @@ async fn openai_errors_map_like_every_provider() {
 
 #[tokio::test]
 async fn anthropic_failure_falls_back_to_an_openai_model() {
-    let sim = sim(5).await;
+    let sim = sim(5, 500.0, 5).await;
     let url = sim.url();
     let base = format!("{url}/v1");
     let server = ChatServer::start(&[
@@ -180,7 +164,7 @@ async fn anthropic_failure_falls_back_to_an_openai_model() {
 
 #[tokio::test]
 async fn short_prompts_route_to_the_fast_model_and_the_allowlist_holds() {
-    let sim = sim(4).await;
+    let sim = sim(5, 500.0, 4).await;
     let url = sim.url();
     // No MODEL_ALLOWLIST=*: only the models this deployment names.
     let server = ChatServer::start(&[
@@ -234,7 +218,7 @@ fn require_aws_credentials() {
 #[tokio::test]
 async fn bedrock_converse_stream_through_the_aws_sdk() {
     require_aws_credentials();
-    let sim = sim(7).await;
+    let sim = sim(5, 500.0, 7).await;
     let url = sim.url();
     let model = "anthropic.claude-sim-v1:0";
     let server = ChatServer::start(&[

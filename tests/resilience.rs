@@ -4,26 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{ChatServer, answer_text, read_sse};
-use model_sim::{Knobs, Sim, SimConfig};
+use e2e::{ChatServer, answer_text, read_sse, sim};
+use model_sim::Sim;
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-async fn sim() -> Sim {
-    Sim::start(SimConfig {
-        knobs: Knobs {
-            ttft: Duration::ZERO,
-            tokens_per_sec: 0.0,
-            output_tokens: 6,
-            fault: None,
-            fault_times: None,
-        },
-        api_key: Some("test-key".into()),
-    })
-    .await
-    .unwrap()
-}
 
 async fn server(sim: &Sim, extra: &[(&str, &str)]) -> ChatServer {
     let url = sim.url();
@@ -47,7 +32,7 @@ async fn chat(server: &ChatServer, model: &str) -> reqwest::Response {
 
 #[tokio::test]
 async fn transient_failures_are_retried_and_the_answer_is_whole() {
-    let sim = sim().await;
+    let sim = sim(0, 0.0, 6).await;
     let server = server(&sim, &[("UPSTREAM_MAX_RETRIES", "2")]).await;
     for fault in ["status:500", "status:529", "error-mid@0", "drop-mid@0"] {
         sim.state().reset_for_test();
@@ -68,7 +53,7 @@ async fn transient_failures_are_retried_and_the_answer_is_whole() {
 
 #[tokio::test]
 async fn retry_after_is_honoured() {
-    let sim = sim().await;
+    let sim = sim(0, 0.0, 6).await;
     let server = server(&sim, &[]).await;
     let t = Instant::now();
     let resp = chat(&server, "m+fault=status:429:1,times=1").await;
@@ -83,7 +68,7 @@ async fn retry_after_is_honoured() {
 
 #[tokio::test]
 async fn errors_that_a_retry_cannot_fix_are_not_retried() {
-    let sim = sim().await;
+    let sim = sim(0, 0.0, 6).await;
     let server = server(&sim, &[("MODEL_FALLBACKS", "backup")]).await;
     for (fault, status) in [("status:400", 400), ("status:413", 413)] {
         sim.state().reset_for_test();
@@ -95,7 +80,7 @@ async fn errors_that_a_retry_cannot_fix_are_not_retried() {
 
 #[tokio::test]
 async fn retries_give_up_and_fall_back_to_the_next_model() {
-    let sim = sim().await;
+    let sim = sim(0, 0.0, 6).await;
     let server = server(
         &sim,
         &[
@@ -131,7 +116,7 @@ async fn retries_give_up_and_fall_back_to_the_next_model() {
 
 #[tokio::test]
 async fn a_slow_first_token_moves_to_the_fallback_before_any_byte() {
-    let sim = sim().await;
+    let sim = sim(0, 0.0, 6).await;
     let server = server(
         &sim,
         &[
@@ -164,7 +149,7 @@ async fn server_without_fallback(sim: &Sim) -> ChatServer {
 
 #[tokio::test]
 async fn the_breaker_opens_rejects_without_calling_then_probes_and_closes() {
-    let sim = sim().await;
+    let sim = sim(0, 0.0, 6).await;
     let server = server(
         &sim,
         &[
@@ -215,7 +200,7 @@ async fn the_breaker_opens_rejects_without_calling_then_probes_and_closes() {
 
 #[tokio::test]
 async fn an_open_circuit_moves_to_the_fallback() {
-    let sim = sim().await;
+    let sim = sim(0, 0.0, 6).await;
     let server = server(
         &sim,
         &[

@@ -109,6 +109,22 @@ pub fn answer_text(events: &[Event]) -> String {
         .collect()
 }
 
+/// model-sim in-process with these defaults, accepting the key `test-key`.
+pub async fn sim(ttft_ms: u64, tokens_per_sec: f64, output_tokens: u32) -> model_sim::Sim {
+    model_sim::Sim::start(model_sim::SimConfig {
+        knobs: model_sim::Knobs {
+            ttft: Duration::from_millis(ttft_ms),
+            tokens_per_sec,
+            output_tokens,
+            fault: None,
+            fault_times: None,
+        },
+        api_key: Some("test-key".into()),
+    })
+    .await
+    .unwrap()
+}
+
 /// chat-stream's router served in-process on 127.0.0.1:0.
 pub struct ChatServer {
     pub addr: SocketAddr,

@@ -6,7 +6,6 @@
 //! `message_stop`, and `error`, which may arrive mid-stream after a 200.
 //! Unknown event types are ignored: the API adds new ones over time.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -18,7 +17,7 @@ use serde_json::json;
 use super::{Chunk, ChunkStream, ModelProvider, ModelRequest};
 use crate::config::Secret;
 use crate::error::UpstreamError;
-use crate::sse::{SseEvent, SseParser};
+use crate::sse::SseEvent;
 
 pub struct AnthropicProvider {
     client: reqwest::Client,
@@ -83,10 +82,7 @@ impl ModelProvider for AnthropicProvider {
                 let body = super::read_capped(resp, 64 * 1024).await;
                 return Err(status_error(status.as_u16(), &body, retry_after));
             }
-            Ok(super::decode_stream(
-                resp.bytes_stream().boxed(),
-                StreamDecoder::new(),
-            ))
+            Ok(super::decode_stream(resp.bytes_stream().boxed(), decoder()))
         })
     }
 
@@ -262,59 +258,13 @@ pub fn event_to_chunk(ev: &SseEvent) -> Result<Option<Chunk>, UpstreamError> {
     })
 }
 
-/// Parses a whole sequence of network reads into chunks. Pure; used by the
+/// The Anthropic decoder: network reads in, chunks out. Pure; used by the
 /// live stream and by tests on literal streams.
-#[derive(Default)]
-pub struct StreamDecoder {
-    parser: SseParser,
-    finished: bool,
-}
-
-impl StreamDecoder {
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-impl super::Decoder for StreamDecoder {
-    /// True once `message_stop` was seen.
-    fn finished(&self) -> bool {
-        self.finished
-    }
-
-    /// Feeds one network read; returns the chunks it completed. Stops at
-    /// the first error or at `message_stop`.
-    fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<Result<Chunk, UpstreamError>>) {
-        if self.finished {
-            return;
-        }
-        let events = match self.parser.feed(bytes) {
-            Ok(ev) => ev,
-            Err(e) => {
-                self.finished = true;
-                out.push_back(Err(UpstreamError::Protocol(e.to_string())));
-                return;
-            }
-        };
-        for ev in events {
-            match event_to_chunk(&ev) {
-                Ok(None) => {}
-                Ok(Some(chunk)) => {
-                    let end = chunk == Chunk::End;
-                    out.push_back(Ok(chunk));
-                    if end {
-                        self.finished = true;
-                        return;
-                    }
-                }
-                Err(e) => {
-                    self.finished = true;
-                    out.push_back(Err(e));
-                    return;
-                }
-            }
-        }
-    }
+pub fn decoder() -> impl super::Decoder {
+    super::SseDecoder::new(|ev: &SseEvent, out: &mut Vec<Chunk>| {
+        out.extend(event_to_chunk(ev)?);
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -347,8 +297,8 @@ mod tests {
     );
 
     fn decode(chunks: &[&[u8]]) -> Vec<Result<Chunk, UpstreamError>> {
-        let mut d = StreamDecoder::new();
-        let mut out = VecDeque::new();
+        let mut d = decoder();
+        let mut out = std::collections::VecDeque::new();
         for c in chunks {
             d.feed(c, &mut out);
         }

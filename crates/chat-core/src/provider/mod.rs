@@ -112,6 +112,69 @@ pub trait Decoder: Send + 'static {
     fn finished(&self) -> bool;
 }
 
+/// SSE bytes in, chunks out: the loop every SSE provider shares. `convert`
+/// is the provider's pure per-event function; it appends the chunks one
+/// event yields. Decoding stops at `Chunk::End` or at the first error.
+pub struct SseDecoder<F> {
+    parser: crate::sse::SseParser,
+    convert: F,
+    finished: bool,
+    scratch: Vec<Chunk>,
+}
+
+impl<F> SseDecoder<F>
+where
+    F: FnMut(&crate::sse::SseEvent, &mut Vec<Chunk>) -> Result<(), UpstreamError> + Send + 'static,
+{
+    pub fn new(convert: F) -> Self {
+        Self {
+            parser: crate::sse::SseParser::new(),
+            convert,
+            finished: false,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+impl<F> Decoder for SseDecoder<F>
+where
+    F: FnMut(&crate::sse::SseEvent, &mut Vec<Chunk>) -> Result<(), UpstreamError> + Send + 'static,
+{
+    fn finished(&self) -> bool {
+        self.finished
+    }
+
+    fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<Result<Chunk, UpstreamError>>) {
+        if self.finished {
+            return;
+        }
+        let events = match self.parser.feed(bytes) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.finished = true;
+                out.push_back(Err(UpstreamError::Protocol(e.to_string())));
+                return;
+            }
+        };
+        for ev in events {
+            self.scratch.clear();
+            if let Err(e) = (self.convert)(&ev, &mut self.scratch) {
+                self.finished = true;
+                out.push_back(Err(e));
+                return;
+            }
+            for c in self.scratch.drain(..) {
+                let end = c == Chunk::End;
+                out.push_back(Ok(c));
+                if end {
+                    self.finished = true;
+                    return;
+                }
+            }
+        }
+    }
+}
+
 pub(crate) fn send_error(e: reqwest::Error) -> UpstreamError {
     if e.is_timeout() && e.is_connect() {
         UpstreamError::Timeout(crate::error::TimeoutKind::Connect)

@@ -9,8 +9,6 @@
 //! choices; `data: [DONE]` closes the stream. Some servers (vLLM,
 //! OpenRouter) send `data: {"error": {...}}` mid-stream.
 
-use std::collections::VecDeque;
-
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use reqwest::header::CONTENT_TYPE;
@@ -20,7 +18,6 @@ use serde_json::json;
 use super::{Chunk, ChunkStream, ModelProvider, ModelRequest, Role};
 use crate::config::Secret;
 use crate::error::UpstreamError;
-use crate::sse::SseParser;
 
 pub struct OpenAiProvider {
     client: reqwest::Client,
@@ -96,10 +93,7 @@ impl ModelProvider for OpenAiProvider {
                 let body = super::read_capped(resp, 64 * 1024).await;
                 return Err(status_error(status.as_u16(), &body, retry_after));
             }
-            Ok(super::decode_stream(
-                resp.bytes_stream().boxed(),
-                StreamDecoder::new(),
-            ))
+            Ok(super::decode_stream(resp.bytes_stream().boxed(), decoder()))
         })
     }
 
@@ -262,64 +256,17 @@ pub fn data_to_chunks(
     Ok(())
 }
 
-/// Network reads in, chunks out. Pure.
-#[derive(Default)]
-pub struct StreamDecoder {
-    parser: SseParser,
-    started: bool,
-    finished: bool,
-}
-
-impl StreamDecoder {
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-impl super::Decoder for StreamDecoder {
-    fn finished(&self) -> bool {
-        self.finished
-    }
-
-    fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<Result<Chunk, UpstreamError>>) {
-        if self.finished {
-            return;
+/// The OpenAI-compatible decoder: network reads in, chunks out. Pure.
+pub fn decoder() -> impl super::Decoder {
+    let mut started = false;
+    super::SseDecoder::new(move |ev: &crate::sse::SseEvent, out: &mut Vec<Chunk>| {
+        // Only unnamed (`message`) events carry chunks; `error` events are
+        // sent by some servers with the same error body.
+        if ev.event != "message" && ev.event != "error" {
+            return Ok(());
         }
-        let events = match self.parser.feed(bytes) {
-            Ok(ev) => ev,
-            Err(e) => {
-                self.finished = true;
-                out.push_back(Err(UpstreamError::Protocol(e.to_string())));
-                return;
-            }
-        };
-        let mut chunks = Vec::new();
-        for ev in events {
-            // Only unnamed (`message`) events carry chunks; `error` events
-            // are sent by some servers with the same error body.
-            if ev.event != "message" && ev.event != "error" {
-                continue;
-            }
-            chunks.clear();
-            match data_to_chunks(&ev.data, &mut self.started, &mut chunks) {
-                Ok(()) => {
-                    for c in chunks.drain(..) {
-                        let end = c == Chunk::End;
-                        out.push_back(Ok(c));
-                        if end {
-                            self.finished = true;
-                            return;
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.finished = true;
-                    out.push_back(Err(e));
-                    return;
-                }
-            }
-        }
-    }
+        data_to_chunks(&ev.data, &mut started, out)
+    })
 }
 
 #[cfg(test)]
@@ -339,8 +286,8 @@ mod tests {
     );
 
     fn decode(parts: &[&[u8]]) -> Vec<Result<Chunk, UpstreamError>> {
-        let mut d = StreamDecoder::new();
-        let mut out = VecDeque::new();
+        let mut d = decoder();
+        let mut out = std::collections::VecDeque::new();
         for p in parts {
             d.feed(p, &mut out);
         }
