@@ -8,9 +8,7 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use reqwest::header::CONTENT_TYPE;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -65,24 +63,13 @@ impl ModelProvider for AnthropicProvider {
     fn stream(&self, req: &ModelRequest) -> BoxFuture<'_, Result<ChunkStream, UpstreamError>> {
         let body = Self::request_body(req);
         Box::pin(async move {
-            let resp = self
+            let request = self
                 .client
                 .post(&self.messages_url)
                 .header("x-api-key", self.api_key.expose())
                 .header("anthropic-version", &self.version)
-                .header(CONTENT_TYPE, "application/json")
-                .header("accept", "text/event-stream")
-                .json(&body)
-                .send()
-                .await
-                .map_err(super::send_error)?;
-            let status = resp.status();
-            if !status.is_success() {
-                let retry_after = super::retry_after(resp.headers());
-                let body = super::read_capped(resp, 64 * 1024).await;
-                return Err(status_error(status.as_u16(), &body, retry_after));
-            }
-            Ok(super::decode_stream(resp.bytes_stream().boxed(), decoder()))
+                .json(&body);
+            super::open_sse(request, status_error, decoder()).await
         })
     }
 

@@ -175,6 +175,28 @@ where
     }
 }
 
+/// Sends a streaming request and returns its chunks, or the provider's
+/// HTTP error (body read with a cap) mapped by `status_error`.
+pub(crate) async fn open_sse<D: Decoder>(
+    request: reqwest::RequestBuilder,
+    status_error: fn(u16, &[u8], Option<Duration>) -> UpstreamError,
+    decoder: D,
+) -> Result<ChunkStream, UpstreamError> {
+    let resp = request
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(reqwest::header::ACCEPT, "text/event-stream")
+        .send()
+        .await
+        .map_err(send_error)?;
+    let status = resp.status();
+    if !status.is_success() {
+        let retry_after = retry_after(resp.headers());
+        let body = read_capped(resp, 64 * 1024).await;
+        return Err(status_error(status.as_u16(), &body, retry_after));
+    }
+    Ok(decode_stream(resp.bytes_stream().boxed(), decoder))
+}
+
 pub(crate) fn send_error(e: reqwest::Error) -> UpstreamError {
     if e.is_timeout() && e.is_connect() {
         UpstreamError::Timeout(crate::error::TimeoutKind::Connect)
