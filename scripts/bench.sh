@@ -24,6 +24,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+print_size() {
+  boot=target/lambda/chat-stream/bootstrap
+  if [ -f "$boot" ]; then
+    zipped=$(python3 -c "import io,sys,zipfile; b=io.BytesIO(); z=zipfile.ZipFile(b,'w',zipfile.ZIP_DEFLATED); z.write(sys.argv[1],'bootstrap'); z.close(); print(len(b.getvalue()))" "$boot")
+    echo "arm64 bootstrap (make build, stripped): $(stat -c %s "$boot") bytes; zip-deflated: $zipped bytes"
+  else
+    echo "no arm64 bootstrap yet: run make build for the binary size"
+  fi
+}
+# `scripts/bench.sh size`: only the binary size of the last `make build`.
+if [ "${1:-}" = size ]; then print_size; exit 0; fi
+
 BIN=target/release
 REQ=${BENCH_REQUESTS:-2000}
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -152,10 +164,4 @@ if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis
 scripts/faults.sh
 echo
 
-boot=target/lambda/chat-stream/bootstrap
-if [ -f "$boot" ]; then
-  zipped=$(python3 -c "import io,sys,zipfile; b=io.BytesIO(); z=zipfile.ZipFile(b,'w',zipfile.ZIP_DEFLATED); z.write(sys.argv[1],'bootstrap'); z.close(); print(len(b.getvalue()))" "$boot")
-  echo "arm64 bootstrap (make build, stripped): $(stat -c %s "$boot") bytes; zip-deflated: $zipped bytes ($(date -u -r "$boot" +%Y-%m-%dT%H:%MZ))"
-else
-  echo "no arm64 bootstrap yet: run make build for the binary size"
-fi
+print_size
