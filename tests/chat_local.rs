@@ -102,7 +102,7 @@ async fn full_answer_arrives_as_meta_deltas_done() {
     assert_eq!(done["stop_reason"], "end_turn");
     assert_eq!(done["usage"]["output_tokens"], 12);
     assert!(done["usage"]["input_tokens"].as_u64().unwrap() > 0);
-    for t in ["validate", "upstream_connect", "ttft", "total"] {
+    for t in ["validate", "limits", "upstream_connect", "ttft", "total"] {
         assert!(
             done["timings_ms"][t].as_f64().is_some(),
             "timings_ms.{t} in {done}"

@@ -39,6 +39,8 @@ use crate::validate::ChatRequest;
 struct Timings {
     start: Instant,
     validate: Duration,
+    /// Rate limit + circuit check (Redis round trip when shared).
+    limits: Duration,
     upstream_connect: Duration,
     ttft: Option<Duration>,
 }
@@ -47,6 +49,7 @@ impl Timings {
     fn json(&self, total: Duration) -> serde_json::Value {
         json!({
             "validate": ms(self.validate),
+            "limits": ms(self.limits),
             "upstream_connect": ms(self.upstream_connect),
             "ttft": self.ttft.map(ms),
             "total": ms(total),
@@ -85,6 +88,7 @@ pub(crate) async fn start(
     req: ChatRequest,
 ) -> Result<Response, ApiError> {
     let config = state.config();
+    let validate = ctx.start.elapsed();
     let (chosen, route) = config.routing.choose(&req)?;
     let chosen_ref = ModelRef::parse(&chosen, &config.default_provider);
     if state.providers().get(&chosen_ref.provider).is_none() {
@@ -104,6 +108,7 @@ pub(crate) async fn start(
         state.fleet().check_rate(&ctx.caller),
         state.fleet().admit(&primary_key)
     );
+    let limits = ctx.start.elapsed() - validate;
     let rate_headers = rate_limit_headers(&rate);
     if !rate.allowed {
         if primary_admission == Admission::Probe {
@@ -120,7 +125,6 @@ pub(crate) async fn start(
         e.headers = rate_headers;
         return Err(e);
     }
-    let validate = ctx.start.elapsed();
     let model_req = ModelRequest {
         model: chosen,
         system: req.system,
@@ -169,12 +173,14 @@ pub(crate) async fn start(
     let timings = Timings {
         start: ctx.start,
         validate,
+        limits,
         upstream_connect,
         ttft,
     };
     let server_timing = format!(
-        "validate;dur={:.3}, upstream_connect;dur={:.3}, ttft;dur={:.3}",
+        "validate;dur={:.3}, limits;dur={:.3}, upstream_connect;dur={:.3}, ttft;dur={:.3}",
         ms(validate),
+        ms(limits),
         ms(upstream_connect),
         ms(ttft.unwrap_or_else(|| ctx.start.elapsed()))
     );
@@ -558,6 +564,7 @@ impl Relay {
             conversation_id = %log.conversation_id,
             turn_id = %log.turn_id,
             validate_ms = ms(t.validate),
+            limits_ms = ms(t.limits),
             upstream_connect_ms = ms(t.upstream_connect),
             ttft_ms = t.ttft.map(ms),
             total_ms = ms(t.start.elapsed()),
