@@ -75,19 +75,13 @@ impl ModelProvider for AnthropicProvider {
 
     fn prewarm(&self) -> BoxFuture<'_, Result<(), UpstreamError>> {
         Box::pin(async move {
-            // Listing models costs no tokens; any HTTP answer means the
-            // connection (TCP + TLS + HTTP/2 if offered) is now in the pool.
-            let resp = self
+            // Listing models costs no tokens.
+            let request = self
                 .client
                 .get(format!("{}/v1/models?limit=1", self.base_url))
                 .header("x-api-key", self.api_key.expose())
-                .header("anthropic-version", &self.version)
-                .send()
-                .await
-                .map_err(super::send_error)?;
-            // Drain the body so the connection goes back to the pool.
-            let _ = super::read_capped(resp, 64 * 1024).await;
-            Ok(())
+                .header("anthropic-version", &self.version);
+            super::warm(request).await
         })
     }
 }

@@ -197,6 +197,15 @@ pub(crate) async fn open_sse<D: Decoder>(
     Ok(decode_stream(resp.bytes_stream().boxed(), decoder))
 }
 
+/// Sends a cheap request and drains its answer: any HTTP answer means the
+/// connection (TCP + TLS + HTTP/2 if offered) is now in the pool, and the
+/// drained body lets it go back there.
+pub(crate) async fn warm(request: reqwest::RequestBuilder) -> Result<(), UpstreamError> {
+    let resp = request.send().await.map_err(send_error)?;
+    let _ = read_capped(resp, 64 * 1024).await;
+    Ok(())
+}
+
 pub(crate) fn send_error(e: reqwest::Error) -> UpstreamError {
     if e.is_timeout() && e.is_connect() {
         UpstreamError::Timeout(crate::error::TimeoutKind::Connect)

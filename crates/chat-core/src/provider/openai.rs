@@ -86,13 +86,7 @@ impl ModelProvider for OpenAiProvider {
 
     fn prewarm(&self) -> BoxFuture<'_, Result<(), UpstreamError>> {
         Box::pin(async move {
-            let resp = self
-                .authorized(self.client.get(format!("{}/models", self.base_url)))
-                .send()
-                .await
-                .map_err(super::send_error)?;
-            let _ = super::read_capped(resp, 64 * 1024).await;
-            Ok(())
+            super::warm(self.authorized(self.client.get(format!("{}/models", self.base_url)))).await
         })
     }
 }
