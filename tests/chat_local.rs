@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{ChatServer, Event, answer_text, read_sse, sim};
+use e2e::{ChatServer, Event, answer_text, direct_answer, kinds, read_sse, sim};
 use model_sim::Sim;
 use serde_json::{Value, json};
 
@@ -23,36 +23,6 @@ async fn post(server: &ChatServer, body: &Value) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-/// The sim's own answer to the same request, asked directly (non-streaming).
-async fn direct_answer(
-    sim: &Sim,
-    model: &str,
-    system: Option<&str>,
-    message: &str,
-    max_tokens: u32,
-) -> String {
-    let mut body = json!({"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": message}]});
-    if let Some(s) = system {
-        body["system"] = json!(s);
-    }
-    let v: Value = reqwest::Client::new()
-        .post(format!("{}/v1/messages", sim.url()))
-        .header("x-api-key", "test-key")
-        .header("anthropic-version", "2023-06-01")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["content"][0]["text"].as_str().unwrap().to_owned()
-}
-
-fn kinds(events: &[Event]) -> Vec<&str> {
-    events.iter().map(|e| e.event.as_str()).collect()
 }
 
 #[tokio::test]

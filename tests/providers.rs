@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::{ChatServer, Event, answer_text, read_sse, sim};
+use e2e::{ChatServer, Event, answer_text, direct_answer, kinds, read_sse, sim};
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -16,10 +16,6 @@ async fn post(server: &ChatServer, body: Value) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-fn kinds(events: &[Event]) -> Vec<&str> {
-    events.iter().map(|e| e.event.as_str()).collect()
 }
 
 #[tokio::test]
@@ -56,24 +52,8 @@ async fn an_openai_compatible_endpoint_alone_serves_chat() {
 
     // The sim answers the same conversation with the same words in either
     // format: the relayed text equals its Anthropic-format answer.
-    let direct: Value = reqwest::Client::new()
-        .post(format!("{}/v1/messages", sim.url()))
-        .header("x-api-key", "test-key")
-        .header("anthropic-version", "2023-06-01")
-        .json(
-            &json!({"model": "gpt-sim", "max_tokens": 50, "system": "be brief",
-                      "messages": [{"role": "user", "content": "What is SSE?"}]}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        answer_text(&events),
-        direct["content"][0]["text"].as_str().unwrap()
-    );
+    let direct = direct_answer(&sim, "gpt-sim", Some("be brief"), "What is SSE?", 50).await;
+    assert_eq!(answer_text(&events), direct);
 }
 
 #[tokio::test]
@@ -244,24 +224,8 @@ async fn bedrock_converse_stream_through_the_aws_sdk() {
     assert_eq!(done["usage"]["output_tokens"], 7);
 
     // Same conversation, same words as the sim's Anthropic-format answer.
-    let direct: Value = reqwest::Client::new()
-        .post(format!("{url}/v1/messages"))
-        .header("x-api-key", "test-key")
-        .header("anthropic-version", "2023-06-01")
-        .json(
-            &json!({"model": model, "max_tokens": 50, "system": "be brief",
-                      "messages": [{"role": "user", "content": "What is SSE?"}]}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        answer_text(&events),
-        direct["content"][0]["text"].as_str().unwrap()
-    );
+    let direct = direct_answer(&sim, model, Some("be brief"), "What is SSE?", 50).await;
+    assert_eq!(answer_text(&events), direct);
 
     // Errors: a throttle before the stream, an exception and a dropped
     // connection inside it.

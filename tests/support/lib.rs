@@ -125,6 +125,41 @@ pub async fn sim(ttft_ms: u64, tokens_per_sec: f64, output_tokens: u32) -> model
     .unwrap()
 }
 
+/// model-sim's own answer to a one-message conversation, asked directly in
+/// the Anthropic format (non-streaming). The sim answers the same
+/// conversation with the same words in every wire format, so this is the
+/// reference for what any relayed answer must contain.
+pub async fn direct_answer(
+    sim: &model_sim::Sim,
+    model: &str,
+    system: Option<&str>,
+    message: &str,
+    max_tokens: u32,
+) -> String {
+    let mut body = serde_json::json!({"model": model, "max_tokens": max_tokens,
+                                      "messages": [{"role": "user", "content": message}]});
+    if let Some(s) = system {
+        body["system"] = serde_json::json!(s);
+    }
+    let v: Value = reqwest::Client::new()
+        .post(format!("{}/v1/messages", sim.url()))
+        .header("x-api-key", "test-key")
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["content"][0]["text"].as_str().unwrap().to_owned()
+}
+
+/// The event names of a stream, in order.
+pub fn kinds(events: &[Event]) -> Vec<&str> {
+    events.iter().map(|e| e.event.as_str()).collect()
+}
+
 /// chat-stream's router served in-process on 127.0.0.1:0.
 pub struct ChatServer {
     pub addr: SocketAddr,
