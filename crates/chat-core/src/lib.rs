@@ -20,6 +20,8 @@ pub mod routing;
 pub mod secrets;
 pub mod server;
 pub mod sse;
+pub mod store;
+pub mod turn;
 pub mod validate;
 
 use std::sync::Arc;
