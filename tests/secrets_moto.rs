@@ -72,10 +72,13 @@ async fn the_api_key_comes_from_secrets_manager() {
 #[tokio::test]
 async fn a_missing_secret_fails_init_naming_the_variable() {
     require_aws_endpoint();
-    let map: std::collections::HashMap<&str, &str> = [(
-        "ANTHROPIC_API_KEY_SECRET_ARN",
-        "arn:aws:secretsmanager:us-east-1:123456789012:secret:does-not-exist-AbCdEf",
-    )]
+    let map: std::collections::HashMap<&str, &str> = [
+        (
+            "ANTHROPIC_API_KEY_SECRET_ARN",
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:does-not-exist-AbCdEf",
+        ),
+        ("AUTH_MODE", "dev"),
+    ]
     .into();
     let config = chat_core::Config::from_source(&map).unwrap();
     let err = chat_core::build_state(config)

@@ -175,6 +175,9 @@ impl ChatServer {
         // Tests steer model-sim through model names, so any model is allowed
         // unless a test says otherwise.
         map.insert("MODEL_ALLOWLIST".into(), "*".into());
+        // Callers name themselves with x-dev-user unless a test sets
+        // AUTH_MODE=api_key.
+        map.insert("AUTH_MODE".into(), "dev".into());
         for (k, v) in env {
             map.insert((*k).into(), (*v).into());
         }

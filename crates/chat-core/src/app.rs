@@ -17,12 +17,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
+use crate::auth::{Authenticator, Identity};
 use crate::config::Config;
 use crate::error::{ApiError, UpstreamError};
 use crate::fleet::Fleet;
+use crate::history::RecentBuffer;
+use crate::persist::Persister;
 use crate::provider::Providers;
 use crate::relay;
 use crate::resilience::{BreakerState, RetryBudget};
+use crate::store::Store;
 use crate::validate::{body_too_large, parse_chat_request};
 
 /// Shared, read-only after init (plus the health record).
@@ -36,10 +40,22 @@ struct Inner {
     health: Vec<(&'static str, ModelHealth)>,
     fleet: Fleet,
     retry_budget: RetryBudget,
+    deps: Deps,
+}
+
+/// Who is calling, and where conversations live.
+pub struct Deps {
+    pub auth: Arc<dyn Authenticator>,
+    /// The table, when persistence is on.
+    pub store: Option<Arc<Store>>,
+    /// The recent-turns buffer, when Redis is configured.
+    pub buffer: Option<Arc<RecentBuffer>>,
+    /// Makes finished turns durable, when persistence is on.
+    pub persister: Option<Arc<Persister>>,
 }
 
 impl AppState {
-    pub fn new(config: Config, providers: Providers, fleet: Fleet) -> Self {
+    pub fn new(config: Config, providers: Providers, fleet: Fleet, deps: Deps) -> Self {
         let health = providers
             .iter()
             .map(|p| (p.name(), ModelHealth::default()))
@@ -53,7 +69,23 @@ impl AppState {
             health,
             fleet,
             retry_budget,
+            deps,
         }))
+    }
+
+    pub(crate) fn deps(&self) -> &Deps {
+        &self.0.deps
+    }
+
+    /// Resolves the caller, before any other work; 401 without valid
+    /// credentials.
+    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
+        self.0
+            .deps
+            .auth
+            .authenticate(headers)
+            .await
+            .map_err(ApiError::from)
     }
 
     pub fn config(&self) -> &Config {
@@ -130,8 +162,8 @@ pub enum Probe {
 pub struct RequestCtx {
     pub id: Arc<str>,
     pub start: Instant,
-    /// Who is calling, for rate limits: `ip:ADDR` until callers are
-    /// authenticated.
+    /// The client's address (`ip:ADDR`): the rate-limit identity of
+    /// requests not yet authenticated.
     pub caller: Arc<str>,
 }
 
@@ -162,6 +194,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/chat", post(chat))
         .route("/health", get(health))
+        .route("/conversations", get(crate::conversations::list))
+        .route("/conversations/{id}", get(crate::conversations::show))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_context))
@@ -227,6 +261,18 @@ async fn request_context(mut req: Request, next: Next) -> Response {
     resp
 }
 
+/// The request's context (set by the middleware; a fresh one otherwise).
+pub(crate) fn request_ctx(extensions: &axum::http::Extensions) -> RequestCtx {
+    extensions
+        .get::<RequestCtx>()
+        .cloned()
+        .unwrap_or_else(|| RequestCtx {
+            id: Arc::from(new_id()),
+            start: Instant::now(),
+            caller: Arc::from("ip:unknown"),
+        })
+}
+
 pub(crate) fn error_response(e: ApiError) -> Response {
     let code = e.code;
     let mut resp = e.into_response();
@@ -238,7 +284,7 @@ async fn not_found() -> Response {
     error_response(ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; see POST /chat and GET /health",
+        "no such route; see POST /chat, GET /conversations, GET /conversations/{id} and GET /health",
     ))
 }
 
@@ -277,15 +323,10 @@ async fn chat(State(state): State<AppState>, req: Request) -> Response {
 
 async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let ctx = parts
-        .extensions
-        .get::<RequestCtx>()
-        .cloned()
-        .unwrap_or_else(|| RequestCtx {
-            id: Arc::from(new_id()),
-            start: Instant::now(),
-            caller: Arc::from("ip:unknown"),
-        });
+    let ctx = request_ctx(&parts.extensions);
+    // Who is calling comes first: without valid credentials nothing else
+    // happens (no body read, no rate-limit count, no history read).
+    let identity = state.authenticate(&parts.headers).await?;
     let limits = state.config().limits;
     if !is_json_content_type(&parts.headers) {
         return Err(ApiError::new(
@@ -304,7 +345,7 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
     }
     let bytes = read_body(body, limits.max_body_bytes).await?;
     let chat_req = parse_chat_request(&bytes, &limits)?;
-    relay::start(state, ctx, chat_req).await
+    relay::start(state, ctx, identity, chat_req).await
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {

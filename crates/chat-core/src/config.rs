@@ -162,6 +162,29 @@ pub struct Limits {
     pub default_max_tokens: u32,
 }
 
+/// How callers prove who they are (see [`crate::auth`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// API keys: hashes in the table and/or a fixed list.
+    ApiKey {
+        /// `API_KEY_HASHES` (`hash:user,...`) or `..._SECRET_ARN`.
+        hashes: Option<ApiKeySource>,
+    },
+    /// Local development only: `x-dev-user` is trusted.
+    Dev,
+}
+
+/// Where turns are stored. Off when `TABLE_NAME` is unset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistenceConfig {
+    pub table: String,
+    /// `TURN_QUEUE_URL`; unset: turns are written to the table directly.
+    pub queue_url: Option<String>,
+    /// `RETENTION_DAYS`; items expire (DynamoDB TTL) this long after their
+    /// last update. Unset or 0: kept.
+    pub retention: Option<Duration>,
+}
+
 /// Amazon Bedrock through the AWS SDK (IAM credentials, no key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BedrockConfig {
@@ -206,6 +229,9 @@ pub struct Config {
     /// Open the upstream connection at init so the first request does not
     /// pay for TCP + TLS.
     pub prewarm: bool,
+    pub auth: AuthMode,
+    pub persistence: Option<PersistenceConfig>,
+    pub history: crate::history::HistoryLimits,
 }
 
 struct Reader<'a, S: ConfigSource + ?Sized>(&'a S);
@@ -488,7 +514,82 @@ impl Config {
             rpm: r.ranged("RATE_LIMIT_RPM", 60u32, 0, 1_000_000)?,
             tpm: r.ranged("RATE_LIMIT_TPM", 200_000u32, 0, 1_000_000_000)?,
         };
+        let persistence = match r.string("TABLE_NAME") {
+            None => None,
+            Some(table) => {
+                let ok = (3..=255).contains(&table.len())
+                    && table
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+                if !ok {
+                    return Err(ConfigError::new(
+                        "TABLE_NAME",
+                        format!("{table:?} is not a DynamoDB table name"),
+                    ));
+                }
+                let queue_url = match r.string("TURN_QUEUE_URL") {
+                    Some(_) => Some(url(&r, "TURN_QUEUE_URL", "")?),
+                    None => None,
+                };
+                let days = r.ranged("RETENTION_DAYS", 0u64, 0, 36_500)?;
+                Some(PersistenceConfig {
+                    table,
+                    queue_url,
+                    retention: (days > 0).then(|| Duration::from_secs(days * 86_400)),
+                })
+            }
+        };
+        let auth = match r
+            .string("AUTH_MODE")
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("api_key") | Some("api-key") => {
+                let hashes = key_source(&r, "API_KEY_HASHES")?;
+                if let Some(ApiKeySource::Value(v)) = &hashes {
+                    crate::auth::parse_hash_list(v.expose())
+                        .map_err(|e| ConfigError::new("API_KEY_HASHES", e))?;
+                }
+                if hashes.is_none() && persistence.is_none() {
+                    return Err(ConfigError::new(
+                        "AUTH_MODE",
+                        "api_key needs keys: set TABLE_NAME (keys in the table) or \
+                         API_KEY_HASHES / API_KEY_HASHES_SECRET_ARN; \
+                         AUTH_MODE=dev is for local runs only",
+                    ));
+                }
+                AuthMode::ApiKey { hashes }
+            }
+            Some("dev") => {
+                if r.string("AWS_LAMBDA_FUNCTION_NAME").is_some() {
+                    return Err(ConfigError::new(
+                        "AUTH_MODE",
+                        "dev trusts any caller and is refused inside Lambda; use api_key",
+                    ));
+                }
+                AuthMode::Dev
+            }
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "AUTH_MODE",
+                    format!("{other:?} is not api_key or dev"),
+                ));
+            }
+        };
+        let history = crate::history::HistoryLimits {
+            max_turns: r.ranged("HISTORY_MAX_TURNS", 20u32, 1, 1000)?,
+            max_tokens: r.ranged("HISTORY_MAX_TOKENS", 8_000u32, 1, 1_000_000)?,
+            buffer_ttl: Duration::from_secs(r.ranged(
+                "HISTORY_BUFFER_TTL_SECS",
+                86_400u64,
+                60,
+                30 * 86_400,
+            )?),
+        };
         Ok(Config {
+            auth,
+            persistence,
+            history,
             redis_url: redis_url.map(Secret::new),
             redis_timeout,
             rate_limits,
@@ -507,6 +608,49 @@ impl Config {
     }
 }
 
+/// db-writer's configuration: the table, retention, and (outside Lambda)
+/// how the local poller batches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriterConfig {
+    pub log_level: tracing::Level,
+    pub table: String,
+    pub retention: Option<Duration>,
+    /// `TURN_QUEUE_URL`: polled when not running under Lambda.
+    pub queue_url: Option<String>,
+    /// `POLL_BATCH_SIZE` (1-1000, default 100): like the event source
+    /// mapping's BatchSize.
+    pub batch_size: usize,
+    /// `POLL_BATCHING_WINDOW_MS` (default 500): like
+    /// MaximumBatchingWindowInSeconds.
+    pub batching_window: Duration,
+}
+
+impl WriterConfig {
+    pub fn from_source(src: &(impl ConfigSource + ?Sized)) -> Result<Self, ConfigError> {
+        let r = Reader(src);
+        let table = r
+            .string("TABLE_NAME")
+            .ok_or_else(|| ConfigError::new("TABLE_NAME", "not set (the DynamoDB table)"))?;
+        let queue_url = match r.string("TURN_QUEUE_URL") {
+            Some(_) => Some(url(&r, "TURN_QUEUE_URL", "")?),
+            None => None,
+        };
+        let days = r.ranged("RETENTION_DAYS", 0u64, 0, 36_500)?;
+        Ok(Self {
+            log_level: r.parse(
+                "LOG_LEVEL",
+                tracing::Level::INFO,
+                "one of error, warn, info, debug, trace",
+            )?,
+            table,
+            retention: (days > 0).then(|| Duration::from_secs(days * 86_400)),
+            queue_url,
+            batch_size: r.ranged("POLL_BATCH_SIZE", 100usize, 1, 1000)?,
+            batching_window: r.ms("POLL_BATCHING_WINDOW_MS", 500)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,6 +658,7 @@ mod tests {
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let mut m: HashMap<&str, &str> = pairs.iter().copied().collect();
         m.entry("ANTHROPIC_API_KEY").or_insert("sk-test-secret");
+        m.entry("AUTH_MODE").or_insert("dev");
         Config::from_source(&m)
     }
 
@@ -556,15 +701,18 @@ mod tests {
 
     #[test]
     fn missing_key_is_an_error_and_arn_is_accepted() {
-        let m: HashMap<&str, &str> = HashMap::new();
+        let m: HashMap<&str, &str> = [("AUTH_MODE", "dev")].into();
         assert_eq!(
             Config::from_source(&m).unwrap_err().variable,
             "ANTHROPIC_API_KEY"
         );
-        let m: HashMap<&str, &str> = [(
-            "ANTHROPIC_API_KEY_SECRET_ARN",
-            "arn:aws:secretsmanager:eu-west-1:1:secret:k",
-        )]
+        let m: HashMap<&str, &str> = [
+            (
+                "ANTHROPIC_API_KEY_SECRET_ARN",
+                "arn:aws:secretsmanager:eu-west-1:1:secret:k",
+            ),
+            ("AUTH_MODE", "dev"),
+        ]
         .into();
         assert!(matches!(
             Config::from_source(&m).unwrap().anthropic.unwrap().api_key,
@@ -574,7 +722,11 @@ mod tests {
 
     #[test]
     fn openai_alone_is_enough_and_models_must_have_their_provider() {
-        let m: HashMap<&str, &str> = [("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")].into();
+        let m: HashMap<&str, &str> = [
+            ("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
+            ("AUTH_MODE", "dev"),
+        ]
+        .into();
         let c = Config::from_source(&m).unwrap();
         assert_eq!(c.default_provider, "openai");
         assert_eq!(c.routing.default_model, "gpt-4o-mini");
@@ -590,6 +742,23 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn auth_needs_a_key_source_and_dev_mode_stays_out_of_lambda() {
+        let e = cfg(&[("AUTH_MODE", "api_key")]).unwrap_err();
+        assert_eq!(e.variable, "AUTH_MODE");
+        let c = cfg(&[("AUTH_MODE", "api_key"), ("TABLE_NAME", "chat")]).unwrap();
+        assert_eq!(c.auth, AuthMode::ApiKey { hashes: None });
+        assert_eq!(c.persistence.unwrap().table, "chat");
+        let e = cfg(&[("AUTH_MODE", "api_key"), ("API_KEY_HASHES", "abc:u")]).unwrap_err();
+        assert_eq!(e.variable, "API_KEY_HASHES");
+        let e = cfg(&[("AWS_LAMBDA_FUNCTION_NAME", "f")]).unwrap_err();
+        assert_eq!(e.variable, "AUTH_MODE");
+        let e = cfg(&[("AUTH_MODE", "jwt")]).unwrap_err();
+        assert_eq!(e.variable, "AUTH_MODE");
+        let e = cfg(&[("TABLE_NAME", "bad name!")]).unwrap_err();
+        assert_eq!(e.variable, "TABLE_NAME");
     }
 
     #[test]
@@ -630,8 +799,12 @@ mod tests {
             "--log-level=debug".to_owned(),
         ])
         .unwrap();
-        let env: HashMap<&str, &str> =
-            [("BIND_ADDR", "127.0.0.1:1"), ("ANTHROPIC_API_KEY", "k")].into();
+        let env: HashMap<&str, &str> = [
+            ("BIND_ADDR", "127.0.0.1:1"),
+            ("ANTHROPIC_API_KEY", "k"),
+            ("AUTH_MODE", "dev"),
+        ]
+        .into();
         let c = Config::from_source(&Layered(flags, env)).unwrap();
         assert_eq!(c.bind_addr.port(), 9);
         assert_eq!(c.log_level, tracing::Level::DEBUG);

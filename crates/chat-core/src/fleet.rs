@@ -85,6 +85,29 @@ impl RedisLink {
         }
     }
 
+    /// Runs a pipeline (atomic when built with `.atomic()`); `None` when
+    /// Redis is skipped, slow or failing.
+    pub async fn pipe<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Option<T> {
+        if self.skipping() {
+            return None;
+        }
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => {
+                *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.mark_down(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.mark_down("timed out");
+                None
+            }
+        }
+    }
+
     /// Runs a script; `None` when Redis is skipped, slow or failing.
     async fn eval<T: redis::FromRedisValue>(
         &self,
@@ -121,7 +144,7 @@ impl RedisLink {
 }
 
 /// Keys must not contain braces of their own: they would change the slot.
-fn tag(s: &str) -> String {
+pub(crate) fn tag(s: &str) -> String {
     s.replace(['{', '}'], "_")
 }
 
@@ -243,7 +266,7 @@ pub fn window_decision(
 
 /// Fleet-wide state with a per-instance fallback.
 pub struct Fleet {
-    redis: Option<RedisLink>,
+    redis: Option<std::sync::Arc<RedisLink>>,
     limits: RateLimits,
     local_windows: Mutex<HashMap<String, LocalWindow>>,
     breakers: Breakers,
@@ -260,7 +283,11 @@ pub struct Fleet {
 const LOCAL_SWEEP_AT: usize = 10_000;
 
 impl Fleet {
-    pub fn new(redis: Option<RedisLink>, limits: RateLimits, breaker_cfg: BreakerConfig) -> Self {
+    pub fn new(
+        redis: Option<std::sync::Arc<RedisLink>>,
+        limits: RateLimits,
+        breaker_cfg: BreakerConfig,
+    ) -> Self {
         Self {
             redis,
             limits,

@@ -8,11 +8,15 @@
 //! - [`server`]: the local HTTP server mode.
 
 pub mod app;
+pub mod auth;
 pub mod config;
+mod conversations;
 pub mod error;
 pub mod fleet;
+pub mod history;
 pub mod http;
 pub mod logging;
+pub mod persist;
 pub mod provider;
 mod relay;
 pub mod resilience;
@@ -23,6 +27,7 @@ pub mod sse;
 pub mod store;
 pub mod turn;
 pub mod validate;
+pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +39,86 @@ use provider::anthropic::AnthropicProvider;
 use provider::bedrock::BedrockProvider;
 use provider::openai::OpenAiProvider;
 use provider::{ModelProvider, Providers};
+
+/// The AWS SDK configuration every client shares, loaded once (region and
+/// credentials from the environment; `AWS_ENDPOINT_URL` points it at a
+/// local stand-in). Short timeouts: these calls sit next to a user's chat.
+pub async fn aws_sdk_config(attempt: Duration, operation: Duration) -> aws_config::SdkConfig {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .operation_attempt_timeout(attempt)
+        .operation_timeout(operation)
+        .build();
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .load()
+        .await
+}
+
+/// The table client for `table`.
+pub async fn store_for(table: &str, retention: Option<Duration>) -> store::Store {
+    let sdk = aws_sdk_config(Duration::from_secs(2), Duration::from_secs(6)).await;
+    store::Store::new(aws_sdk_dynamodb::Client::new(&sdk), table, retention)
+}
+
+/// Authentication, storage, the history buffer and the turn producer.
+async fn build_deps(
+    config: &Config,
+    redis: Option<Arc<fleet::RedisLink>>,
+) -> Result<app::Deps, InitError> {
+    let store = match &config.persistence {
+        Some(p) => Some(Arc::new(store_for(&p.table, p.retention).await)),
+        None => None,
+    };
+    let buffer = redis.map(|r| Arc::new(history::RecentBuffer::new(r, config.history)));
+    let persister = match (&config.persistence, &store) {
+        (Some(p), Some(store)) => {
+            let queue = match &p.queue_url {
+                Some(url) => {
+                    // Brief: SQS trouble falls back to a direct write.
+                    let sdk =
+                        aws_sdk_config(Duration::from_millis(800), Duration::from_secs(2)).await;
+                    Some(persist::Queue {
+                        client: aws_sdk_sqs::Client::new(&sdk),
+                        url: url.clone(),
+                    })
+                }
+                None => None,
+            };
+            Some(Arc::new(persist::Persister::new(
+                store.clone(),
+                queue,
+                buffer.clone(),
+            )))
+        }
+        _ => None,
+    };
+    let auth: Arc<dyn auth::Authenticator> = match &config.auth {
+        config::AuthMode::Dev => {
+            tracing::warn!(
+                "AUTH_MODE=dev: callers are NOT authenticated (x-dev-user is trusted); local use only"
+            );
+            Arc::new(auth::DevAuth)
+        }
+        config::AuthMode::ApiKey { hashes } => {
+            let fixed = match hashes {
+                Some(src) => {
+                    let list = secrets::resolve_api_key(src).await?;
+                    auth::parse_hash_list(list.expose())
+                        .map_err(|e| ConfigError::new("API_KEY_HASHES_SECRET_ARN", e))?
+                }
+                None => Default::default(),
+            };
+            Arc::new(auth::ApiKeyAuth::new(fixed, store.clone()))
+        }
+    };
+    Ok(app::Deps {
+        auth,
+        store,
+        buffer,
+        persister,
+    })
+}
 
 /// Why the process could not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,15 +175,16 @@ pub async fn build_state(config: Config) -> Result<AppState, InitError> {
     let budget = config.timeouts.connect + Duration::from_secs(2);
     let prewarm = config.prewarm;
     let redis = match &config.redis_url {
-        Some(url) => Some(
+        Some(url) => Some(Arc::new(
             fleet::RedisLink::new(url.expose(), config.redis_timeout).map_err(|e| {
                 ConfigError::new("REDIS_URL", format!("not a usable Redis URL: {e}"))
             })?,
-        ),
+        )),
         None => None,
     };
+    let deps = build_deps(&config, redis.clone()).await?;
     let fleet = fleet::Fleet::new(redis, config.rate_limits, config.resilience.breaker);
-    let state = AppState::new(config, providers, fleet);
+    let state = AppState::new(config, providers, fleet, deps);
     if prewarm {
         for (name, result) in state.check_providers(budget).await {
             match result {

@@ -24,7 +24,10 @@ use serde_json::json;
 use tokio::time::timeout_at;
 
 use crate::app::{AppState, LogDeferred, RequestCtx, ms, new_id};
+use crate::auth::Identity;
 use crate::error::{ApiError, TimeoutKind, UpstreamError};
+use crate::persist::Persister;
+use crate::turn::{TURN_SCHEMA_VERSION, TurnRecord, TurnStatus};
 use std::sync::Arc;
 
 use crate::fleet::Decision;
@@ -41,6 +44,8 @@ struct Timings {
     validate: Duration,
     /// Rate limit + circuit check (Redis round trip when shared).
     limits: Duration,
+    /// Loading the conversation's history (in parallel with `limits`).
+    history: Duration,
     upstream_connect: Duration,
     ttft: Option<Duration>,
 }
@@ -50,6 +55,7 @@ impl Timings {
         json!({
             "validate": ms(self.validate),
             "limits": ms(self.limits),
+            "history": ms(self.history),
             "upstream_connect": ms(self.upstream_connect),
             "ttft": self.ttft.map(ms),
             "total": ms(total),
@@ -85,10 +91,13 @@ impl Deadlines {
 pub(crate) async fn start(
     state: AppState,
     ctx: RequestCtx,
+    identity: Identity,
     req: ChatRequest,
 ) -> Result<Response, ApiError> {
     let config = state.config();
     let validate = ctx.start.elapsed();
+    let started_at_ms = crate::turn::now_ms();
+    let caller: Arc<str> = Arc::from(format!("user:{}", identity.user_id));
     let (chosen, route) = config.routing.choose(&req)?;
     let chosen_ref = ModelRef::parse(&chosen, &config.default_provider);
     if state.providers().get(&chosen_ref.provider).is_none() {
@@ -101,12 +110,19 @@ pub(crate) async fn start(
         )
         .with_field("model"));
     }
-    // The rate limit and the first model's circuit are independent: ask
-    // both at once, so shared state costs one round trip, not two.
+    // The rate limit, the first model's circuit and the conversation's
+    // history are independent: ask all at once, so shared state costs one
+    // round trip, not three.
     let primary_key = chosen_ref.key();
-    let (rate, primary_admission) = tokio::join!(
-        state.fleet().check_rate(&ctx.caller),
-        state.fleet().admit(&primary_key)
+    let history = async {
+        let t = Instant::now();
+        let h = load_history(&state, req.conversation_id.as_deref(), &identity).await;
+        (h, t.elapsed())
+    };
+    let (rate, primary_admission, (history, history_time)) = tokio::join!(
+        state.fleet().check_rate(&caller),
+        state.fleet().admit(&primary_key),
+        history
     );
     let limits = ctx.start.elapsed() - validate;
     let rate_headers = rate_limit_headers(&rate);
@@ -125,13 +141,23 @@ pub(crate) async fn start(
         e.headers = rate_headers;
         return Err(e);
     }
+    let mut messages = match history {
+        Ok(past) => crate::history::to_messages(&past),
+        Err(e) => {
+            if primary_admission == Admission::Probe {
+                state.fleet().abandon_probe(&primary_key).await;
+            }
+            return Err(e);
+        }
+    };
+    messages.push(Message {
+        role: Role::User,
+        content: req.message.clone(),
+    });
     let model_req = ModelRequest {
         model: chosen,
         system: req.system,
-        messages: vec![Message {
-            role: Role::User,
-            content: req.message,
-        }],
+        messages,
         max_tokens: req.max_tokens.unwrap_or(config.limits.default_max_tokens),
         temperature: req.temperature,
     };
@@ -164,6 +190,14 @@ pub(crate) async fn start(
     // Phase 2: the stream.
     let conversation_id = req.conversation_id.unwrap_or_else(new_id);
     let turn_id = new_id();
+    let draft = state.deps().persister.clone().map(|persister| TurnDraft {
+        persister,
+        conversation_id: conversation_id.clone(),
+        turn_id: turn_id.clone(),
+        user_id: identity.user_id.to_string(),
+        started_at_ms,
+        user_message: req.message,
+    });
     let meta = json!({
         "conversation_id": conversation_id,
         "turn_id": turn_id,
@@ -174,20 +208,22 @@ pub(crate) async fn start(
         start: ctx.start,
         validate,
         limits,
+        history: history_time,
         upstream_connect,
         ttft,
     };
     let server_timing = format!(
-        "validate;dur={:.3}, limits;dur={:.3}, upstream_connect;dur={:.3}, ttft;dur={:.3}",
+        "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, upstream_connect;dur={:.3}, ttft;dur={:.3}",
         ms(validate),
         ms(limits),
+        ms(history_time),
         ms(upstream_connect),
         ms(ttft.unwrap_or_else(|| ctx.start.elapsed()))
     );
     let relay = Relay {
         provider,
         model_key,
-        caller: ctx.caller.clone(),
+        caller,
         state,
         upstream,
         pending,
@@ -200,6 +236,9 @@ pub(crate) async fn start(
         input_tokens,
         output_tokens: None,
         text_chars: 0,
+        answer: String::new(),
+        draft,
+        persisting: None,
         finished: false,
         log: Some(LogCtx {
             route: route.as_str(),
@@ -452,6 +491,12 @@ struct Relay {
     input_tokens: Option<u32>,
     output_tokens: Option<u32>,
     text_chars: usize,
+    /// The answer so far, for the stored turn.
+    answer: String,
+    /// What the stored turn needs; taken when the turn is handed over.
+    draft: Option<TurnDraft>,
+    /// The turn being made durable; the body ends when it is done.
+    persisting: Option<tokio::task::JoinHandle<()>>,
     finished: bool,
     /// Taken when the request's log line is written (exactly once).
     log: Option<LogCtx>,
@@ -465,6 +510,12 @@ impl Relay {
 
     async fn next_frame(&mut self) -> Option<Bytes> {
         if self.finished {
+            // The client has the final event. Keep the body (and so the
+            // invocation) open until the turn is durable: Lambda freezes
+            // the environment once the response ends.
+            if let Some(h) = self.persisting.take() {
+                let _ = h.await;
+            }
             return None;
         }
         if let Some(meta) = self.meta.take() {
@@ -493,6 +544,9 @@ impl Relay {
                 Chunk::Delta(text) if text.is_empty() => {}
                 Chunk::Delta(text) => {
                     self.text_chars += text.chars().count();
+                    if self.draft.is_some() {
+                        self.answer.push_str(&text);
+                    }
                     let data = json!({ "text": text }).to_string();
                     return Some(self.frame("delta", &data));
                 }
@@ -530,6 +584,7 @@ impl Relay {
             "timings_ms": self.timings.json(total),
         });
         let frame = self.frame("done", &data.to_string());
+        self.persisting = self.hand_over(TurnStatus::Completed, None);
         self.write_log("complete", None);
         frame
     }
@@ -543,6 +598,7 @@ impl Relay {
         let err = ApiError::from(&e);
         tracing::warn!(error = %e, error_code = e.code(), "upstream failed mid-stream");
         let frame = self.frame("error", &err.body_json());
+        self.persisting = self.hand_over(TurnStatus::Failed, Some(e.code()));
         self.write_log("upstream_error", Some(e.code()));
         frame
     }
@@ -579,9 +635,105 @@ impl Relay {
 
 impl Drop for Relay {
     /// The body was dropped before the answer ended: the client went away.
+    /// The partial turn is recorded as interrupted (best effort: in Lambda
+    /// the environment may freeze before it is sent, and it is then sent
+    /// when the environment next runs).
     fn drop(&mut self) {
         if self.log.is_some() {
+            let _ = self.hand_over(TurnStatus::Interrupted, Some("client_disconnected"));
             self.write_log("client_disconnected", None);
         }
     }
+}
+
+/// What the stored turn needs besides the answer.
+struct TurnDraft {
+    persister: Arc<Persister>,
+    conversation_id: String,
+    turn_id: String,
+    user_id: String,
+    started_at_ms: u64,
+    user_message: String,
+}
+
+impl Relay {
+    /// Hands the finished turn to the persister on its own task (so a
+    /// client that leaves cannot cancel it).
+    fn hand_over(
+        &mut self,
+        status: TurnStatus,
+        error_code: Option<&'static str>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let d = self.draft.take()?;
+        let answer = std::mem::take(&mut self.answer);
+        let rec = TurnRecord {
+            v: TURN_SCHEMA_VERSION,
+            turn_id: d.turn_id,
+            conversation_id: d.conversation_id,
+            user_id: d.user_id,
+            started_at_ms: d.started_at_ms,
+            completed_at_ms: crate::turn::now_ms(),
+            status,
+            model: self
+                .log
+                .as_ref()
+                .map(|l| l.model.clone())
+                .unwrap_or_default(),
+            user_message: d.user_message,
+            answer_bytes: answer.len() as u64,
+            answer: Some(answer),
+            answer_parts: None,
+            stop_reason: self.stop_reason.clone(),
+            input_tokens: self.input_tokens.unwrap_or(0),
+            output_tokens: self.output_tokens.unwrap_or(0),
+            error_code: error_code.map(str::to_owned),
+        };
+        let persister = d.persister;
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        Some(handle.spawn(async move {
+            persister.persist(rec).await;
+        }))
+    }
+}
+
+/// The history of `conversation_id` for `identity`; none for a new
+/// conversation. Unknown and someone else's conversations are the same 404.
+async fn load_history(
+    state: &AppState,
+    conversation_id: Option<&str>,
+    identity: &Identity,
+) -> Result<Vec<crate::history::PastTurn>, ApiError> {
+    let Some(id) = conversation_id else {
+        return Ok(Vec::new());
+    };
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "conversation_not_found",
+            "no such conversation",
+        )
+        .with_field("conversation_id")
+    };
+    let Some(store) = state.deps().store.as_deref() else {
+        return Err(not_found());
+    };
+    crate::history::load(
+        store,
+        state.deps().buffer.as_deref(),
+        id,
+        &identity.user_id,
+        &state.config().history,
+    )
+    .await
+    .map_err(|e| match e {
+        crate::history::HistoryError::NotFound => not_found(),
+        crate::history::HistoryError::Unavailable(why) => {
+            tracing::warn!(error = %why, "history unavailable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "history_unavailable",
+                "the conversation's history could not be loaded; retry shortly",
+            )
+        }
+    })
 }

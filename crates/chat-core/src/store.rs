@@ -224,7 +224,11 @@ pub fn decode_cursor(
         }
         out.insert(k, s(v));
     }
-    if out.get(partition.0).and_then(|v| v.as_s().ok()).map(String::as_str) != Some(partition.1)
+    if out
+        .get(partition.0)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
+        != Some(partition.1)
         || out.len() != others.len() + 1
     {
         return Err(StoreError::BadCursor);
@@ -249,13 +253,18 @@ enum Action {
     Usage,
 }
 
+/// (user, day).
+type UserDay = (String, String);
+/// (requests, input tokens, output tokens).
+type Counts = (u64, u64, u64);
+
 /// One transaction being built: the turns in it (indexes into the input),
 /// and the counter updates they add up to.
 #[derive(Default)]
 struct Txn {
     turns: Vec<usize>,
     convs: Vec<(String, Vec<usize>)>,
-    usage: Vec<((String, String), (u64, u64, u64))>,
+    usage: Vec<(UserDay, Counts)>,
     bytes: usize,
 }
 
@@ -800,10 +809,11 @@ impl Store {
             .max()
             .unwrap_or(first.completed_at_ms);
         let title: String = first.user_message.chars().take(80).collect();
-        let mut set = "#owner = if_not_exists(#owner, :owner), #title = if_not_exists(#title, :title), \
+        let mut set =
+            "#owner = if_not_exists(#owner, :owner), #title = if_not_exists(#title, :title), \
              #created = if_not_exists(#created, :created), #updated = :updated, \
              #g1pk = :g1pk, #g1sk = :g1sk, #type = :type"
-            .to_owned();
+                .to_owned();
         let mut b = Update::builder()
             .table_name(&self.table)
             .key("PK", s(conv_pk(&first.conversation_id)))
@@ -963,7 +973,13 @@ mod tests {
         // within 100 actions, and counters are one update per
         // conversation / user-day per transaction, not one per turn.
         let recs: Vec<_> = (0..300)
-            .map(|i| rec(&format!("t{i}"), &format!("c{}", i % 10), &format!("u{}", i % 2)))
+            .map(|i| {
+                rec(
+                    &format!("t{i}"),
+                    &format!("c{}", i % 10),
+                    &format!("u{}", i % 2),
+                )
+            })
             .collect();
         let pending: Vec<usize> = (0..recs.len()).collect();
         let txns = pack(&recs, &pending);

@@ -190,6 +190,19 @@ pub fn utc_day(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// RFC 3339 UTC timestamp with milliseconds, e.g. `2023-11-14T22:13:20.000Z`.
+pub fn rfc3339(ms: u64) -> String {
+    let secs = (ms / 1000) % 86_400;
+    format!(
+        "{}T{:02}:{:02}:{:02}.{:03}Z",
+        utc_day(ms),
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        ms % 1000
+    )
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -271,5 +284,6 @@ mod tests {
         assert_eq!(utc_day(951_782_400_000), "2000-02-29");
         assert_eq!(utc_day(1_700_000_000_000), "2023-11-14");
         assert_eq!(utc_day(1_709_251_199_999), "2024-02-29");
+        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
     }
 }

@@ -12,7 +12,11 @@ use chat_core::{Config, app, build_state, logging, server};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let flags = match flags_to_source(std::env::args().skip(1)) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("keys") {
+        return keys(&args[1..]).await;
+    }
+    let flags = match flags_to_source(args) {
         Ok(f) => f,
         Err(e) => return fail(&e),
     };
@@ -45,6 +49,45 @@ async fn main() -> ExitCode {
             Err(e) => fail(&e),
         }
     }
+}
+
+/// `chat-stream keys create --user ID [--label TEXT]`: makes an API key,
+/// stores only its SHA-256 in `TABLE_NAME`, and prints the key once.
+async fn keys(args: &[String]) -> ExitCode {
+    use std::io::Write;
+    let usage = "usage: chat-stream keys create --user ID [--label TEXT]  (TABLE_NAME must be set)";
+    let (Some("create"), Ok(flags)) = (
+        args.first().map(String::as_str),
+        flags_to_source(args.iter().skip(1).cloned()),
+    ) else {
+        eprintln!("{usage}");
+        return ExitCode::from(2);
+    };
+    let Some(user) = flags
+        .get("USER")
+        .filter(|u| chat_core::auth::valid_user_id(u))
+    else {
+        eprintln!("--user must be 1-64 of A-Z a-z 0-9 - _ . @\n{usage}");
+        return ExitCode::from(2);
+    };
+    let Some(table) = std::env::var("TABLE_NAME").ok().filter(|t| !t.is_empty()) else {
+        eprintln!("TABLE_NAME is not set\n{usage}");
+        return ExitCode::from(2);
+    };
+    let label = flags.get("LABEL").cloned().unwrap_or_default();
+    let store = chat_core::store_for(&table, None).await;
+    let key = chat_core::auth::new_api_key();
+    let hash = chat_core::auth::hash_key(&key);
+    if let Err(e) = store
+        .put_api_key(&hash, user, &label, chat_core::turn::now_ms())
+        .await
+    {
+        return fail(&e);
+    }
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{key}");
+    eprintln!("API key for user {user} stored as sha256 {hash}; it is shown only once.");
+    ExitCode::SUCCESS
 }
 
 fn fail(e: &dyn std::error::Error) -> ExitCode {

@@ -31,6 +31,11 @@ async fn start_function(runtime: &FakeRuntimeApi, sim: &Sim) -> Child {
         .env("AWS_REGION", "us-east-1")
         .env("ANTHROPIC_BASE_URL", sim.url())
         .env("ANTHROPIC_API_KEY", "test-key")
+        // The events carry `Authorization: Bearer ck_local_example_key_do_not_use_in_production`.
+        .env(
+            "API_KEY_HASHES",
+            "92d6376288da154534b93448f4e79fc1e9bd83f3cf398ad65f74212a4626523c:example-user",
+        )
         .env("LOG_LEVEL", "warn")
         .stdin(Stdio::null())
         .kill_on_drop(true)

@@ -1,0 +1,349 @@
+//! Who is calling. Every request resolves to a user id through one
+//! [`Authenticator`] before any other work; without valid credentials it
+//! gets 401 and nothing else happens (no model call, no rate-limit count,
+//! no history read).
+//!
+//! - [`ApiKeyAuth`] (deployments): `Authorization: Bearer <key>` or
+//!   `x-api-key: <key>`. Only SHA-256 hashes of keys are stored: in the
+//!   table (`APIKEY#{hash}` items, created with `chat-stream keys create`)
+//!   and/or a fixed list from `API_KEY_HASHES` (or a Secrets Manager secret
+//!   named by `API_KEY_HASHES_SECRET_ARN`). Lookups are cached briefly in
+//!   process, so a warm instance authenticates without a round trip.
+//! - [`DevAuth`] (local runs and tests only, `AUTH_MODE=dev`): trusts an
+//!   `x-dev-user` header. It refuses to start inside Lambda.
+//!
+//! A JWT authenticator is a later addition behind the same trait.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[cfg(test)]
+use axum::http::HeaderValue;
+use axum::http::{HeaderMap, StatusCode};
+use futures_util::future::BoxFuture;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::store::Store;
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: Arc<str>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AuthError {
+    #[error("missing credentials: send Authorization: Bearer <api key>")]
+    Missing,
+    #[error("invalid credentials")]
+    Invalid,
+    #[error("the credential store is unavailable")]
+    Unavailable,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Missing | AuthError::Invalid => {
+                let mut err = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    if e == AuthError::Missing {
+                        "missing_credentials"
+                    } else {
+                        "invalid_credentials"
+                    },
+                    e.to_string(),
+                );
+                err.headers
+                    .push(("www-authenticate", "Bearer realm=\"chat\"".to_owned()));
+                err
+            }
+            AuthError::Unavailable => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+                "could not check credentials right now; retry shortly",
+            ),
+        }
+    }
+}
+
+pub trait Authenticator: Send + Sync {
+    /// `api_key`, `dev`, ...: for logs and `/health`.
+    fn method(&self) -> &'static str;
+    fn authenticate<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+    ) -> BoxFuture<'a, Result<Identity, AuthError>>;
+}
+
+/// SHA-256 of a key, lowercase hex: what is stored and looked up.
+pub fn hash_key(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// A new random API key (`ck_` + 256 bits).
+pub fn new_api_key() -> String {
+    format!(
+        "ck_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// The presented key: `Authorization: Bearer KEY`, else `x-api-key`.
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+    bearer
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+/// Parses `hash:user,hash:user` (the `API_KEY_HASHES` format).
+pub fn parse_hash_list(s: &str) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for entry in s
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let (hash, user) = entry
+            .split_once(':')
+            .ok_or_else(|| format!("entry {entry:?} is not HASH:USER"))?;
+        let hash = hash.trim().to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{hash:?} is not a SHA-256 hex digest"));
+        }
+        if !valid_user_id(user.trim()) {
+            return Err(format!(
+                "user id {user:?} is not 1-64 of A-Z a-z 0-9 - _ . @"
+            ));
+        }
+        out.insert(hash, user.trim().to_owned());
+    }
+    Ok(out)
+}
+
+pub fn valid_user_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+}
+
+/// Cached results per key hash: hits for a minute, misses for a few
+/// seconds (so a new key works almost at once, and a flood of bad keys
+/// does not become a flood of reads).
+const HIT_TTL: Duration = Duration::from_secs(60);
+const MISS_TTL: Duration = Duration::from_secs(5);
+const CACHE_MAX: usize = 10_000;
+
+/// A lookup result (the user, or none) and until when it holds.
+type CachedLookup = (Option<Arc<str>>, Instant);
+
+pub struct ApiKeyAuth {
+    fixed: HashMap<String, String>,
+    store: Option<Arc<Store>>,
+    cache: Mutex<HashMap<String, CachedLookup>>,
+}
+
+impl ApiKeyAuth {
+    pub fn new(fixed: HashMap<String, String>, store: Option<Arc<Store>>) -> Self {
+        Self {
+            fixed,
+            store,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self, hash: &str) -> Option<Option<Arc<str>>> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(hash)
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(user, _)| user.clone())
+    }
+
+    fn remember(&self, hash: String, user: Option<Arc<str>>) {
+        let ttl = if user.is_some() { HIT_TTL } else { MISS_TTL };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX {
+            let now = Instant::now();
+            cache.retain(|_, (_, until)| *until > now);
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(hash, (user, Instant::now() + ttl));
+    }
+
+    async fn check(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
+        let key = presented_key(headers).ok_or(AuthError::Missing)?;
+        if key.len() > 256 {
+            return Err(AuthError::Invalid);
+        }
+        let hash = hash_key(key);
+        if let Some(user) = self.fixed.get(&hash) {
+            return Ok(Identity {
+                user_id: Arc::from(user.as_str()),
+            });
+        }
+        let user = match self.cached(&hash) {
+            Some(u) => u,
+            None => {
+                let Some(store) = &self.store else {
+                    return Err(AuthError::Invalid);
+                };
+                let found = store.lookup_api_key(&hash).await.map_err(|e| {
+                    tracing::warn!(error = %e, "API key lookup failed");
+                    AuthError::Unavailable
+                })?;
+                let user: Option<Arc<str>> = found.map(Arc::from);
+                self.remember(hash, user.clone());
+                user
+            }
+        };
+        user.map(|user_id| Identity { user_id })
+            .ok_or(AuthError::Invalid)
+    }
+}
+
+impl Authenticator for ApiKeyAuth {
+    fn method(&self) -> &'static str {
+        "api_key"
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+    ) -> BoxFuture<'a, Result<Identity, AuthError>> {
+        Box::pin(self.check(headers))
+    }
+}
+
+/// Local development only: the caller says who it is.
+pub struct DevAuth;
+
+pub const DEV_USER_HEADER: &str = "x-dev-user";
+
+impl Authenticator for DevAuth {
+    fn method(&self) -> &'static str {
+        "dev"
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+    ) -> BoxFuture<'a, Result<Identity, AuthError>> {
+        let user = headers
+            .get(DEV_USER_HEADER)
+            .map(|v| v.to_str().map(str::trim).unwrap_or(""));
+        let result = match user {
+            None => Ok(Identity {
+                user_id: Arc::from("dev"),
+            }),
+            Some(u) if valid_user_id(u) => Ok(Identity {
+                user_id: Arc::from(u),
+            }),
+            Some(_) => Err(AuthError::Invalid),
+        };
+        Box::pin(async move { result })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn hash_is_sha256_hex() {
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(new_api_key().starts_with("ck_"));
+        assert_ne!(new_api_key(), new_api_key());
+    }
+
+    #[test]
+    fn key_comes_from_bearer_or_x_api_key() {
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Bearer k1")])),
+            Some("k1")
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "bearer  k2 ")])),
+            Some("k2")
+        );
+        assert_eq!(presented_key(&headers(&[("x-api-key", "k3")])), Some("k3"));
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Basic abc")])),
+            None
+        );
+        assert_eq!(presented_key(&headers(&[])), None);
+    }
+
+    #[tokio::test]
+    async fn fixed_hashes_authenticate_and_others_do_not() {
+        let list = format!("{}:alice", hash_key("secret-1"));
+        let auth = ApiKeyAuth::new(parse_hash_list(&list).unwrap(), None);
+        let ok = auth
+            .authenticate(&headers(&[("authorization", "Bearer secret-1")]))
+            .await;
+        assert_eq!(ok.unwrap().user_id.as_ref(), "alice");
+        let bad = auth
+            .authenticate(&headers(&[("authorization", "Bearer secret-2")]))
+            .await;
+        assert_eq!(bad, Err(AuthError::Invalid));
+        assert_eq!(
+            auth.authenticate(&headers(&[])).await,
+            Err(AuthError::Missing)
+        );
+    }
+
+    #[test]
+    fn hash_list_format_is_checked() {
+        assert!(parse_hash_list("nothex:alice").is_err());
+        assert!(parse_hash_list(&format!("{}:bad user", hash_key("x"))).is_err());
+        assert_eq!(parse_hash_list(" ").unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn dev_mode_takes_the_header() {
+        let a = DevAuth;
+        assert_eq!(
+            a.authenticate(&headers(&[("x-dev-user", "bob")]))
+                .await
+                .unwrap()
+                .user_id
+                .as_ref(),
+            "bob"
+        );
+        assert_eq!(
+            a.authenticate(&headers(&[("x-dev-user", "no spaces")]))
+                .await,
+            Err(AuthError::Invalid)
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! The producer: makes a finished turn durable after the client has its
+//! final event, without the client waiting for it.
+//!
+//! Durable before the invocation ends: Lambda freezes the environment once
+//! the response is complete, so work left running after that may never
+//! finish. The relay therefore sends `done` (the client has the whole
+//! answer), then keeps the response body open until [`Persister::persist`]
+//! has returned, then ends the body. The client sees no delay (the final
+//! event was already flushed); the invocation lasts a few ms longer.
+//!
+//! The path of one turn:
+//! 1. In parallel: append it to the recent-turns buffer (Redis) and send
+//!    the versioned message to SQS (answers too large for a message go by
+//!    claim check, [`crate::store::Store::put_answer_parts`]).
+//! 2. SQS failing after the SDK's retries (bounded by the operation
+//!    timeout): write the turn to DynamoDB directly (idempotent, so a
+//!    message that did get through is a no-op later).
+//! 3. The buffer write failing: write to DynamoDB directly as well, so the
+//!    next turn can read it (see [`crate::history`]).
+//! 4. Both failing: the record is logged whole at error level (`turn_lost`)
+//!    so it can be replayed from the logs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::history::{BufferedTurn, RecentBuffer};
+use crate::store::{Store, WriteOutcome};
+use crate::turn::{SQS_MESSAGE_MAX_BYTES, TurnRecord, TurnStatus};
+
+/// Where a turn went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersistPath {
+    /// On the queue; db-writer writes it.
+    Queued,
+    /// Written to the table directly (SQS down, no queue, or the buffer
+    /// missed it).
+    Direct,
+    /// Queued and also written directly (the buffer missed it).
+    QueuedAndDirect,
+    /// Neither worked: logged whole for replay.
+    Lost,
+}
+
+impl PersistPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PersistPath::Queued => "queued",
+            PersistPath::Direct => "direct",
+            PersistPath::QueuedAndDirect => "queued+direct",
+            PersistPath::Lost => "lost",
+        }
+    }
+}
+
+pub struct Queue {
+    pub client: aws_sdk_sqs::Client,
+    pub url: String,
+}
+
+pub struct Persister {
+    store: Arc<Store>,
+    queue: Option<Queue>,
+    buffer: Option<Arc<RecentBuffer>>,
+}
+
+impl Persister {
+    pub fn new(store: Arc<Store>, queue: Option<Queue>, buffer: Option<Arc<RecentBuffer>>) -> Self {
+        Self {
+            store,
+            queue,
+            buffer,
+        }
+    }
+
+    /// Makes the turn durable; see the module docs for the order.
+    pub async fn persist(&self, rec: TurnRecord) -> PersistPath {
+        let started = Instant::now();
+        let buffered = async {
+            match (&self.buffer, rec.status, &rec.answer) {
+                (Some(b), TurnStatus::Completed, Some(answer)) => {
+                    b.push(
+                        &rec.conversation_id,
+                        &BufferedTurn::from_record(&rec, answer),
+                    )
+                    .await
+                }
+                // Only completed turns are replayed as history.
+                (_, TurnStatus::Interrupted | TurnStatus::Failed, _) => true,
+                _ => false,
+            }
+        };
+        let (buffered, queued) = tokio::join!(buffered, self.enqueue(rec.clone()));
+        let path = match (queued, buffered) {
+            (Ok(()), true) => PersistPath::Queued,
+            (Ok(()), false) => {
+                if self.write_direct(&rec).await {
+                    PersistPath::QueuedAndDirect
+                } else {
+                    // Queued, so not lost; the next turn may miss it until
+                    // db-writer runs.
+                    PersistPath::Queued
+                }
+            }
+            (Err(why), _) => {
+                tracing::warn!(error = %why, turn_id = %rec.turn_id, "queue unavailable; writing the turn directly");
+                if self.write_direct(&rec).await {
+                    PersistPath::Direct
+                } else {
+                    PersistPath::Lost
+                }
+            }
+        };
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if path == PersistPath::Lost {
+            tracing::error!(
+                turn_id = %rec.turn_id,
+                record = %rec.encode(),
+                "turn_lost: neither SQS nor DynamoDB took the turn; replay this record"
+            );
+        } else {
+            tracing::debug!(turn_id = %rec.turn_id, path = path.as_str(), persist_ms = ms, "turn persisted");
+        }
+        path
+    }
+
+    /// Sends the turn to SQS, claim-checking an answer that would not fit.
+    async fn enqueue(&self, mut rec: TurnRecord) -> Result<(), String> {
+        let Some(q) = &self.queue else {
+            return Err("no queue configured".into());
+        };
+        let mut body = rec.encode();
+        if body.len() > SQS_MESSAGE_MAX_BYTES {
+            self.store
+                .put_answer_parts(&mut rec)
+                .await
+                .map_err(|e| e.to_string())?;
+            body = rec.encode();
+            if body.len() > SQS_MESSAGE_MAX_BYTES {
+                return Err("turn too large for a message even without its answer".into());
+            }
+        }
+        q.client
+            .send_message()
+            .queue_url(&q.url)
+            .message_body(body)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
+    }
+
+    async fn write_direct(&self, rec: &TurnRecord) -> bool {
+        match self
+            .store
+            .write_turns(std::slice::from_ref(rec))
+            .await
+            .first()
+        {
+            Some(WriteOutcome::Written | WriteOutcome::Duplicate) => true,
+            Some(WriteOutcome::Rejected(why) | WriteOutcome::Failed(why)) => {
+                tracing::warn!(error = %why, turn_id = %rec.turn_id, "direct turn write failed");
+                false
+            }
+            None => false,
+        }
+    }
+}
