@@ -20,7 +20,7 @@ ARM      := aarch64-unknown-linux-gnu
 .PHONY: help run test lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
-	@echo "make run      build and start model-sim + chat-stream locally (Ctrl-C stops both)"
+	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
 	@echo "make test     lint (fmt, clippy, sam validate --lint) and all tests"
 	@echo "make build    arm64 Lambda bootstraps in target/lambda/ (cargo lambda)"
 	@echo "make bench    latency benchmarks; see BENCHMARKS.md"
@@ -42,7 +42,7 @@ rust-arm64:
 # --- local run --------------------------------------------------------------
 
 run: $(TOOLS)
-	cargo build -p chat-stream -p model-sim
+	cargo build -p chat-stream -p model-sim -p db-writer
 	BIN=target/debug scripts/run-local.sh
 
 # --- quality gates ----------------------------------------------------------
@@ -66,7 +66,7 @@ test: lint
 # --- build and deploy -------------------------------------------------------
 
 build: $(TOOLS) rust-arm64
-	cargo lambda build --release --arm64 --locked -p chat-stream
+	cargo lambda build --release --arm64 --locked -p chat-stream -p db-writer
 	@for f in target/lambda/*/bootstrap; do \
 		printf '%s: ' "$$f"; file -b "$$f" 2>/dev/null | cut -d, -f1-2 || true; \
 		ls -l "$$f" | awk '{print "  " $$5 " bytes"}'; \

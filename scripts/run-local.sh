@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Starts the local stack in the foreground: model-sim (unless
-# ANTHROPIC_API_KEY is set, then the real API is used) and chat-stream.
-# Ctrl-C stops everything this script started.
+# Starts the local stack in the foreground: Redis and moto (with the
+# template's table and queues), model-sim (unless ANTHROPIC_API_KEY is set,
+# then the real API is used), chat-stream, and db-writer as the local poller
+# of the turn queue. Ctrl-C stops everything this script started.
+#
+# AUTH_MODE: dev (default here: callers name themselves with x-dev-user) or
+# api_key (make a key with: TABLE_NAME=local-ChatTable target/debug/chat-stream
+# keys create --user me, with the env from scripts/services.sh start).
 #
 # Knobs: PORT (3000), SIM_PORT (4010), SIM_TTFT_MS (300), SIM_TPS (30),
 # SIM_TOKENS (120), BIN (target/debug).
@@ -73,16 +78,29 @@ else
   model="the Anthropic API (ANTHROPIC_API_KEY is set)"
 fi
 
+export AUTH_MODE="${AUTH_MODE:-dev}"
 "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" &
 pids+=($!)
 wait_for "$PORT" chat-stream "$!"
 
+# The event source mapping's stand-in: batches from the queue into the table.
+POLL_BATCHING_WINDOW_MS="${POLL_BATCHING_WINDOW_MS:-500}" "$BIN/db-writer" &
+pids+=($!)
+
 cat <<MSG
 
 chat-stream is up at http://127.0.0.1:$PORT (model: $model)
+Auth: AUTH_MODE=$AUTH_MODE$([ "$AUTH_MODE" = dev ] && echo " (local only: x-dev-user names the caller, no key needed)")
+Turns: queue $TURN_QUEUE_URL -> db-writer (local poller) -> table $TABLE_NAME
 
   curl -N http://127.0.0.1:$PORT/chat -H 'content-type: application/json' \\
-    -d '{"message": "Why does streaming make chat feel fast?"}'
+    -H 'x-dev-user: alice' -d '{"message": "Why does streaming make chat feel fast?"}'
+
+  # continue it: "conversation_id" from the meta event
+  curl -N http://127.0.0.1:$PORT/chat -H 'content-type: application/json' \\
+    -H 'x-dev-user: alice' -d '{"message": "Say that shorter", "conversation_id": "ID"}'
+
+  curl http://127.0.0.1:$PORT/conversations -H 'x-dev-user: alice'
 
   curl http://127.0.0.1:$PORT/health
 

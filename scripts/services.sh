@@ -3,7 +3,9 @@
 # already answering, and prints the environment that points at them
 # (use: eval "$(scripts/services.sh start)").
 #
-#   moto server (DynamoDB, SQS, Secrets Manager) on MOTO_PORT (5005)
+#   moto server (DynamoDB, SQS, Secrets Manager) on MOTO_PORT (5005), with
+#   the table and queues of template.yaml created in it
+#   (scripts/local_aws.py, names prefixed LOCAL_PREFIX, default "local")
 #   Redis on REDIS_PORT (6379), installed from Debian's packages if missing
 #
 # `scripts/services.sh stop` stops what this script started.
@@ -50,12 +52,18 @@ case "${1:-start}" in
   start)
     start_moto
     start_redis
+    export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT
+    export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-testing}
+    export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-testing}
+    export AWS_REGION=${AWS_REGION:-us-east-1}
+    resources=$("$VENV/bin/python" scripts/local_aws.py ensure --prefix "${LOCAL_PREFIX:-local}")
     cat <<ENV
-export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT
-export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-testing}
-export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-testing}
-export AWS_REGION=${AWS_REGION:-us-east-1}
+export AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL
+export AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID
+export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY
+export AWS_REGION=$AWS_REGION
 export REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+$resources
 ENV
     ;;
   stop)

@@ -180,6 +180,9 @@ pub struct PersistenceConfig {
     pub table: String,
     /// `TURN_QUEUE_URL`; unset: turns are written to the table directly.
     pub queue_url: Option<String>,
+    /// `AWS_ENDPOINT_URL_SQS`, when set in the config source (the SDK also
+    /// reads it from the process environment).
+    pub sqs_endpoint_url: Option<String>,
     /// `RETENTION_DAYS`; items expire (DynamoDB TTL) this long after their
     /// last update. Unset or 0: kept.
     pub retention: Option<Duration>,
@@ -532,9 +535,14 @@ impl Config {
                     None => None,
                 };
                 let days = r.ranged("RETENTION_DAYS", 0u64, 0, 36_500)?;
+                let sqs_endpoint_url = match r.string("AWS_ENDPOINT_URL_SQS") {
+                    Some(_) => Some(url(&r, "AWS_ENDPOINT_URL_SQS", "")?),
+                    None => None,
+                };
                 Some(PersistenceConfig {
                     table,
                     queue_url,
+                    sqs_endpoint_url,
                     retention: (days > 0).then(|| Duration::from_secs(days * 86_400)),
                 })
             }

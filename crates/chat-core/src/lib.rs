@@ -78,8 +78,12 @@ async fn build_deps(
                     // Brief: SQS trouble falls back to a direct write.
                     let sdk =
                         aws_sdk_config(Duration::from_millis(800), Duration::from_secs(2)).await;
+                    let mut conf = aws_sdk_sqs::config::Builder::from(&sdk);
+                    if let Some(endpoint) = &p.sqs_endpoint_url {
+                        conf = conf.endpoint_url(endpoint);
+                    }
                     Some(persist::Queue {
-                        client: aws_sdk_sqs::Client::new(&sdk),
+                        client: aws_sdk_sqs::Client::from_conf(conf.build()),
                         url: url.clone(),
                     })
                 }
