@@ -578,7 +578,7 @@ impl LocalAws {
     }
 
     pub async fn store(&self) -> chat_core::store::Store {
-        chat_core::store_for(&self.table, None).await
+        chat_core::store_for(&self.table, None, chat_core::StoreRole::Writer).await
     }
 
     pub async fn sqs(&self) -> aws_sdk_sqs::Client {

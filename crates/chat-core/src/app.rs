@@ -474,6 +474,33 @@ async fn health(State(state): State<AppState>, req: Request) -> Response {
         "redis".to_owned(),
         json!({"state": redis, "scope": if redis == "ok" { "fleet" } else { "instance" }}),
     );
+    if let Some(store) = &state.deps().store {
+        // Conversations need the table; chat without history still works
+        // when it is down (turns then wait on the queue), so it degrades.
+        let (table_state, latency) = if probe_requested {
+            let t = Instant::now();
+            match store.probe().await {
+                Ok(()) => ("ok", Some(ms(t.elapsed()))),
+                Err(_) => ("down", None),
+            }
+        } else {
+            ("configured", None)
+        };
+        degraded |= table_state == "down";
+        deps.insert(
+            "dynamodb".to_owned(),
+            json!({"state": table_state, "table": store.table(), "latency_ms": latency}),
+        );
+    }
+    if let Some(p) = &state.deps().persister {
+        let q = p.queue_health();
+        degraded |= matches!(q, "failing" | "degraded");
+        deps.insert("sqs".to_owned(), json!({"state": q}));
+    }
+    deps.insert(
+        "auth".to_owned(),
+        json!({"method": state.deps().auth.method()}),
+    );
     let status_word = if !ok {
         "down"
     } else if degraded {

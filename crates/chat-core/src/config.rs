@@ -183,6 +183,9 @@ pub struct PersistenceConfig {
     /// `AWS_ENDPOINT_URL_SQS`, when set in the config source (the SDK also
     /// reads it from the process environment).
     pub sqs_endpoint_url: Option<String>,
+    /// `TURN_QUEUE_TIMEOUT_MS` (default 2000): the longest a send to SQS
+    /// may take, retries included, before the turn is written directly.
+    pub queue_timeout: Duration,
     /// `RETENTION_DAYS`; items expire (DynamoDB TTL) this long after their
     /// last update. Unset or 0: kept.
     pub retention: Option<Duration>,
@@ -543,6 +546,7 @@ impl Config {
                     table,
                     queue_url,
                     sqs_endpoint_url,
+                    queue_timeout: r.ms("TURN_QUEUE_TIMEOUT_MS", 2_000)?,
                     retention: (days > 0).then(|| Duration::from_secs(days * 86_400)),
                 })
             }

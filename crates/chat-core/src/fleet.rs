@@ -87,12 +87,16 @@ impl RedisLink {
 
     /// Runs a pipeline (atomic when built with `.atomic()`); `None` when
     /// Redis is skipped, slow or failing.
-    pub async fn pipe<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Option<T> {
+    pub async fn pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        timeout: Duration,
+    ) -> Option<T> {
         if self.skipping() {
             return None;
         }
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
+        match tokio::time::timeout(timeout, pipe.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => {
                 *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Some(v)

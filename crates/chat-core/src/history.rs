@@ -66,6 +66,11 @@ pub struct RecentBuffer {
     limits: HistoryLimits,
 }
 
+/// Buffer reads and writes may take longer than the rate limiter's checks
+/// (`REDIS_TIMEOUT_MS`): a missed read can hide the latest turn, and a
+/// missed write costs a direct DynamoDB write.
+const BUFFER_TIMEOUT: Duration = Duration::from_millis(250);
+
 fn buffer_key(conversation_id: &str) -> String {
     format!("hist:{{{}}}", tag(conversation_id))
 }
@@ -89,14 +94,14 @@ impl RecentBuffer {
             .ignore()
             .expire(&key, self.limits.buffer_ttl.as_secs().max(1) as i64)
             .ignore();
-        self.redis.pipe::<()>(&pipe).await.is_some()
+        self.redis.pipe::<()>(&pipe, BUFFER_TIMEOUT).await.is_some()
     }
 
     /// The buffered turns, oldest first; `None` when Redis did not answer.
     pub async fn load(&self, conversation_id: &str) -> Option<Vec<BufferedTurn>> {
         let mut pipe = redis::pipe();
         pipe.lrange(buffer_key(conversation_id), 0, -1);
-        let (raw,): (Vec<String>,) = self.redis.pipe(&pipe).await?;
+        let (raw,): (Vec<String>,) = self.redis.pipe(&pipe, BUFFER_TIMEOUT).await?;
         Some(
             raw.iter()
                 .filter_map(|s| serde_json::from_str(s).ok())
@@ -192,9 +197,17 @@ pub async fn load(
         store.recent_turns(conversation_id, limits.max_turns),
         buffered
     );
+    let buffer_failed = buffer.is_some() && buffered.is_none();
     let buffered = buffered.unwrap_or_default();
     let owner = match &meta {
         Ok(Some(m)) => Some(m.owner.as_str()),
+        // Not written yet and the buffer did not answer: the conversation
+        // may well exist; do not call it unknown.
+        Ok(None) if buffer_failed => {
+            return Err(HistoryError::Unavailable(
+                "recent-turns buffer unavailable".into(),
+            ));
+        }
         Ok(None) => buffered.first().map(|t| t.user_id.as_str()),
         Err(e) => match buffered.first() {
             // The table is failing but the buffer knows the conversation:

@@ -55,9 +55,23 @@ pub async fn aws_sdk_config(attempt: Duration, operation: Duration) -> aws_confi
         .await
 }
 
+/// Who is calling DynamoDB, which sets how long a call may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreRole {
+    /// chat-stream: reads next to a user's request; short.
+    Request,
+    /// db-writer: transactions of up to 100 actions; a timed-out attempt
+    /// that did commit only shows up as duplicates on the retry.
+    Writer,
+}
+
 /// The table client for `table`.
-pub async fn store_for(table: &str, retention: Option<Duration>) -> store::Store {
-    let sdk = aws_sdk_config(Duration::from_secs(2), Duration::from_secs(6)).await;
+pub async fn store_for(table: &str, retention: Option<Duration>, role: StoreRole) -> store::Store {
+    let (attempt, total) = match role {
+        StoreRole::Request => (Duration::from_secs(2), Duration::from_secs(6)),
+        StoreRole::Writer => (Duration::from_secs(10), Duration::from_secs(25)),
+    };
+    let sdk = aws_sdk_config(attempt, total).await;
     store::Store::new(aws_sdk_dynamodb::Client::new(&sdk), table, retention)
 }
 
@@ -67,7 +81,9 @@ async fn build_deps(
     redis: Option<Arc<fleet::RedisLink>>,
 ) -> Result<app::Deps, InitError> {
     let store = match &config.persistence {
-        Some(p) => Some(Arc::new(store_for(&p.table, p.retention).await)),
+        Some(p) => Some(Arc::new(
+            store_for(&p.table, p.retention, StoreRole::Request).await,
+        )),
         None => None,
     };
     let buffer = redis.map(|r| Arc::new(history::RecentBuffer::new(r, config.history)));
@@ -76,8 +92,7 @@ async fn build_deps(
             let queue = match &p.queue_url {
                 Some(url) => {
                     // Brief: SQS trouble falls back to a direct write.
-                    let sdk =
-                        aws_sdk_config(Duration::from_millis(800), Duration::from_secs(2)).await;
+                    let sdk = aws_sdk_config(p.queue_timeout * 2 / 5, p.queue_timeout).await;
                     let mut conf = aws_sdk_sqs::config::Builder::from(&sdk);
                     if let Some(endpoint) = &p.sqs_endpoint_url {
                         conf = conf.endpoint_url(endpoint);

@@ -21,6 +21,7 @@
 //!    so it can be replayed from the logs.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
 
 use crate::history::{BufferedTurn, RecentBuffer};
@@ -61,6 +62,9 @@ pub struct Persister {
     store: Arc<Store>,
     queue: Option<Queue>,
     buffer: Option<Arc<RecentBuffer>>,
+    /// Sends to SQS that failed in a row (0 after a success).
+    queue_failures: AtomicU32,
+    queue_used: AtomicBool,
 }
 
 impl Persister {
@@ -69,6 +73,23 @@ impl Persister {
             store,
             queue,
             buffer,
+            queue_failures: AtomicU32::new(0),
+            queue_used: AtomicBool::new(false),
+        }
+    }
+
+    /// The queue as last seen: `ok`, `failing` (3+ sends in a row failed;
+    /// turns go to the table directly), `degraded`, `unknown` (not used
+    /// yet) or `off` (no queue: direct writes).
+    pub fn queue_health(&self) -> &'static str {
+        if self.queue.is_none() {
+            return "off";
+        }
+        match self.queue_failures.load(Ordering::Relaxed) {
+            0 if self.queue_used.load(Ordering::Relaxed) => "ok",
+            0 => "unknown",
+            1..=2 => "degraded",
+            _ => "failing",
         }
     }
 
@@ -139,14 +160,24 @@ impl Persister {
                 return Err("turn too large for a message even without its answer".into());
             }
         }
-        q.client
+        let sent = q
+            .client
             .send_message()
             .queue_url(&q.url)
             .message_body(body)
             .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
+            .await;
+        self.queue_used.store(true, Ordering::Relaxed);
+        match sent {
+            Ok(_) => {
+                self.queue_failures.store(0, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.queue_failures.fetch_add(1, Ordering::Relaxed);
+                Err(format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
+            }
+        }
     }
 
     async fn write_direct(&self, rec: &TurnRecord) -> bool {

@@ -301,6 +301,21 @@ impl Store {
         self.retention.map(|r| from_ms / 1000 + r.as_secs())
     }
 
+    /// A cheap read that proves the table answers (GetItem of a key that
+    /// never exists; needs no extra permission).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.count();
+        self.client
+            .get_item()
+            .table_name(&self.table)
+            .key("PK", s("HEALTH"))
+            .key("SK", s("HEALTH"))
+            .send()
+            .await
+            .map_err(|e| dynamo_err("GetItem", e))?;
+        Ok(())
+    }
+
     pub async fn get_conversation(&self, id: &str) -> Result<Option<ConversationMeta>, StoreError> {
         self.count();
         let out = self

@@ -75,7 +75,7 @@ async fn keys(args: &[String]) -> ExitCode {
         return ExitCode::from(2);
     };
     let label = flags.get("LABEL").cloned().unwrap_or_default();
-    let store = chat_core::store_for(&table, None).await;
+    let store = chat_core::store_for(&table, None, chat_core::StoreRole::Request).await;
     let key = chat_core::auth::new_api_key();
     let hash = chat_core::auth::hash_key(&key);
     if let Err(e) = store

@@ -27,7 +27,14 @@ async fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     chat_core::logging::init(config.log_level);
-    let store = Arc::new(chat_core::store_for(&config.table, config.retention).await);
+    let store = Arc::new(
+        chat_core::store_for(
+            &config.table,
+            config.retention,
+            chat_core::StoreRole::Writer,
+        )
+        .await,
+    );
 
     if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
         let handler = service_fn(move |event: LambdaEvent<SqsEvent>| {
