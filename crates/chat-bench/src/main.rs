@@ -6,13 +6,15 @@
 //! ```
 //!
 //! `--api chat` posts our `/chat` body and waits for the first `delta`
-//! event; `--api anthropic` posts a Messages API request and waits for the
+//! event (with `--conversation continue`, each worker keeps one
+//! conversation going, so every request after its first loads history); `--api anthropic` posts a Messages API request and waits for the
 //! first `content_block_delta`. Each of `--concurrency` workers sends its
 //! share of `--requests` one after another over a keep-alive connection,
 //! after `--warmup` untimed requests. Prints one Markdown table row (and a
 //! JSON line with `--json`).
 
 mod faults;
+mod writer;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -30,6 +32,8 @@ struct Args {
     label: String,
     json: bool,
     max_tokens: u32,
+    /// Each worker continues its own conversation.
+    continue_conversation: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -48,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         label: String::new(),
         json: false,
         max_tokens: 32,
+        continue_conversation: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -74,6 +79,13 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => a.warmup = num(&v)?,
             "--label" => a.label = v,
             "--max-tokens" => a.max_tokens = num(&v)? as u32,
+            "--conversation" => {
+                a.continue_conversation = match v.as_str() {
+                    "new" => false,
+                    "continue" => true,
+                    _ => return Err(format!("--conversation: {v:?} is not new or continue")),
+                }
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -90,13 +102,32 @@ fn parse_args() -> Result<Args, String> {
 struct Sample {
     ttft: Option<Duration>,
     total: Option<Duration>,
+    /// From the `meta` event (chat API).
+    conversation_id: Option<String>,
 }
 
-async fn one(client: &reqwest::Client, a: &Args, i: usize) -> Result<Sample, String> {
+fn conversation_id_in(buf: &[u8]) -> Option<String> {
+    let key = b"\"conversation_id\":\"";
+    let p = buf.windows(key.len()).position(|w| w == key)? + key.len();
+    let end = buf[p..].iter().position(|b| *b == b'"')?;
+    String::from_utf8(buf[p..p + end].to_vec()).ok()
+}
+
+async fn one(
+    client: &reqwest::Client,
+    a: &Args,
+    i: usize,
+    conversation: Option<&str>,
+) -> Result<Sample, String> {
     let message = format!("benchmark question number {i}");
     let (body, marker): (serde_json::Value, &[u8]) = match a.api {
         Api::Chat => (
-            json!({"message": message, "max_tokens": a.max_tokens}),
+            match conversation {
+                Some(c) => {
+                    json!({"message": message, "max_tokens": a.max_tokens, "conversation_id": c})
+                }
+                None => json!({"message": message, "max_tokens": a.max_tokens}),
+            },
             b"event: delta\n",
         ),
         Api::Anthropic => (
@@ -128,6 +159,7 @@ async fn one(client: &reqwest::Client, a: &Args, i: usize) -> Result<Sample, Str
             if let Some(p) = buf.windows(marker.len()).position(|w| w == marker) {
                 if buf[p..].windows(2).any(|w| w == b"\n\n") {
                     sample.ttft = Some(start.elapsed());
+                    sample.conversation_id = conversation_id_in(&buf);
                 }
             }
         }
@@ -189,6 +221,9 @@ async fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("faults") {
         return faults_main().await;
     }
+    if std::env::args().nth(1).as_deref() == Some("writer") {
+        return writer::main().await;
+    }
     let a = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -212,25 +247,41 @@ async fn main() -> ExitCode {
         .map(|w| {
             let (client, a) = (client.clone(), a.clone());
             tokio::spawn(async move {
+                let mut conv: Option<String> = None;
                 for i in 0..a.warmup.div_ceil(a.concurrency) {
-                    let _ = one(&client, &a, 1_000_000 + w * 10_000 + i).await;
+                    if let Ok(s) =
+                        one(&client, &a, 1_000_000 + w * 10_000 + i, conv.as_deref()).await
+                    {
+                        if a.continue_conversation && conv.is_none() {
+                            conv = s.conversation_id;
+                        }
+                    }
                 }
+                conv
             })
         })
         .collect();
+    let mut convs = Vec::with_capacity(a.concurrency);
     for w in warm {
-        let _ = w.await;
+        convs.push(w.await.ok().flatten());
     }
 
     let started = Instant::now();
     let per_worker = a.requests.div_ceil(a.concurrency);
     let workers: Vec<_> = (0..a.concurrency)
-        .map(|w| {
+        .zip(convs)
+        .map(|(w, mut conv)| {
             let (client, a) = (client.clone(), a.clone());
             tokio::spawn(async move {
                 let mut out = Vec::with_capacity(per_worker);
                 for i in 0..per_worker {
-                    out.push(one(&client, &a, w * per_worker + i).await);
+                    let r = one(&client, &a, w * per_worker + i, conv.as_deref()).await;
+                    if let Ok(s) = &r {
+                        if a.continue_conversation && conv.is_none() {
+                            conv = s.conversation_id.clone();
+                        }
+                    }
+                    out.push(r);
                 }
                 out
             })

@@ -71,6 +71,16 @@ pub async fn store_for(table: &str, retention: Option<Duration>, role: StoreRole
         StoreRole::Request => (Duration::from_secs(2), Duration::from_secs(6)),
         StoreRole::Writer => (Duration::from_secs(10), Duration::from_secs(25)),
     };
+    store_with_timeouts(table, retention, attempt, total).await
+}
+
+/// The table client with explicit per-attempt and total call timeouts.
+pub async fn store_with_timeouts(
+    table: &str,
+    retention: Option<Duration>,
+    attempt: Duration,
+    total: Duration,
+) -> store::Store {
     let sdk = aws_sdk_config(attempt, total).await;
     store::Store::new(aws_sdk_dynamodb::Client::new(&sdk), table, retention)
 }
