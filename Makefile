@@ -81,7 +81,7 @@ deploy: sam-build
 
 # --- benchmarks -------------------------------------------------------------
 
-bench:
+bench: $(TOOLS)
 	cargo build --release -p chat-stream -p model-sim -p chat-bench
 	scripts/bench.sh
 

@@ -61,7 +61,10 @@ run() {
   pids+=($!)
   wait_for "$SIM_PORT"
   # Production log level: one JSON line per request is part of the cost.
-  env ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT" ANTHROPIC_API_KEY=bench LOG_LEVEL=info "$@" \
+  # API-key auth as deployed (chat-bench sends x-api-key: bench; only its
+  # hash is configured). Persistence off here: see bench-persist.sh.
+  env -u TABLE_NAME -u TURN_QUEUE_URL ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT" ANTHROPIC_API_KEY=bench LOG_LEVEL=info \
+    AUTH_MODE=api_key API_KEY_HASHES="$(printf %s bench | sha256sum | cut -d' ' -f1):bench-user" "$@" \
     "${on_chat[@]}" "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" >"$OUT/chat.log" 2>&1 &
   pids+=($!)
   wait_for "$PORT"
@@ -160,6 +163,9 @@ if runs("pinned-off", "chat", 1) is not None:
 PY
 
 if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; redis_pid=""; fi
+
+scripts/bench-persist.sh
+echo
 
 scripts/faults.sh
 echo

@@ -21,12 +21,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 pids+=($!)
 wait_for "$SIM_PORT"
 
-common=(ANTHROPIC_API_KEY=fault-matrix MODEL_ALLOWLIST='*' LOG_LEVEL=warn
+common=(ANTHROPIC_API_KEY=fault-matrix MODEL_ALLOWLIST='*' LOG_LEVEL=warn AUTH_MODE=dev
   UPSTREAM_FIRST_TOKEN_TIMEOUT_MS=1000 UPSTREAM_IDLE_TIMEOUT_MS=1000
   UPSTREAM_MAX_RETRIES=2 UPSTREAM_RETRY_BASE_MS=100 BREAKER_FAILURES=1000 RATE_LIMIT_RPM=0)
 start_chat() { # port base_url extra...
   local port=$1 base=$2; shift 2
-  env "${common[@]}" ANTHROPIC_BASE_URL="$base" "$@" "$BIN/chat-stream" --bind-addr "127.0.0.1:$port" >>"$OUT/chat.log" 2>&1 &
+  env -u TABLE_NAME -u TURN_QUEUE_URL "${common[@]}" ANTHROPIC_BASE_URL="$base" "$@" "$BIN/chat-stream" --bind-addr "127.0.0.1:$port" >>"$OUT/chat.log" 2>&1 &
   pids+=($!)
   wait_for "$port"
 }

@@ -353,7 +353,7 @@ async fn a_one_megabyte_answer_round_trips_through_the_queue() {
     assert!(answer.len() > 1_000_000);
     let rec = record(&erin, &conv, now_ms(), &answer);
     // Over 256 KiB: the parts go to the table, the reference to the queue.
-    let path = persister.persist(rec.clone()).await;
+    let path = persister.persist(rec.clone(), true).await;
     assert_eq!(path, PersistPath::Queued);
     assert!(
         store
@@ -709,5 +709,62 @@ async fn with_redis_down_the_next_turn_still_sees_the_previous_one() {
             .unwrap()
             .message_count,
         4
+    );
+}
+
+#[tokio::test]
+async fn history_merges_the_table_and_a_partial_buffer_in_order() {
+    let aws = LocalAws::create(&[]).await;
+    let store = aws.store().await;
+    let sim = sim(5, 2000.0, 6).await;
+    let server = server(&sim, &aws, &[]).await;
+    let lee = user();
+    let (_, first, meta) = chat(&server, &lee, json!({"message": "one"})).await;
+    let conv = meta["conversation_id"].as_str().unwrap().to_owned();
+    let (_, second, _) = chat(
+        &server,
+        &lee,
+        json!({"message": "two", "conversation_id": conv}),
+    )
+    .await;
+    drain(&aws, &store).await;
+    // The buffer loses the conversation (eviction, expiry, a Redis
+    // restart): the table alone answers, then the buffer holds only the
+    // newest turn and the two are merged.
+    let link = RedisLink::new(&require_redis_url(), Duration::from_millis(500)).unwrap();
+    let mut del = redis::pipe();
+    del.del(format!("hist:{{{conv}}}"));
+    assert!(link.pipe::<()>(&del, Duration::from_secs(1)).await.is_some());
+    let (_, third, _) = chat(
+        &server,
+        &lee,
+        json!({"message": "three", "conversation_id": conv}),
+    )
+    .await;
+    let (status, _, _) = chat(
+        &server,
+        &lee,
+        json!({"message": "four", "conversation_id": conv}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let reqs = sim.requests();
+    let contents: Vec<String> = reqs.last().unwrap()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        contents,
+        [
+            "one".to_owned(),
+            answer_text(&first),
+            "two".to_owned(),
+            answer_text(&second),
+            "three".to_owned(),
+            answer_text(&third),
+            "four".to_owned(),
+        ]
     );
 }

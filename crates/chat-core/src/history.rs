@@ -46,17 +46,38 @@ pub struct BufferedTurn {
     pub user_id: String,
     pub user_message: String,
     pub answer: String,
+    /// The conversation's first turn: a buffer holding it holds the whole
+    /// conversation.
+    #[serde(default)]
+    pub first: bool,
 }
 
 impl BufferedTurn {
-    pub fn from_record(r: &TurnRecord, answer: &str) -> Self {
+    pub fn from_record(r: &TurnRecord, answer: &str, first: bool) -> Self {
         Self {
             turn_id: r.turn_id.clone(),
             started_at_ms: r.started_at_ms,
             user_id: r.user_id.clone(),
             user_message: r.user_message.clone(),
             answer: answer.to_owned(),
+            first,
         }
+    }
+}
+
+/// Whether the buffer alone has everything the history can use: the whole
+/// conversation (it still holds the first turn), or at least `max_turns`
+/// turns (the newest ones; anything older is beyond the bound anyway).
+pub fn buffer_suffices(turns: &[BufferedTurn], max_turns: u32) -> bool {
+    !turns.is_empty() && (turns.len() >= max_turns as usize || turns.iter().any(|t| t.first))
+}
+
+fn past(t: BufferedTurn) -> PastTurn {
+    PastTurn {
+        turn_id: t.turn_id,
+        started_at_ms: t.started_at_ms,
+        user_message: t.user_message,
+        answer: t.answer,
     }
 }
 
@@ -177,8 +198,12 @@ fn usable(t: &StoredTurn) -> Option<PastTurn> {
     })
 }
 
-/// Loads a conversation's history for `caller`: the conversation and its
-/// recent turns from DynamoDB and the buffer, all at once.
+/// Loads a conversation's history for `caller`. The buffer is asked first
+/// (one Redis round trip); when it holds all the history can use (see
+/// [`buffer_suffices`]), DynamoDB is not asked at all, so a conversation in
+/// progress costs no table read before the model is called. Otherwise the
+/// conversation and its recent turns come from DynamoDB, in parallel, and
+/// are merged with what the buffer has.
 pub async fn load(
     store: &Store,
     buffer: Option<&RecentBuffer>,
@@ -186,16 +211,24 @@ pub async fn load(
     caller: &str,
     limits: &HistoryLimits,
 ) -> Result<Vec<PastTurn>, HistoryError> {
-    let buffered = async {
-        match buffer {
-            Some(b) => b.load(conversation_id).await,
-            None => None,
-        }
+    let buffered = match buffer {
+        Some(b) => b.load(conversation_id).await,
+        None => None,
     };
-    let (meta, stored, buffered) = tokio::join!(
+    if let Some(turns) = &buffered {
+        if buffer_suffices(turns, limits.max_turns) {
+            // Entries are written by chat-stream for the authenticated
+            // owner only, so the first one names the owner.
+            if turns.first().map(|t| t.user_id.as_str()) != Some(caller) {
+                return Err(HistoryError::NotFound);
+            }
+            let turns = buffered.into_iter().flatten().map(past).collect();
+            return Ok(select(turns, limits));
+        }
+    }
+    let (meta, stored) = tokio::join!(
         store.get_conversation(conversation_id),
-        store.recent_turns(conversation_id, limits.max_turns),
-        buffered
+        store.recent_turns(conversation_id, limits.max_turns)
     );
     let buffer_failed = buffer.is_some() && buffered.is_none();
     let buffered = buffered.unwrap_or_default();
@@ -233,12 +266,7 @@ pub async fn load(
         buffered
             .into_iter()
             .filter(|t| t.user_id == caller)
-            .map(|t| PastTurn {
-                turn_id: t.turn_id,
-                started_at_ms: t.started_at_ms,
-                user_message: t.user_message,
-                answer: t.answer,
-            }),
+            .map(past),
     );
     Ok(select(turns, limits))
 }
@@ -290,6 +318,28 @@ mod tests {
         // A turn that alone exceeds the budget ends the history there.
         let turns = vec![t("a", 1, 1), t("big", 2, 1000), t("c", 3, 1)];
         assert_eq!(ids(&select(turns, &limits(10, 100))), ["c"]);
+    }
+
+    fn b(id: &str, first: bool) -> BufferedTurn {
+        BufferedTurn {
+            turn_id: id.into(),
+            started_at_ms: 1,
+            user_id: "u".into(),
+            user_message: "q".into(),
+            answer: "a".into(),
+            first,
+        }
+    }
+
+    #[test]
+    fn the_buffer_suffices_from_the_first_turn_or_with_max_turns() {
+        assert!(!buffer_suffices(&[], 3));
+        assert!(buffer_suffices(&[b("a", true)], 3));
+        assert!(!buffer_suffices(&[b("b", false), b("c", false)], 3));
+        assert!(buffer_suffices(
+            &[b("b", false), b("c", false), b("d", false)],
+            3
+        ));
     }
 
     #[test]

@@ -94,14 +94,15 @@ impl Persister {
     }
 
     /// Makes the turn durable; see the module docs for the order.
-    pub async fn persist(&self, rec: TurnRecord) -> PersistPath {
+    /// `new_conversation`: this turn started the conversation.
+    pub async fn persist(&self, rec: TurnRecord, new_conversation: bool) -> PersistPath {
         let started = Instant::now();
         let buffered = async {
             match (&self.buffer, rec.status, &rec.answer) {
                 (Some(b), TurnStatus::Completed, Some(answer)) => {
                     b.push(
                         &rec.conversation_id,
-                        &BufferedTurn::from_record(&rec, answer),
+                        &BufferedTurn::from_record(&rec, answer, new_conversation),
                     )
                     .await
                 }

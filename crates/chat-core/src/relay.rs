@@ -188,7 +188,7 @@ pub(crate) async fn start(
     let pending = Some(first);
 
     // Phase 2: the stream.
-    let conversation_id = req.conversation_id.unwrap_or_else(new_id);
+    let conversation_id = req.conversation_id.clone().unwrap_or_else(new_id);
     let turn_id = new_id();
     let draft = state.deps().persister.clone().map(|persister| TurnDraft {
         persister,
@@ -196,6 +196,7 @@ pub(crate) async fn start(
         turn_id: turn_id.clone(),
         user_id: identity.user_id.to_string(),
         started_at_ms,
+        new_conversation: req.conversation_id.is_none(),
         user_message: req.message,
     });
     let meta = json!({
@@ -653,6 +654,7 @@ struct TurnDraft {
     turn_id: String,
     user_id: String,
     started_at_ms: u64,
+    new_conversation: bool,
     user_message: String,
 }
 
@@ -689,9 +691,10 @@ impl Relay {
             error_code: error_code.map(str::to_owned),
         };
         let persister = d.persister;
+        let new_conversation = d.new_conversation;
         let handle = tokio::runtime::Handle::try_current().ok()?;
         Some(handle.spawn(async move {
-            persister.persist(rec).await;
+            persister.persist(rec, new_conversation).await;
         }))
     }
 }

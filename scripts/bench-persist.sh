@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Persistence benchmarks (part of make bench; also runs alone):
+#
+# 1. Time to first token with persistence off and on. Same chat-stream
+#    build, same Redis (rate limits, breakers), API-key auth on; "on" adds
+#    the table and the turn queue, so each request also sends its turn to
+#    SQS and the recent-turns buffer after `done`. "on, continuing" keeps
+#    one conversation per client worker going, so every request also loads
+#    history (DynamoDB GetItem + Query and the Redis buffer, in parallel
+#    with the rate-limit check) before the model is called.
+# 2. db-writer: turns/s and DynamoDB calls per 1000 turns, through the
+#    local poller and db-writer's handler, at event-source batch sizes 100
+#    (the template's default) and 10 (SQS's default without a batching
+#    window), plus batch size 1 (one transaction per turn) for comparison.
+#
+# It starts its own moto server and Redis on free ports (a fresh moto: it
+# slows down as it accumulates data), model-sim answering at once (16
+# tokens), and pins chat-stream to CPU 0 and everything else to CPU 1 when
+# it can. Knobs: BENCH_PERSIST_REQUESTS (1000 per row), BENCH_ROUNDS (3),
+# WRITER_TURNS (1000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=target/release
+VENV=${VENV:-.venv}
+REQ=${BENCH_PERSIST_REQUESTS:-1000}
+ROUNDS=${BENCH_ROUNDS:-3}
+TURNS=${WRITER_TURNS:-1000}
+OUT=$(mktemp -d)
+pids=()
+svc=()
+stop_chat() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
+trap 'stop_chat; for p in "${svc[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$OUT"' EXIT
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_for() { for _ in $(seq 1 200); do listening "$1" && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+on_chat=(); on_rest=()
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then on_chat=(taskset -c 0); on_rest=(taskset -c 1); fi
+
+MPORT=$(free_port); RPORT=$(free_port); SIM_PORT=$(free_port); PORT=$(free_port)
+"${on_rest[@]}" "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MPORT" >"$OUT/moto.log" 2>&1 &
+svc+=($!)
+"${on_rest[@]}" redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 &
+svc+=($!)
+"${on_rest[@]}" "$BIN/model-sim" --addr "127.0.0.1:$SIM_PORT" --ttft-ms 0 --tps 0 --tokens 16 >"$OUT/sim.log" 2>&1 &
+svc+=($!)
+wait_for "$MPORT"; wait_for "$RPORT"; wait_for "$SIM_PORT"
+
+export AWS_ENDPOINT_URL="http://127.0.0.1:$MPORT" AWS_REGION=us-east-1
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+eval "$("$VENV/bin/python" scripts/local_aws.py ensure --prefix bench)"
+
+# chat-bench sends x-api-key: bench; only its hash is configured.
+KEY_HASH=$(printf %s bench | sha256sum | cut -d' ' -f1)
+common=(ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT" ANTHROPIC_API_KEY=bench LOG_LEVEL=info
+  AUTH_MODE=api_key API_KEY_HASHES="$KEY_HASH:bench-user" REDIS_URL="redis://127.0.0.1:$RPORT"
+  RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000)
+
+# run NAME CONVERSATION ENV...: one round of one configuration at c=1 and 20.
+run() {
+  local name=$1 conv=$2
+  shift 2
+  env -u TABLE_NAME -u TURN_QUEUE_URL "${common[@]}" "$@" \
+    "${on_chat[@]}" "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" >>"$OUT/chat.log" 2>&1 &
+  pids+=($!)
+  wait_for "$PORT"
+  for c in 1 20; do
+    "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat --conversation "$conv" \
+      --concurrency "$c" --requests "$REQ" --warmup 100 --label "$name" --json >/dev/null 2>>"$OUT/$name-$c.jsonl"
+  done
+  stop_chat
+}
+
+for _ in $(seq 1 "$ROUNDS"); do
+  run off new
+  run on new TABLE_NAME="$TABLE_NAME" TURN_QUEUE_URL="$TURN_QUEUE_URL"
+  run on-continue continue TABLE_NAME="$TABLE_NAME" TURN_QUEUE_URL="$TURN_QUEUE_URL"
+done
+
+python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" <<'PY'
+import json, os, statistics, sys, datetime
+out, req, rounds, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def runs(name, c):
+    return [json.loads(l) for l in open(os.path.join(out, f"{name}-{c}.jsonl")) if l.strip().startswith("{")]
+def med(rs, *keys):
+    vals = []
+    for r in rs:
+        v = r
+        for k in keys:
+            v = v[k]
+        vals.append(v)
+    return statistics.median(vals)
+print(f"### Persistence off vs on ({datetime.date.today()}, {cores} cores, {req} requests per row after 100 warm-up, median of {rounds} interleaved rounds)\n")
+print("chat-stream pinned to CPU 0; client, model-sim, Redis and moto on CPU 1. API-key auth and Redis rate limits in every row.\n")
+print("| configuration | concurrency | TTFT p50 ms | TTFT p95 ms | TTFT p99 ms | TTFT p50 vs off | body end p50 ms | req/s | errors |")
+print("|---|---|---|---|---|---|---|---|---|")
+labels = {"off": "persistence off", "on": "on, new conversation each request", "on-continue": "on, continuing a conversation (history load)"}
+for c in (1, 20):
+    base = med(runs("off", c), "ttft_ms", "p50")
+    for name in ("off", "on", "on-continue"):
+        rs = runs(name, c)
+        p50 = med(rs, "ttft_ms", "p50")
+        print(f"| {labels[name]} | {c} | {p50:.3f} | {med(rs,'ttft_ms','p95'):.3f} | {med(rs,'ttft_ms','p99'):.3f} | "
+              f"{p50 - base:+.3f} | {med(rs,'total_ms','p50'):.2f} | {med(rs,'rps'):.0f} | {sum(r['errors'] for r in rs)} |")
+print()
+PY
+
+echo "### db-writer through the local poller ($TURNS turns of 600-byte answers, 100 conversations of 10 users; a fresh table each row)"
+echo
+echo "| batch size | turns | batches | seconds | turns/s | DynamoDB calls | calls per 1000 turns | each turn stored exactly once |"
+echo "|---|---|---|---|---|---|---|---|"
+for b in 100 10 1; do
+  n=$TURNS
+  # One transaction per turn is slow against moto; fewer turns, same ratio.
+  [ "$b" = 1 ] && n=$(( TURNS < 200 ? TURNS : 200 ))
+  eval "$("$VENV/bin/python" scripts/local_aws.py ensure --prefix "w$b-$RANDOM")"
+  "${on_rest[@]}" "$BIN/chat-bench" writer --table "$TABLE_NAME" --queue-url "$TURN_QUEUE_URL" \
+    --turns "$n" --batch-size "$b" --window-ms 2000
+done
+echo
