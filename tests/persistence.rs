@@ -734,7 +734,11 @@ async fn history_merges_the_table_and_a_partial_buffer_in_order() {
     let link = RedisLink::new(&require_redis_url(), Duration::from_millis(500)).unwrap();
     let mut del = redis::pipe();
     del.del(format!("hist:{{{conv}}}"));
-    assert!(link.pipe::<()>(&del, Duration::from_secs(1)).await.is_some());
+    assert!(
+        link.pipe::<()>(&del, Duration::from_secs(1))
+            .await
+            .is_some()
+    );
     let (_, third, _) = chat(
         &server,
         &lee,

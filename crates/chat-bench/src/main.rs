@@ -104,6 +104,20 @@ struct Sample {
     total: Option<Duration>,
     /// From the `meta` event (chat API).
     conversation_id: Option<String>,
+    /// chat-stream's own time to first token (the `done` event's
+    /// `timings_ms.ttft`): no client-side time in it.
+    server_ttft: Option<Duration>,
+}
+
+/// `"ttft":N` in the `done` event's timings (ms).
+fn server_ttft_in(tail: &[u8]) -> Option<Duration> {
+    let key = b"\"ttft\":";
+    let p = tail.windows(key.len()).rposition(|w| w == key)? + key.len();
+    let end = tail[p..]
+        .iter()
+        .position(|b| !(b.is_ascii_digit() || *b == b'.'))?;
+    let ms: f64 = std::str::from_utf8(&tail[p..p + end]).ok()?.parse().ok()?;
+    Some(Duration::from_secs_f64(ms / 1e3))
 }
 
 fn conversation_id_in(buf: &[u8]) -> Option<String> {
@@ -151,8 +165,16 @@ async fn one(
     let mut s = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
     let mut sample = Sample::default();
+    let mut tail: Vec<u8> = Vec::new();
     while let Some(chunk) = s.next().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
+        if a.api == Api::Chat {
+            // Keep the last few KB: the `done` event is at the end.
+            tail.extend_from_slice(&chunk);
+            if tail.len() > 8192 {
+                tail.drain(..tail.len() - 4096);
+            }
+        }
         if sample.ttft.is_none() {
             buf.extend_from_slice(&chunk);
             // The first delta counts once its whole event has arrived.
@@ -165,6 +187,7 @@ async fn one(
         }
     }
     sample.total = Some(start.elapsed());
+    sample.server_ttft = server_ttft_in(&tail);
     if sample.ttft.is_none() {
         return Err("stream ended without a delta".into());
     }
@@ -289,6 +312,7 @@ async fn main() -> ExitCode {
         .collect();
     let mut ttft = Vec::new();
     let mut total = Vec::new();
+    let mut server_ttft = Vec::new();
     let mut errors = 0usize;
     let mut first_error = None;
     for w in workers {
@@ -299,6 +323,7 @@ async fn main() -> ExitCode {
                         Ok(s) => {
                             ttft.extend(s.ttft);
                             total.extend(s.total);
+                            server_ttft.extend(s.server_ttft);
                         }
                         Err(e) => {
                             errors += 1;
@@ -316,6 +341,7 @@ async fn main() -> ExitCode {
     let elapsed = started.elapsed();
     ttft.sort();
     total.sort();
+    server_ttft.sort();
     let ok = ttft.len();
     let rps = ok as f64 / elapsed.as_secs_f64();
     if a.json {
@@ -323,6 +349,7 @@ async fn main() -> ExitCode {
             "label": a.label, "concurrency": a.concurrency, "requests": ok + errors, "ok": ok, "errors": errors,
             "ttft_ms": {"p50": pct(&ttft, 50.0), "p95": pct(&ttft, 95.0), "p99": pct(&ttft, 99.0)},
             "total_ms": {"p50": pct(&total, 50.0), "p95": pct(&total, 95.0)},
+            "server_ttft_ms": {"p50": pct(&server_ttft, 50.0), "p95": pct(&server_ttft, 95.0)},
             "rps": rps,
         });
         eprintln!("{line}");
