@@ -61,6 +61,29 @@ impl RedisLink {
         *g = Some(Instant::now() + REDIS_RETRY_AFTER);
     }
 
+    /// Awaits one Redis call within `timeout`, recording the outcome: a
+    /// success clears the skip, a failure or timeout starts one.
+    async fn guarded<T>(
+        &self,
+        timeout: Duration,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(v)) => {
+                *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.mark_down(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.mark_down("timed out");
+                None
+            }
+        }
+    }
+
     /// `ok` or `down`; with `probe`, a live PING, else the last known state.
     pub async fn health(&self, probe: bool) -> &'static str {
         if !probe {
@@ -69,19 +92,12 @@ impl RedisLink {
         let mut conn = self.conn.clone();
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut conn);
-        match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), ping).await {
-            Ok(Ok(_)) => {
-                *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                "ok"
-            }
-            Ok(Err(e)) => {
-                self.mark_down(&e.to_string());
-                "down"
-            }
-            Err(_) => {
-                self.mark_down("timed out");
-                "down"
-            }
+        match self
+            .guarded(self.timeout.max(Duration::from_millis(500)), ping)
+            .await
+        {
+            Some(_) => "ok",
+            None => "down",
         }
     }
 
@@ -96,20 +112,8 @@ impl RedisLink {
             return None;
         }
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(timeout, pipe.query_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => {
-                *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                Some(v)
-            }
-            Ok(Err(e)) => {
-                self.mark_down(&e.to_string());
-                None
-            }
-            Err(_) => {
-                self.mark_down("timed out");
-                None
-            }
-        }
+        self.guarded(timeout, pipe.query_async::<T>(&mut conn))
+            .await
     }
 
     /// Runs a script; `None` when Redis is skipped, slow or failing.
@@ -130,20 +134,8 @@ impl RedisLink {
             inv.arg(*a);
         }
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, inv.invoke_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => {
-                *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                Some(v)
-            }
-            Ok(Err(e)) => {
-                self.mark_down(&e.to_string());
-                None
-            }
-            Err(_) => {
-                self.mark_down("timed out");
-                None
-            }
-        }
+        self.guarded(self.timeout, inv.invoke_async::<T>(&mut conn))
+            .await
     }
 }
 

@@ -15,3 +15,19 @@ pub fn init(level: tracing::Level) {
         .with_max_level(level)
         .try_init();
 }
+
+/// Reports why a binary stopped, with the error's whole source chain, on
+/// stderr and in the log (init errors happen before logging may exist),
+/// and gives the failing exit code.
+pub fn fail(bin: &str, e: &dyn std::error::Error) -> std::process::ExitCode {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    eprintln!("{bin}: {msg}");
+    tracing::error!(error = %msg, "{bin} stopped");
+    std::process::ExitCode::FAILURE
+}

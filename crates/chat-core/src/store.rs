@@ -330,9 +330,17 @@ impl Store {
         out.item().map(ConversationMeta::from_item).transpose()
     }
 
-    /// The newest `limit` turns, oldest first. Claim-checked answers are
-    /// not loaded (see [`Store::load_parts`]).
-    pub async fn recent_turns(&self, id: &str, limit: u32) -> Result<Vec<StoredTurn>, StoreError> {
+    /// One Query of a conversation's items whose sort key starts with
+    /// `prefix`, in `forward` order, from `start`: the items and where the
+    /// next page starts.
+    async fn query_prefix(
+        &self,
+        id: &str,
+        prefix: &str,
+        forward: bool,
+        limit: Option<u32>,
+        start: Option<Item>,
+    ) -> Result<(Vec<Item>, Option<Item>), StoreError> {
         self.count();
         let out = self
             .client
@@ -340,14 +348,24 @@ impl Store {
             .table_name(&self.table)
             .key_condition_expression("PK = :pk AND begins_with(SK, :p)")
             .expression_attribute_values(":pk", s(conv_pk(id)))
-            .expression_attribute_values(":p", s("TURN#"))
-            .scan_index_forward(false)
-            .limit(limit.max(1) as i32)
+            .expression_attribute_values(":p", s(prefix))
+            .scan_index_forward(forward)
+            .set_limit(limit.map(|l| l.max(1) as i32))
+            .set_exclusive_start_key(start)
             .send()
             .await
             .map_err(|e| dynamo_err("Query", e))?;
-        let mut turns = out
-            .items()
+        let next = out.last_evaluated_key().cloned();
+        Ok((out.items.unwrap_or_default(), next))
+    }
+
+    /// The newest `limit` turns, oldest first. Claim-checked answers are
+    /// not loaded (see [`Store::load_parts`]).
+    pub async fn recent_turns(&self, id: &str, limit: u32) -> Result<Vec<StoredTurn>, StoreError> {
+        let (items, _) = self
+            .query_prefix(id, "TURN#", false, Some(limit), None)
+            .await?;
+        let mut turns = items
             .iter()
             .map(StoredTurn::from_item)
             .collect::<Result<Vec<_>, _>>()?;
@@ -363,26 +381,13 @@ impl Store {
         limit: u32,
         cursor: Option<&str>,
     ) -> Result<(Vec<StoredTurn>, Option<String>), StoreError> {
-        let pk = conv_pk(id);
         let start = cursor
-            .map(|c| decode_cursor(c, ("PK", &pk), &["SK"]))
+            .map(|c| decode_cursor(c, ("PK", &conv_pk(id)), &["SK"]))
             .transpose()?;
-        self.count();
-        let out = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("PK = :pk AND begins_with(SK, :p)")
-            .expression_attribute_values(":pk", s(&pk))
-            .expression_attribute_values(":p", s("TURN#"))
-            .scan_index_forward(true)
-            .limit(limit.max(1) as i32)
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(|e| dynamo_err("Query", e))?;
-        let mut turns = out
-            .items()
+        let (items, next) = self
+            .query_prefix(id, "TURN#", true, Some(limit), start)
+            .await?;
+        let mut turns = items
             .iter()
             .map(StoredTurn::from_item)
             .collect::<Result<Vec<_>, _>>()?;
@@ -393,7 +398,7 @@ impl Store {
         for r in futures_util::future::join_all(loads).await {
             r?;
         }
-        Ok((turns, out.last_evaluated_key().map(encode_cursor)))
+        Ok((turns, next.as_ref().map(encode_cursor)))
     }
 
     /// Reads a claim-checked answer's parts (one Query) into `turn.answer`.
@@ -406,24 +411,13 @@ impl Store {
         let mut start: Option<Item> = None;
         let mut seen = 0u32;
         loop {
-            self.count();
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk AND begins_with(SK, :p)")
-                .expression_attribute_values(":pk", s(conv_pk(id)))
-                .expression_attribute_values(":p", s(&prefix))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| dynamo_err("Query", e))?;
-            for item in out.items() {
+            let (items, next) = self.query_prefix(id, &prefix, true, None, start).await?;
+            for item in &items {
                 text.push_str(get_s(item, "text").unwrap_or_default());
                 seen += 1;
             }
-            match out.last_evaluated_key() {
-                Some(k) => start = Some(k.clone()),
+            match next {
+                Some(k) => start = Some(k),
                 None => break,
             }
         }

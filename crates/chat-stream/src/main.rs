@@ -91,15 +91,5 @@ async fn keys(args: &[String]) -> ExitCode {
 }
 
 fn fail(e: &dyn std::error::Error) -> ExitCode {
-    // stderr and the log both: init errors happen before logging may exist.
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    eprintln!("chat-stream: {msg}");
-    tracing::error!(error = %msg, "chat-stream stopped");
-    ExitCode::FAILURE
+    chat_core::logging::fail("chat-stream", e)
 }

@@ -73,14 +73,5 @@ async fn main() -> ExitCode {
 }
 
 fn fail(e: &dyn std::error::Error) -> ExitCode {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    eprintln!("db-writer: {msg}");
-    tracing::error!(error = %msg, "db-writer stopped");
-    ExitCode::FAILURE
+    chat_core::logging::fail("db-writer", e)
 }
