@@ -17,7 +17,8 @@
 # slows down as it accumulates data), model-sim answering at once (16
 # tokens), and pins chat-stream to CPU 0 and everything else to CPU 1 when
 # it can. Knobs: BENCH_PERSIST_REQUESTS (500 per row), BENCH_ROUNDS (3),
-# WRITER_TURNS (1000).
+# WRITER_TURNS (1000; 0 skips part 2), THINK_MS (0: a pause between one
+# client worker's requests, as a user reading the answer).
 #
 # moto is far slower than SQS and DynamoDB (an SQS send takes milliseconds
 # and it serves some tens of sends per second), so TURN_QUEUE_TIMEOUT_MS is
@@ -31,6 +32,7 @@ VENV=${VENV:-.venv}
 REQ=${BENCH_PERSIST_REQUESTS:-500}
 ROUNDS=${BENCH_ROUNDS:-3}
 TURNS=${WRITER_TURNS:-1000}
+THINK_MS=${THINK_MS:-0}
 OUT=$(mktemp -d)
 pids=()
 svc=()
@@ -72,7 +74,7 @@ run() {
   wait_for "$PORT"
   for c in 1 20; do
     "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat --conversation "$conv" \
-      --concurrency "$c" --requests "$REQ" --warmup 100 --label "$name" --json >/dev/null 2>>"$OUT/$name-$c.jsonl"
+      --concurrency "$c" --requests "$REQ" --warmup 100 --think-ms "$THINK_MS" --label "$name" --json >/dev/null 2>>"$OUT/$name-$c.jsonl"
   done
   stop_chat
 }
@@ -83,7 +85,7 @@ for _ in $(seq 1 "$ROUNDS"); do
   run on-continue continue TABLE_NAME="$TABLE_NAME" TURN_QUEUE_URL="$TURN_QUEUE_URL"
 done
 
-python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" <<'PY'
+THINK_MS=$THINK_MS python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" <<'PY'
 import json, os, statistics, sys, datetime
 out, req, rounds, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 def runs(name, c):
@@ -96,7 +98,8 @@ def med(rs, *keys):
             v = v[k]
         vals.append(v)
     return statistics.median(vals)
-print(f"### Persistence off vs on ({datetime.date.today()}, {cores} cores, {req} requests per row after 100 warm-up, median of {rounds} interleaved rounds)\n")
+think = os.environ.get("THINK_MS", "0")
+print(f"### Persistence off vs on ({datetime.date.today()}, {cores} cores, {req} requests per row after 100 warm-up, think time {think} ms, median of {rounds} interleaved rounds)\n")
 print("chat-stream pinned to CPU 0; client, model-sim, Redis and moto on CPU 1. API-key auth and Redis rate limits in every row.\n")
 print("TTFT is what the client saw; server TTFT is chat-stream's own (the done event's timings_ms.ttft), which leaves out the client's CPU time (the client shares CPU 1 with moto). Body end: when the response ended, i.e. when the turn was durable.\n")
 print("| configuration | concurrency | TTFT p50 ms | TTFT p95 ms | TTFT p99 ms | TTFT p50 vs off | server TTFT p50 ms | server vs off | body end p50 ms | req/s | errors |")
@@ -114,6 +117,7 @@ for c in (1, 20):
 print()
 PY
 
+[ "$TURNS" -gt 0 ] || exit 0
 echo "### db-writer through the local poller ($TURNS turns of 600-byte answers, 100 conversations of 10 users; a fresh table each row)"
 echo
 echo "| batch size | turns | batches | seconds | turns/s | DynamoDB calls | calls per 1000 turns | each turn stored exactly once |"

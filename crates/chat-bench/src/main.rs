@@ -34,6 +34,8 @@ struct Args {
     max_tokens: u32,
     /// Each worker continues its own conversation.
     continue_conversation: bool,
+    /// Pause between one worker's requests (a user reading the answer).
+    think: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -53,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
         json: false,
         max_tokens: 32,
         continue_conversation: false,
+        think: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,6 +82,7 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => a.warmup = num(&v)?,
             "--label" => a.label = v,
             "--max-tokens" => a.max_tokens = num(&v)? as u32,
+            "--think-ms" => a.think = Duration::from_millis(num(&v)? as u64),
             "--conversation" => {
                 a.continue_conversation = match v.as_str() {
                     "new" => false,
@@ -298,6 +302,9 @@ async fn main() -> ExitCode {
             tokio::spawn(async move {
                 let mut out = Vec::with_capacity(per_worker);
                 for i in 0..per_worker {
+                    if i > 0 && !a.think.is_zero() {
+                        tokio::time::sleep(a.think).await;
+                    }
                     let r = one(&client, &a, w * per_worker + i, conv.as_deref()).await;
                     if let Ok(s) = &r {
                         if a.continue_conversation && conv.is_none() {
