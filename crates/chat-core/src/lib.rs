@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cache;
 pub mod config;
 mod conversations;
 pub mod error;
