@@ -52,6 +52,8 @@ pub struct Deps {
     pub buffer: Option<Arc<RecentBuffer>>,
     /// Makes finished turns durable, when persistence is on.
     pub persister: Option<Arc<Persister>>,
+    /// The response cache, when on.
+    pub cache: Option<Arc<dyn crate::cache::ResponseCache>>,
 }
 
 impl AppState {
@@ -345,7 +347,13 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
     }
     let bytes = read_body(body, limits.max_body_bytes).await?;
     let chat_req = parse_chat_request(&bytes, &limits)?;
-    relay::start(state, ctx, identity, chat_req).await
+    let cache_control = parts
+        .headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .map(crate::cache::CacheControl::parse)
+        .unwrap_or_default();
+    relay::start(state, ctx, identity, chat_req, cache_control).await
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {

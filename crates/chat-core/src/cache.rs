@@ -1,6 +1,7 @@
-//! Exact response cache: the pieces that decide what is cached and under
-//! which key, and the Redis backend. (Issue 4; the relay does not use it
-//! yet.)
+//! Exact response cache: what is cached under which key, the policy, and
+//! the Redis backend. The relay looks answers up after history (the key
+//! includes it), in parallel with the rate-limit check, streams a hit at
+//! once, and stores complete answers after `done`.
 //!
 //! Key: SHA-256 of a canonical JSON document of everything that determines
 //! the answer: a format version, the scope namespace (the user, or
@@ -95,6 +96,15 @@ pub struct Plan {
     pub store: bool,
     /// Accept only entries younger than this.
     pub max_age: Option<Duration>,
+}
+
+impl Plan {
+    /// Neither look up nor store (the cache is off).
+    pub const NONE: Plan = Plan {
+        lookup: false,
+        store: false,
+        max_age: None,
+    };
 }
 
 impl CachePolicy {

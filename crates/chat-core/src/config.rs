@@ -174,6 +174,14 @@ pub enum AuthMode {
     Dev,
 }
 
+/// Response cache settings (see [`crate::cache`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheConfig {
+    pub policy: crate::cache::CachePolicy,
+    /// Entries are per user (`user`, default) or shared by all (`global`).
+    pub global_scope: bool,
+}
+
 /// Where turns are stored. Off when `TABLE_NAME` is unset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PersistenceConfig {
@@ -236,6 +244,9 @@ pub struct Config {
     /// pay for TCP + TLS.
     pub prewarm: bool,
     pub auth: AuthMode,
+    /// The response cache, when on (`CACHE_ENABLED`, default on with
+    /// `REDIS_URL`).
+    pub cache: Option<CacheConfig>,
     pub persistence: Option<PersistenceConfig>,
     pub history: crate::history::HistoryLimits,
 }
@@ -598,7 +609,40 @@ impl Config {
                 30 * 86_400,
             )?),
         };
+        let cache = if r.bool("CACHE_ENABLED", redis_url.is_some())? {
+            if redis_url.is_none() {
+                return Err(ConfigError::new(
+                    "CACHE_ENABLED",
+                    "the response cache needs REDIS_URL",
+                ));
+            }
+            let global_scope = match r.string("CACHE_SCOPE").as_deref() {
+                None | Some("user") => false,
+                Some("global") => true,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "CACHE_SCOPE",
+                        format!("{other:?} is not user or global"),
+                    ));
+                }
+            };
+            Some(CacheConfig {
+                policy: crate::cache::CachePolicy {
+                    ttl: Duration::from_secs(r.ranged(
+                        "CACHE_TTL_SECS",
+                        3600u64,
+                        1,
+                        30 * 86_400,
+                    )?),
+                    cache_sampled: r.bool("CACHE_SAMPLED", false)?,
+                },
+                global_scope,
+            })
+        } else {
+            None
+        };
         Ok(Config {
+            cache,
             auth,
             persistence,
             history,

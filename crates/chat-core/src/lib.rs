@@ -97,6 +97,13 @@ async fn build_deps(
         )),
         None => None,
     };
+    let cache: Option<Arc<dyn cache::ResponseCache>> = match (&config.cache, &redis) {
+        (Some(_), Some(r)) => Some(Arc::new(cache::RedisCache::new(
+            r.clone(),
+            config.redis_timeout.max(Duration::from_millis(100)),
+        ))),
+        _ => None,
+    };
     let buffer = redis.map(|r| Arc::new(history::RecentBuffer::new(r, config.history)));
     let persister = match (&config.persistence, &store) {
         (Some(p), Some(store)) => {
@@ -147,6 +154,7 @@ async fn build_deps(
         store,
         buffer,
         persister,
+        cache,
     })
 }
 

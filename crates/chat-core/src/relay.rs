@@ -25,6 +25,7 @@ use tokio::time::timeout_at;
 
 use crate::app::{AppState, LogDeferred, RequestCtx, ms, new_id};
 use crate::auth::Identity;
+use crate::cache::{CacheControl, CachedAnswer, KeyInput, Plan, ResponseCache, cache_key};
 use crate::error::{ApiError, TimeoutKind, UpstreamError};
 use crate::persist::Persister;
 use crate::turn::{TURN_SCHEMA_VERSION, TurnRecord, TurnStatus};
@@ -93,6 +94,7 @@ pub(crate) async fn start(
     ctx: RequestCtx,
     identity: Identity,
     req: ChatRequest,
+    cache_control: CacheControl,
 ) -> Result<Response, ApiError> {
     let config = state.config();
     let validate = ctx.start.elapsed();
@@ -114,12 +116,53 @@ pub(crate) async fn start(
     // history are independent: ask all at once, so shared state costs one
     // round trip, not three.
     let primary_key = chosen_ref.key();
+    let cache = state.deps().cache.clone();
+    let (plan, ttl) = match (&config.cache, &cache) {
+        (Some(c), Some(_)) => (c.policy.plan(req.temperature, cache_control), c.policy.ttl),
+        _ => (Plan::NONE, Duration::ZERO),
+    };
+    let scope = match &config.cache {
+        Some(c) if c.global_scope => "global".to_owned(),
+        _ => format!("user:{}", identity.user_id),
+    };
+    let max_tokens = req.max_tokens.unwrap_or(config.limits.default_max_tokens);
+    // History, then the cache lookup (its key includes the history).
     let history = async {
         let t = Instant::now();
-        let h = load_history(&state, req.conversation_id.as_deref(), &identity).await;
-        (h, t.elapsed())
+        let messages = load_history(&state, req.conversation_id.as_deref(), &identity)
+            .await
+            .map(|past| {
+                let mut m = crate::history::to_messages(&past);
+                m.push(Message {
+                    role: Role::User,
+                    content: req.message.clone(),
+                });
+                m
+            });
+        let key = match &messages {
+            Ok(m) if plan.lookup || plan.store => Some(cache_key(&KeyInput {
+                scope: &scope,
+                provider: &chosen_ref.provider,
+                model: &chosen,
+                system: req.system.as_deref(),
+                messages: m,
+                max_tokens,
+                temperature: req.temperature,
+            })),
+            _ => None,
+        };
+        let hit = match (&cache, &key) {
+            (Some(c), Some(k)) if plan.lookup => c
+                .get(k)
+                .await
+                .ok()
+                .flatten()
+                .filter(|a| a.fresh_for(plan.max_age, crate::turn::now_ms())),
+            _ => None,
+        };
+        (messages, key, hit, t.elapsed())
     };
-    let (rate, primary_admission, (history, history_time)) = tokio::join!(
+    let (rate, primary_admission, (history, key, hit, history_time)) = tokio::join!(
         state.fleet().check_rate(&caller),
         state.fleet().admit(&primary_key),
         history
@@ -141,8 +184,8 @@ pub(crate) async fn start(
         e.headers = rate_headers;
         return Err(e);
     }
-    let mut messages = match history {
-        Ok(past) => crate::history::to_messages(&past),
+    let messages = match history {
+        Ok(m) => m,
         Err(e) => {
             if primary_admission == Admission::Probe {
                 state.fleet().abandon_probe(&primary_key).await;
@@ -150,15 +193,39 @@ pub(crate) async fn start(
             return Err(e);
         }
     };
-    messages.push(Message {
-        role: Role::User,
-        content: req.message.clone(),
-    });
+    if let Some(hit) = hit {
+        if primary_admission == Admission::Probe {
+            // No model call: the probe slot goes back.
+            state.fleet().abandon_probe(&primary_key).await;
+        }
+        let timings = Timings {
+            start: ctx.start,
+            validate,
+            limits,
+            history: history_time,
+            upstream_connect: Duration::ZERO,
+            ttft: None,
+        };
+        return Ok(hit_response(
+            &state,
+            &identity,
+            req,
+            hit,
+            started_at_ms,
+            timings,
+            rate_headers,
+        ));
+    }
+    let cache_put = match (cache, key) {
+        (Some(c), Some(k)) if plan.store => Some((c, k, ttl)),
+        _ => None,
+    };
+    let x_cache = if plan.lookup { "miss" } else { "bypass" };
     let model_req = ModelRequest {
         model: chosen,
         system: req.system,
         messages,
-        max_tokens: req.max_tokens.unwrap_or(config.limits.default_max_tokens),
+        max_tokens,
         temperature: req.temperature,
     };
     let deadlines = Deadlines {
@@ -239,6 +306,7 @@ pub(crate) async fn start(
         text_chars: 0,
         answer: String::new(),
         draft,
+        cache_put,
         persisting: None,
         finished: false,
         log: Some(LogCtx {
@@ -253,7 +321,26 @@ pub(crate) async fn start(
     let body = futures_util::stream::unfold(relay, |mut r| async move {
         r.next_frame().await.map(|b| (Ok::<_, Infallible>(b), r))
     });
-    let mut resp = Response::new(Body::from_stream(body));
+    let mut resp = sse_response(
+        Body::from_stream(body),
+        x_cache,
+        &server_timing,
+        rate_headers,
+    );
+    resp.headers_mut()
+        .insert("x-upstream-attempts", HeaderValue::from(attempts));
+    resp.extensions_mut().insert(LogDeferred);
+    Ok(resp)
+}
+
+/// The headers every SSE answer carries.
+fn sse_response(
+    body: Body,
+    x_cache: &'static str,
+    server_timing: &str,
+    rate_headers: Vec<(&'static str, String)>,
+) -> Response {
+    let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -265,19 +352,105 @@ pub(crate) async fn start(
     );
     // Tell reverse proxies (nginx and friends) not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    h.insert("x-cache", HeaderValue::from_static("miss"));
-    if let Ok(v) = HeaderValue::from_str(&server_timing) {
+    h.insert("x-cache", HeaderValue::from_static(x_cache));
+    if let Ok(v) = HeaderValue::from_str(server_timing) {
         h.insert("server-timing", v);
     }
-    h.insert("x-upstream-attempts", HeaderValue::from(attempts));
     for (name, value) in rate_headers {
         if let Ok(v) = HeaderValue::from_str(&value) {
             h.insert(name, v);
         }
     }
     *resp.status_mut() = StatusCode::OK;
-    resp.extensions_mut().insert(LogDeferred);
-    Ok(resp)
+    resp
+}
+
+/// A cache hit: the stored answer at once as `delta` events (`meta.cache`
+/// is `hit`, no model call, no model tokens), and the turn persisted like
+/// any other before the body ends.
+fn hit_response(
+    state: &AppState,
+    identity: &Identity,
+    req: ChatRequest,
+    hit: CachedAnswer,
+    started_at_ms: u64,
+    timings: Timings,
+    rate_headers: Vec<(&'static str, String)>,
+) -> Response {
+    let new_conversation = req.conversation_id.is_none();
+    let conversation_id = req.conversation_id.unwrap_or_else(new_id);
+    let turn_id = new_id();
+    let mut frames = Vec::new();
+    let mut frame = |event: &str, data: String| {
+        let id = frames.len() as u64 + 1;
+        frames.push(sse::encode(Some(id), event, &data));
+    };
+    frame(
+        "meta",
+        json!({"conversation_id": conversation_id, "turn_id": turn_id, "model": hit.model, "cache": "hit"})
+            .to_string(),
+    );
+    for part in crate::turn::split_utf8(&hit.text, 1024) {
+        frame("delta", json!({ "text": part }).to_string());
+    }
+    let total = timings.start.elapsed();
+    let t = Timings {
+        ttft: Some(total),
+        ..timings
+    };
+    frame(
+        "done",
+        json!({
+            "stop_reason": hit.stop_reason,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "timings_ms": t.json(total),
+        })
+        .to_string(),
+    );
+    let persisting = state.deps().persister.clone().map(|persister| {
+        let rec = TurnRecord {
+            v: TURN_SCHEMA_VERSION,
+            turn_id,
+            conversation_id,
+            user_id: identity.user_id.to_string(),
+            started_at_ms,
+            completed_at_ms: crate::turn::now_ms(),
+            status: TurnStatus::Completed,
+            model: hit.model.clone(),
+            user_message: req.message,
+            answer_bytes: hit.text.len() as u64,
+            answer: Some(hit.text),
+            answer_parts: None,
+            stop_reason: hit.stop_reason,
+            input_tokens: 0,
+            output_tokens: 0,
+            error_code: None,
+        };
+        tokio::spawn(async move {
+            persister.persist(rec, new_conversation).await;
+        })
+    });
+    let frames = futures_util::stream::iter(frames.into_iter().map(Ok::<_, Infallible>));
+    // As for a miss: the body ends once the turn is durable.
+    let end = futures_util::stream::once(async move {
+        if let Some(h) = persisting {
+            let _ = h.await;
+        }
+    })
+    .filter_map(|()| async { None::<Result<Bytes, Infallible>> });
+    let server_timing = format!(
+        "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, cache;dur={:.3}",
+        ms(timings.validate),
+        ms(timings.limits),
+        ms(timings.history),
+        ms(total)
+    );
+    sse_response(
+        Body::from_stream(frames.chain(end)),
+        "hit",
+        &server_timing,
+        rate_headers,
+    )
 }
 
 /// A model call that has produced its first text (or ended empty).
@@ -496,6 +669,8 @@ struct Relay {
     answer: String,
     /// What the stored turn needs; taken when the turn is handed over.
     draft: Option<TurnDraft>,
+    /// Where a complete answer is cached; taken when handed over.
+    cache_put: Option<(Arc<dyn ResponseCache>, String, Duration)>,
     /// The turn being made durable; the body ends when it is done.
     persisting: Option<tokio::task::JoinHandle<()>>,
     finished: bool,
@@ -545,7 +720,7 @@ impl Relay {
                 Chunk::Delta(text) if text.is_empty() => {}
                 Chunk::Delta(text) => {
                     self.text_chars += text.chars().count();
-                    if self.draft.is_some() {
+                    if self.draft.is_some() || self.cache_put.is_some() {
                         self.answer.push_str(&text);
                     }
                     let data = json!({ "text": text }).to_string();
@@ -666,35 +841,67 @@ impl Relay {
         status: TurnStatus,
         error_code: Option<&'static str>,
     ) -> Option<tokio::task::JoinHandle<()>> {
-        let d = self.draft.take()?;
         let answer = std::mem::take(&mut self.answer);
-        let rec = TurnRecord {
-            v: TURN_SCHEMA_VERSION,
-            turn_id: d.turn_id,
-            conversation_id: d.conversation_id,
-            user_id: d.user_id,
-            started_at_ms: d.started_at_ms,
-            completed_at_ms: crate::turn::now_ms(),
-            status,
-            model: self
-                .log
-                .as_ref()
-                .map(|l| l.model.clone())
-                .unwrap_or_default(),
-            user_message: d.user_message,
-            answer_bytes: answer.len() as u64,
-            answer: Some(answer),
-            answer_parts: None,
-            stop_reason: self.stop_reason.clone(),
-            input_tokens: self.input_tokens.unwrap_or(0),
-            output_tokens: self.output_tokens.unwrap_or(0),
-            error_code: error_code.map(str::to_owned),
-        };
-        let persister = d.persister;
-        let new_conversation = d.new_conversation;
+        let model = self
+            .log
+            .as_ref()
+            .map(|l| l.model.clone())
+            .unwrap_or_default();
+        // Only complete answers are cached.
+        let cache_job = self
+            .cache_put
+            .take()
+            .filter(|_| status == TurnStatus::Completed)
+            .map(|(cache, key, ttl)| {
+                let entry = CachedAnswer {
+                    text: answer.clone(),
+                    model: model.clone(),
+                    stop_reason: self.stop_reason.clone(),
+                    input_tokens: self.input_tokens.unwrap_or(0),
+                    output_tokens: self.output_tokens.unwrap_or(0),
+                    stored_at_ms: crate::turn::now_ms(),
+                };
+                (cache, key, ttl, entry)
+            });
+        let persist_job = self.draft.take().map(|d| {
+            let rec = TurnRecord {
+                v: TURN_SCHEMA_VERSION,
+                turn_id: d.turn_id,
+                conversation_id: d.conversation_id,
+                user_id: d.user_id,
+                started_at_ms: d.started_at_ms,
+                completed_at_ms: crate::turn::now_ms(),
+                status,
+                model,
+                user_message: d.user_message,
+                answer_bytes: answer.len() as u64,
+                answer: Some(answer),
+                answer_parts: None,
+                stop_reason: self.stop_reason.clone(),
+                input_tokens: self.input_tokens.unwrap_or(0),
+                output_tokens: self.output_tokens.unwrap_or(0),
+                error_code: error_code.map(str::to_owned),
+            };
+            (d.persister, d.new_conversation, rec)
+        });
+        if cache_job.is_none() && persist_job.is_none() {
+            return None;
+        }
         let handle = tokio::runtime::Handle::try_current().ok()?;
         Some(handle.spawn(async move {
-            persister.persist(rec, new_conversation).await;
+            let cache = async {
+                if let Some((cache, key, ttl, entry)) = cache_job {
+                    if cache.put(&key, &entry, ttl).await.is_err() {
+                        tracing::debug!("cache unavailable; answer not stored");
+                    }
+                }
+            };
+            let persist = async {
+                if let Some((persister, new_conversation, rec)) = persist_job {
+                    persister.persist(rec, new_conversation).await;
+                }
+            };
+            tokio::join!(cache, persist);
         }))
     }
 }

@@ -1,0 +1,181 @@
+//! The response cache through chat-stream, against a real Redis and
+//! model-sim: hits cost no model call, anything that changes the answer
+//! misses, only complete answers are stored, Cache-Control is honoured,
+//! and a dead Redis never breaks chat.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use e2e::{ChatServer, RedisServer, answer_text, kinds, read_sse, sim};
+use model_sim::Sim;
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn server(sim: &Sim, redis_url: &str) -> ChatServer {
+    let url = sim.url();
+    ChatServer::start(&[
+        ("ANTHROPIC_BASE_URL", url.as_str()),
+        ("REDIS_URL", redis_url),
+    ])
+    .await
+}
+
+struct Answer {
+    x_cache: String,
+    meta_cache: String,
+    text: String,
+    kinds: Vec<String>,
+}
+
+async fn ask(server: &ChatServer, user: &str, body: Value, cache_control: Option<&str>) -> Answer {
+    let mut req = reqwest::Client::new()
+        .post(server.url("/chat"))
+        .header("x-dev-user", user)
+        .json(&body);
+    if let Some(cc) = cache_control {
+        req = req.header("cache-control", cc);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
+    let (events, err) = read_sse(resp, LIMIT).await;
+    assert_eq!(err, None);
+    Answer {
+        x_cache,
+        meta_cache: events[0].data["cache"].as_str().unwrap().to_owned(),
+        text: answer_text(&events),
+        kinds: kinds(&events).iter().map(|k| (*k).to_owned()).collect(),
+    }
+}
+
+fn q(message: &str) -> Value {
+    json!({"message": message, "temperature": 0, "max_tokens": 40})
+}
+
+#[tokio::test]
+async fn a_repeated_question_is_a_hit_without_a_model_call() {
+    let redis = RedisServer::start().await;
+    let sim = sim(5, 2000.0, 20).await;
+    let server = server(&sim, &redis.url()).await;
+
+    let first = ask(&server, "ann", q("what is a cache?"), None).await;
+    assert_eq!(
+        (first.x_cache.as_str(), first.meta_cache.as_str()),
+        ("miss", "miss")
+    );
+    let calls = sim.calls();
+    let second = ask(&server, "ann", q("what is a cache?"), None).await;
+    assert_eq!(
+        (second.x_cache.as_str(), second.meta_cache.as_str()),
+        ("hit", "hit")
+    );
+    assert_eq!(sim.calls(), calls, "a hit makes no model call");
+    assert_eq!(second.text, first.text);
+    assert_eq!(second.kinds.last().map(String::as_str), Some("done"));
+
+    // Anything that changes the answer misses: a parameter, the model, the
+    // history, the user (per-user scope by default).
+    let mut other = q("what is a cache?");
+    other["max_tokens"] = json!(41);
+    assert_eq!(ask(&server, "ann", other, None).await.x_cache, "miss");
+    let mut model = q("what is a cache?");
+    model["model"] = json!("claude-other");
+    assert_eq!(ask(&server, "ann", model, None).await.x_cache, "miss");
+    let mut with_history = q("what is a cache?");
+    with_history["conversation_id"] = json!("not-a-real-one");
+    // (an unknown conversation is a 404 before any cache work)
+    let resp = reqwest::Client::new()
+        .post(server.url("/chat"))
+        .header("x-dev-user", "ann")
+        .json(&with_history)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(
+        ask(&server, "bob", q("what is a cache?"), None)
+            .await
+            .x_cache,
+        "miss"
+    );
+
+    // Sampling requests are not cached unless configured.
+    let sampled = json!({"message": "what is a cache?", "max_tokens": 40});
+    assert_eq!(
+        ask(&server, "ann", sampled.clone(), None).await.x_cache,
+        "bypass"
+    );
+    assert_eq!(ask(&server, "ann", sampled, None).await.x_cache, "bypass");
+}
+
+#[tokio::test]
+async fn an_interrupted_answer_is_not_cached() {
+    let redis = RedisServer::start().await;
+    let sim = sim(5, 2000.0, 20).await;
+    let server = server(&sim, &redis.url()).await;
+    let mut broken = q("tell me a story");
+    broken["model"] = json!("claude-sim+fault=drop-mid@5,times=1");
+    let first = ask(&server, "cat", broken.clone(), None).await;
+    assert_eq!(first.kinds.last().map(String::as_str), Some("error"));
+    let calls = sim.calls();
+    let second = ask(&server, "cat", broken, None).await;
+    assert_eq!(second.x_cache, "miss");
+    assert_eq!(second.kinds.last().map(String::as_str), Some("done"));
+    assert_eq!(sim.calls(), calls + 1);
+}
+
+#[tokio::test]
+async fn cache_control_no_store_no_cache_and_max_age() {
+    let redis = RedisServer::start().await;
+    let sim = sim(5, 2000.0, 10).await;
+    let server = server(&sim, &redis.url()).await;
+
+    // no-store: neither looked up nor stored.
+    let a = ask(&server, "dee", q("no store"), Some("no-store")).await;
+    assert_eq!(a.x_cache, "bypass");
+    assert_eq!(
+        ask(&server, "dee", q("no store"), None).await.x_cache,
+        "miss"
+    );
+    // Now it is stored; no-cache skips the lookup but stores again.
+    assert_eq!(
+        ask(&server, "dee", q("no store"), None).await.x_cache,
+        "hit"
+    );
+    let calls = sim.calls();
+    assert_eq!(
+        ask(&server, "dee", q("no store"), Some("no-cache"))
+            .await
+            .x_cache,
+        "bypass"
+    );
+    assert_eq!(sim.calls(), calls + 1);
+    // max-age: only entries younger than N seconds.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        ask(&server, "dee", q("no store"), Some("max-age=1"))
+            .await
+            .x_cache,
+        "miss"
+    );
+    assert_eq!(
+        ask(&server, "dee", q("no store"), Some("max-age=60"))
+            .await
+            .x_cache,
+        "hit"
+    );
+}
+
+#[tokio::test]
+async fn with_redis_down_chat_still_answers() {
+    let mut redis = RedisServer::start().await;
+    let sim = sim(5, 2000.0, 10).await;
+    let server = server(&sim, &redis.url()).await;
+    assert_eq!(ask(&server, "eve", q("hello"), None).await.x_cache, "miss");
+    assert_eq!(ask(&server, "eve", q("hello"), None).await.x_cache, "hit");
+    redis.stop();
+    let a = ask(&server, "eve", q("hello"), None).await;
+    assert_eq!(a.x_cache, "miss");
+    assert_eq!(a.kinds.last().map(String::as_str), Some("done"));
+}
