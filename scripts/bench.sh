@@ -164,6 +164,9 @@ PY
 
 if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; redis_pid=""; fi
 
+scripts/bench-cache.sh
+echo
+
 scripts/bench-persist.sh
 echo
 

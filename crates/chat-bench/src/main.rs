@@ -36,6 +36,9 @@ struct Args {
     continue_conversation: bool,
     /// Pause between one worker's requests (a user reading the answer).
     think: Duration,
+    /// Every request asks the same question at temperature 0 (cache hits
+    /// after the first).
+    repeat: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -56,11 +59,16 @@ fn parse_args() -> Result<Args, String> {
         max_tokens: 32,
         continue_conversation: false,
         think: Duration::ZERO,
+        repeat: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--json" {
             a.json = true;
+            continue;
+        }
+        if flag == "--repeat" {
+            a.repeat = true;
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -137,17 +145,22 @@ async fn one(
     i: usize,
     conversation: Option<&str>,
 ) -> Result<Sample, String> {
-    let message = format!("benchmark question number {i}");
+    let message = if a.repeat {
+        "benchmark repeated question".to_owned()
+    } else {
+        format!("benchmark question number {i}")
+    };
     let (body, marker): (serde_json::Value, &[u8]) = match a.api {
-        Api::Chat => (
-            match conversation {
-                Some(c) => {
-                    json!({"message": message, "max_tokens": a.max_tokens, "conversation_id": c})
-                }
-                None => json!({"message": message, "max_tokens": a.max_tokens}),
-            },
-            b"event: delta\n",
-        ),
+        Api::Chat => {
+            let mut body = json!({"message": message, "max_tokens": a.max_tokens});
+            if let Some(c) = conversation {
+                body["conversation_id"] = json!(c);
+            }
+            if a.repeat {
+                body["temperature"] = json!(0);
+            }
+            (body, b"event: delta\n")
+        }
         Api::Anthropic => (
             json!({"model": "claude-sonnet-4-5", "max_tokens": a.max_tokens, "stream": true,
                    "messages": [{"role": "user", "content": message}]}),
@@ -355,7 +368,7 @@ async fn main() -> ExitCode {
         let line = json!({
             "label": a.label, "concurrency": a.concurrency, "requests": ok + errors, "ok": ok, "errors": errors,
             "ttft_ms": {"p50": pct(&ttft, 50.0), "p95": pct(&ttft, 95.0), "p99": pct(&ttft, 99.0)},
-            "total_ms": {"p50": pct(&total, 50.0), "p95": pct(&total, 95.0)},
+            "total_ms": {"p50": pct(&total, 50.0), "p95": pct(&total, 95.0), "p99": pct(&total, 99.0)},
             "server_ttft_ms": {"p50": pct(&server_ttft, 50.0), "p95": pct(&server_ttft, 95.0)},
             "rps": rps,
         });
