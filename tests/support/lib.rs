@@ -237,6 +237,17 @@ impl RedisServer {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
+        Self::start_on(port).await
+    }
+
+    /// Starts it again on the same port (empty: nothing is persisted).
+    pub async fn restart(&mut self) {
+        self.stop();
+        let fresh = Self::start_on(self.port).await;
+        *self = fresh;
+    }
+
+    async fn start_on(port: u16) -> RedisServer {
         let mut child = std::process::Command::new("redis-server")
             .args([
                 "--port",

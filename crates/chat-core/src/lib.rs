@@ -98,9 +98,11 @@ async fn build_deps(
         None => None,
     };
     let cache: Option<Arc<dyn cache::ResponseCache>> = match (&config.cache, &redis) {
+        // The shared Redis guard: a failure costs one REDIS_TIMEOUT_MS,
+        // then Redis is skipped (near zero) for 2 s and tried again.
         (Some(_), Some(r)) => Some(Arc::new(cache::RedisCache::new(
             r.clone(),
-            config.redis_timeout.max(Duration::from_millis(100)),
+            config.redis_timeout,
         ))),
         _ => None,
     };
