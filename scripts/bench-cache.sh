@@ -15,11 +15,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 OUT=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$OUT"' EXIT
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_for() { for _ in $(seq 1 100); do listening "$1" && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-on_chat=(); on_rest=()
-if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then on_chat=(taskset -c 0); on_rest=(taskset -c 1); fi
+. scripts/bench-lib.sh
 
 RPORT=$(free_port); SIM_PORT=$(free_port); PORT=$(free_port)
 "${on_rest[@]}" redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 &

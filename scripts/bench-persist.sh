@@ -39,11 +39,7 @@ svc=()
 stop_chat() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
 trap 'stop_chat; for p in "${svc[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$OUT"' EXIT
 
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_for() { for _ in $(seq 1 200); do listening "$1" && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-on_chat=(); on_rest=()
-if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then on_chat=(taskset -c 0); on_rest=(taskset -c 1); fi
+. scripts/bench-lib.sh
 
 MPORT=$(free_port); RPORT=$(free_port); SIM_PORT=$(free_port); PORT=$(free_port)
 "${on_rest[@]}" "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MPORT" >"$OUT/moto.log" 2>&1 &

@@ -47,9 +47,7 @@ redis_pid=""
 stop_all() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; pids=(); }
 trap 'stop_all; kill ${redis_pid:-} 2>/dev/null || true; rm -rf "$OUT"' EXIT
 
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_for() { for _ in $(seq 1 100); do listening "$1" && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-can_pin() { command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; }
+. scripts/bench-lib.sh
 
 # run NAME CHAT_CPU REST_CPU ENV... : one round of one configuration: the
 # direct rows and the via-chat-stream rows at concurrency 1 and 20.

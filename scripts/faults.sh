@@ -13,9 +13,7 @@ SIM_PORT=${SIM_PORT:-4120}
 OUT=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$OUT"' EXIT
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_for() { for _ in $(seq 1 100); do listening "$1" && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/bench-lib.sh
 
 "$BIN/model-sim" --addr "127.0.0.1:$SIM_PORT" --ttft-ms 50 --tps 100 --tokens 12 >"$OUT/sim.log" 2>&1 &
 pids+=($!)
