@@ -188,12 +188,7 @@ pub(crate) async fn show(
         let who = state.authenticate(&headers).await?;
         let (limit, cursor) = page_params(q, TURNS_DEFAULT)?;
         let store = store(&state)?;
-        let id_ok = !id.is_empty()
-            && id.len() <= 64
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !id_ok {
+        if !crate::validate::valid_conversation_id(&id) {
             return Err(not_found());
         }
         let buffered = async {

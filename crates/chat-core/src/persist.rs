@@ -111,7 +111,7 @@ impl Persister {
                 _ => false,
             }
         };
-        let (buffered, queued) = tokio::join!(buffered, self.enqueue(rec.clone()));
+        let (buffered, queued) = tokio::join!(buffered, self.enqueue(&rec));
         let path = match (queued, buffered) {
             (Ok(()), true) => PersistPath::Queued,
             (Ok(()), false) => {
@@ -145,18 +145,20 @@ impl Persister {
         path
     }
 
-    /// Sends the turn to SQS, claim-checking an answer that would not fit.
-    async fn enqueue(&self, mut rec: TurnRecord) -> Result<(), String> {
+    /// Sends the turn to SQS, claim-checking an answer that would not fit
+    /// (only then is the record copied).
+    async fn enqueue(&self, rec: &TurnRecord) -> Result<(), String> {
         let Some(q) = &self.queue else {
             return Err("no queue configured".into());
         };
         let mut body = rec.encode();
         if body.len() > SQS_MESSAGE_MAX_BYTES {
+            let mut reference = rec.clone();
             self.store
-                .put_answer_parts(&mut rec)
+                .put_answer_parts(&mut reference)
                 .await
                 .map_err(|e| e.to_string())?;
-            body = rec.encode();
+            body = reference.encode();
             if body.len() > SQS_MESSAGE_MAX_BYTES {
                 return Err("turn too large for a message even without its answer".into());
             }

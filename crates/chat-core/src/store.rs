@@ -304,30 +304,30 @@ impl Store {
     /// A cheap read that proves the table answers (GetItem of a key that
     /// never exists; needs no extra permission).
     pub async fn probe(&self) -> Result<(), StoreError> {
-        self.count();
-        self.client
-            .get_item()
-            .table_name(&self.table)
-            .key("PK", s("HEALTH"))
-            .key("SK", s("HEALTH"))
-            .send()
-            .await
-            .map_err(|e| dynamo_err("GetItem", e))?;
-        Ok(())
+        self.get_item("HEALTH".into(), "HEALTH").await.map(|_| ())
     }
 
-    pub async fn get_conversation(&self, id: &str) -> Result<Option<ConversationMeta>, StoreError> {
+    /// One GetItem by key.
+    async fn get_item(&self, pk: String, sk: &str) -> Result<Option<Item>, StoreError> {
         self.count();
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .key("PK", s(conv_pk(id)))
-            .key("SK", s(META_SK))
+            .key("PK", s(pk))
+            .key("SK", s(sk))
             .send()
             .await
             .map_err(|e| dynamo_err("GetItem", e))?;
-        out.item().map(ConversationMeta::from_item).transpose()
+        Ok(out.item)
+    }
+
+    pub async fn get_conversation(&self, id: &str) -> Result<Option<ConversationMeta>, StoreError> {
+        self.get_item(conv_pk(id), META_SK)
+            .await?
+            .as_ref()
+            .map(ConversationMeta::from_item)
+            .transpose()
     }
 
     /// One Query of a conversation's items whose sort key starts with
@@ -469,17 +469,8 @@ impl Store {
     /// The user an API key (by its SHA-256, hex) belongs to, unless it is
     /// unknown or disabled.
     pub async fn lookup_api_key(&self, hash_hex: &str) -> Result<Option<String>, StoreError> {
-        self.count();
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("PK", s(api_key_pk(hash_hex)))
-            .key("SK", s("APIKEY"))
-            .send()
-            .await
-            .map_err(|e| dynamo_err("GetItem", e))?;
-        Ok(out.item().and_then(|item| {
+        let item = self.get_item(api_key_pk(hash_hex), "APIKEY").await?;
+        Ok(item.as_ref().and_then(|item| {
             let disabled = item
                 .get("disabled")
                 .and_then(|v| v.as_bool().ok())
@@ -516,18 +507,9 @@ impl Store {
 
     /// Usage of one user on one day: (requests, input tokens, output tokens).
     pub async fn usage(&self, user: &str, day: &str) -> Result<(u64, u64, u64), StoreError> {
-        self.count();
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("PK", s(user_pk(user)))
-            .key("SK", s(usage_sk(day)))
-            .send()
-            .await
-            .map_err(|e| dynamo_err("GetItem", e))?;
-        Ok(out
-            .item()
+        let item = self.get_item(user_pk(user), &usage_sk(day)).await?;
+        Ok(item
+            .as_ref()
             .map(|i| {
                 (
                     get_n(i, "requests").unwrap_or(0),

@@ -29,6 +29,15 @@ pub const FIELDS: [&str; 6] = [
 const MAX_ID_CHARS: usize = 64;
 const MAX_MODEL_CHARS: usize = 128;
 
+/// 1-64 of `A-Z a-z 0-9 - _`: the form of every conversation id.
+pub fn valid_conversation_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_CHARS
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 fn invalid(field: &str, message: String) -> ApiError {
     ApiError::bad_request("invalid_field", message).with_field(field)
 }
@@ -103,12 +112,7 @@ pub fn parse_chat_request(body: &[u8], limits: &Limits) -> Result<ChatRequest, A
 
     let conversation_id = opt_str(&obj, "conversation_id")?;
     if let Some(id) = conversation_id {
-        let ok = !id.is_empty()
-            && id.len() <= MAX_ID_CHARS
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !ok {
+        if !valid_conversation_id(id) {
             return Err(invalid(
                 "conversation_id",
                 format!(
