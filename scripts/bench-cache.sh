@@ -39,12 +39,12 @@ done
 sim_calls=$(curl -s "http://127.0.0.1:$SIM_PORT/sim/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["calls"])')
 
 python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" "$sim_calls" <<'PY'
-import json, os, statistics, sys, datetime
+import os, statistics, sys, datetime
+sys.path.insert(0, "scripts")
+from benchstats import load, med
 out, req, rounds, cores, calls = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 def runs(c):
-    return [json.loads(l) for l in open(os.path.join(out, f"hit-{c}.jsonl")) if l.strip().startswith("{")]
-def med(rs, a, b):
-    return statistics.median(r[a][b] for r in rs)
+    return load(os.path.join(out, f"hit-{c}.jsonl"))
 print(f"### Cache hits ({datetime.date.today()}, {cores} cores, {req} requests per row after 200 warm-up, median of {rounds} rounds)\n")
 print("| concurrency | first delta p50 ms | p95 ms | p99 ms | full answer p50 ms | p95 ms | p99 ms | req/s | errors |")
 print("|---|---|---|---|---|---|---|---|---|")

@@ -82,18 +82,12 @@ for _ in $(seq 1 "$ROUNDS"); do
 done
 
 THINK_MS=$THINK_MS python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" <<'PY'
-import json, os, statistics, sys, datetime
+import os, sys, datetime
+sys.path.insert(0, "scripts")
+from benchstats import load, med
 out, req, rounds, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 def runs(name, c):
-    return [json.loads(l) for l in open(os.path.join(out, f"{name}-{c}.jsonl")) if l.strip().startswith("{")]
-def med(rs, *keys):
-    vals = []
-    for r in rs:
-        v = r
-        for k in keys:
-            v = v[k]
-        vals.append(v)
-    return statistics.median(vals)
+    return load(os.path.join(out, f"{name}-{c}.jsonl"))
 think = os.environ.get("THINK_MS", "0")
 print(f"### Persistence off vs on ({datetime.date.today()}, {cores} cores, {req} requests per row after 100 warm-up, think time {think} ms, median of {rounds} interleaved rounds)\n")
 print("chat-stream pinned to CPU 0; client, model-sim, Redis and moto on CPU 1. API-key auth and Redis rate limits in every row.\n")

@@ -98,23 +98,13 @@ for _ in $(seq 1 "$ROUNDS"); do
 done
 
 python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" <<'PY'
-import json, os, statistics, sys, datetime
+import os, sys, datetime
+sys.path.insert(0, "scripts")
+from benchstats import load, med
 out, req, rounds, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 
 def runs(name, who, c):
-    path = os.path.join(out, f"{name}-{who}-{c}.jsonl")
-    if not os.path.exists(path):
-        return None
-    return [json.loads(l) for l in open(path) if l.strip().startswith("{")]
-
-def med(rs, *keys):
-    vals = []
-    for r in rs:
-        v = r
-        for k in keys:
-            v = v[k]
-        vals.append(v)
-    return statistics.median(vals)
+    return load(os.path.join(out, f"{name}-{who}-{c}.jsonl"))
 
 print(f"# make bench ({datetime.date.today()}, {cores} cores, {req} requests per row after 200 warm-up, median of {rounds} interleaved rounds)\n")
 
