@@ -629,7 +629,9 @@ async fn an_interrupted_turn_is_recorded_as_such() {
     let store = aws.store().await;
     // Slow enough that the client leaves mid-answer.
     let sim = sim(5, 20.0, 200).await;
-    let server = server(&sim, &aws, &[]).await;
+    // With the default (FINISH_ON_DISCONNECT=true) the answer would be
+    // finished for a resume and stored complete: tests/live.rs covers that.
+    let server = server(&sim, &aws, &[("FINISH_ON_DISCONNECT", "false")]).await;
     let jack = user();
     let resp = reqwest::Client::new()
         .post(server.url("/chat"))

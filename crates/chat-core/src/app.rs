@@ -54,6 +54,10 @@ pub struct Deps {
     pub persister: Option<Arc<Persister>>,
     /// The response cache, when on.
     pub cache: Option<Arc<dyn crate::cache::ResponseCache>>,
+    /// Resumable and followable answer streams, with Redis.
+    pub live: Option<Arc<crate::live::Live>>,
+    /// How often cacheable questions are asked, with Redis.
+    pub popular: Option<Arc<crate::popular::Popularity>>,
 }
 
 impl AppState {
@@ -75,7 +79,7 @@ impl AppState {
         }))
     }
 
-    pub(crate) fn deps(&self) -> &Deps {
+    pub fn deps(&self) -> &Deps {
         &self.0.deps
     }
 
@@ -139,7 +143,7 @@ impl AppState {
         futures_util::future::join_all(checks).await
     }
 
-    pub(crate) fn fleet(&self) -> &Fleet {
+    pub fn fleet(&self) -> &Fleet {
         &self.0.fleet
     }
 
@@ -195,6 +199,7 @@ pub(crate) struct ErrorCode(pub &'static str);
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/chat", post(chat))
+        .route("/chat/streams/{id}", get(crate::resume::resume))
         .route("/health", get(health))
         .route("/conversations", get(crate::conversations::list))
         .route("/conversations/{id}", get(crate::conversations::show))

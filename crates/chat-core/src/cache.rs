@@ -41,11 +41,60 @@ pub struct KeyInput<'a> {
     pub temperature: Option<f32>,
 }
 
+/// The same inputs, owned: what the cache-warmer reads back from the
+/// popularity records to ask the question again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeySpec {
+    pub scope: String,
+    pub provider: String,
+    pub model: String,
+    pub system: Option<String>,
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+    pub temperature: Option<f32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyDocOwned {
+    format: u32,
+    input: KeySpec,
+}
+
+impl KeySpec {
+    /// Reads a canonical key document ([`cache_doc`]); `None` for another
+    /// format or malformed text.
+    pub fn from_doc(doc: &str) -> Option<KeySpec> {
+        let d: KeyDocOwned = serde_json::from_str(doc).ok()?;
+        (d.format == CACHE_FORMAT).then_some(d.input)
+    }
+
+    pub fn input(&self) -> KeyInput<'_> {
+        KeyInput {
+            scope: &self.scope,
+            provider: &self.provider,
+            model: &self.model,
+            system: self.system.as_deref(),
+            messages: &self.messages,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+        }
+    }
+}
+
+/// The canonical JSON document the key is the hash of.
+pub fn cache_doc(input: &KeyInput<'_>) -> String {
+    serde_json::json!({ "format": CACHE_FORMAT, "input": input }).to_string()
+}
+
+/// The key of a canonical document: lowercase hex SHA-256.
+pub fn key_of_doc(doc: &str) -> String {
+    let digest = Sha256::digest(doc.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The cache key: lowercase hex SHA-256 of the canonical JSON.
 pub fn cache_key(input: &KeyInput<'_>) -> String {
-    let doc = serde_json::json!({ "format": CACHE_FORMAT, "input": input });
-    let digest = Sha256::digest(doc.to_string().as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    key_of_doc(&cache_doc(input))
 }
 
 /// A request's `Cache-Control` directives that the cache honours.
@@ -217,6 +266,115 @@ impl ResponseCache for RedisCache {
     }
 }
 
+/// A backend that failed is skipped for a while, so a dead backend costs
+/// one timeout, not one per request.
+struct Skip(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl Skip {
+    const FOR: Duration = Duration::from_secs(2);
+
+    fn active(&self) -> bool {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    fn record<T, E: std::fmt::Display>(
+        &self,
+        r: Result<Result<T, E>, tokio::time::error::Elapsed>,
+    ) -> Result<T, CacheError> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(Ok(v)) => {
+                *g = None;
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if g.is_none() {
+                    tracing::warn!(error = %e, "cache backend failed; skipping it for 2 s");
+                }
+                *g = Some(std::time::Instant::now() + Self::FOR);
+                Err(CacheError::Unavailable)
+            }
+            Err(_) => {
+                if g.is_none() {
+                    tracing::warn!("cache backend timed out; skipping it for 2 s");
+                }
+                *g = Some(std::time::Instant::now() + Self::FOR);
+                Err(CacheError::Unavailable)
+            }
+        }
+    }
+}
+
+/// DynamoDB with TTL (`CACHE#{key}` items in the chat table): for
+/// deployments without a VPC. Reads are eventually consistent; expired
+/// items are ignored (DynamoDB's TTL deletes them later, within days).
+/// Items are capped by DynamoDB's 400 KB: larger answers are not cached.
+pub struct DynamoCache {
+    store: Arc<crate::store::Store>,
+    timeout: Duration,
+    skip: Skip,
+}
+
+/// Answers whose stored JSON is over this are not cached in DynamoDB.
+pub const DYNAMO_ENTRY_MAX_BYTES: usize = 350_000;
+
+impl DynamoCache {
+    pub fn new(store: Arc<crate::store::Store>, timeout: Duration) -> Self {
+        Self {
+            store,
+            timeout,
+            skip: Skip(std::sync::Mutex::new(None)),
+        }
+    }
+}
+
+impl ResponseCache for DynamoCache {
+    fn name(&self) -> &'static str {
+        "dynamodb"
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<CachedAnswer>, CacheError>> {
+        Box::pin(async move {
+            if self.skip.active() {
+                return Err(CacheError::Unavailable);
+            }
+            let got = self
+                .skip
+                .record(tokio::time::timeout(self.timeout, self.store.cache_get(key)).await)?;
+            let now_secs = crate::turn::now_ms() / 1000;
+            Ok(got
+                .filter(|(_, expires)| *expires > now_secs)
+                .and_then(|(json, _)| serde_json::from_str(&json).ok()))
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        answer: &'a CachedAnswer,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(async move {
+            let json = serde_json::to_string(answer).map_err(|_| CacheError::Unavailable)?;
+            if json.len() > DYNAMO_ENTRY_MAX_BYTES {
+                tracing::debug!(
+                    bytes = json.len(),
+                    "answer too large for a DynamoDB cache item"
+                );
+                return Ok(());
+            }
+            if self.skip.active() {
+                return Err(CacheError::Unavailable);
+            }
+            let expires = answer.stored_at_ms / 1000 + ttl.as_secs().max(1);
+            self.skip.record(
+                tokio::time::timeout(self.timeout, self.store.cache_put(key, json, expires)).await,
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +418,26 @@ mod tests {
         assert_ne!(base, key("u1", "m", &msgs(&["hi", "a", "hi"]), Some(0.0)));
         assert_ne!(base, key("u1", "m", &m, Some(0.5)));
         assert_ne!(base, key("u1", "m", &m, None));
+    }
+
+    #[test]
+    fn a_key_document_reads_back_to_the_same_key() {
+        let m = msgs(&["hi", "hello", "again"]);
+        let input = KeyInput {
+            scope: "user:u1",
+            provider: "anthropic",
+            model: "m",
+            system: None,
+            messages: &m,
+            max_tokens: 64,
+            temperature: Some(0.0),
+        };
+        let doc = cache_doc(&input);
+        let spec = KeySpec::from_doc(&doc).unwrap();
+        assert_eq!(cache_key(&spec.input()), key_of_doc(&doc));
+        assert_eq!(spec.messages, m);
+        assert!(KeySpec::from_doc("{\"format\":0,\"input\":{}}").is_none());
+        assert!(KeySpec::from_doc("not json").is_none());
     }
 
     #[test]

@@ -178,8 +178,23 @@ pub enum AuthMode {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CacheConfig {
     pub policy: crate::cache::CachePolicy,
+    /// `CACHE_BACKEND`: `redis` (default with `REDIS_URL`) or `dynamodb`
+    /// (items in `TABLE_NAME`; no VPC needed).
+    pub backend: CacheBackend,
+    /// How often each cacheable request is asked, for the cache-warmer
+    /// (needs Redis).
+    pub popularity: Option<crate::popular::PopularityConfig>,
+    /// `CACHE_DYNAMODB_TIMEOUT_MS` (default 250): one DynamoDB cache call's
+    /// attempt timeout.
+    pub dynamodb_timeout: Duration,
     /// Entries are per user (`user`, default) or shared by all (`global`).
     pub global_scope: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheBackend {
+    Redis,
+    DynamoDb,
 }
 
 /// Where turns are stored. Off when `TABLE_NAME` is unset.
@@ -247,6 +262,9 @@ pub struct Config {
     /// The response cache, when on (`CACHE_ENABLED`, default on with
     /// `REDIS_URL`).
     pub cache: Option<CacheConfig>,
+    /// Resumable, followable answer streams (needs Redis; see
+    /// [`crate::live`]).
+    pub live: Option<crate::live::LiveConfig>,
     pub persistence: Option<PersistenceConfig>,
     pub history: crate::history::HistoryLimits,
 }
@@ -609,12 +627,54 @@ impl Config {
                 30 * 86_400,
             )?),
         };
-        let cache = if r.bool("CACHE_ENABLED", redis_url.is_some())? {
-            if redis_url.is_none() {
+        let backend = match r
+            .string("CACHE_BACKEND")
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref()
+        {
+            None => CacheBackend::Redis,
+            Some("redis") => CacheBackend::Redis,
+            Some("dynamodb") => CacheBackend::DynamoDb,
+            Some(other) => {
                 return Err(ConfigError::new(
-                    "CACHE_ENABLED",
-                    "the response cache needs REDIS_URL",
+                    "CACHE_BACKEND",
+                    format!("{other:?} is not redis or dynamodb"),
                 ));
+            }
+        };
+        let cache_default = match backend {
+            CacheBackend::Redis => redis_url.is_some(),
+            CacheBackend::DynamoDb => persistence.is_some(),
+        };
+        let popularity = match redis_url {
+            Some(_) if r.bool("POPULARITY_ENABLED", true)? => {
+                Some(crate::popular::PopularityConfig {
+                    max_entries: r.ranged("POPULAR_MAX", 500u32, 10, 100_000)?,
+                    half_life: Duration::from_secs(r.ranged(
+                        "POPULAR_HALF_LIFE_SECS",
+                        21_600u64,
+                        60,
+                        30 * 86_400,
+                    )?),
+                })
+            }
+            _ => None,
+        };
+        let cache = if r.bool("CACHE_ENABLED", cache_default)? {
+            match backend {
+                CacheBackend::Redis if redis_url.is_none() => {
+                    return Err(ConfigError::new(
+                        "CACHE_ENABLED",
+                        "the redis cache backend needs REDIS_URL (or set CACHE_BACKEND=dynamodb)",
+                    ));
+                }
+                CacheBackend::DynamoDb if persistence.is_none() => {
+                    return Err(ConfigError::new(
+                        "CACHE_BACKEND",
+                        "the dynamodb cache backend keeps entries in TABLE_NAME; set it",
+                    ));
+                }
+                _ => {}
             }
             let global_scope = match r.string("CACHE_SCOPE").as_deref() {
                 None | Some("user") => false,
@@ -636,13 +696,36 @@ impl Config {
                     )?),
                     cache_sampled: r.bool("CACHE_SAMPLED", false)?,
                 },
+                backend,
+                popularity,
+                dynamodb_timeout: r.ms("CACHE_DYNAMODB_TIMEOUT_MS", 250)?,
                 global_scope,
             })
         } else {
             None
         };
+        let live = match redis_url {
+            Some(_) if r.bool("LIVE_STREAMS_ENABLED", true)? => Some(crate::live::LiveConfig {
+                retention: Duration::from_secs(r.ranged(
+                    "RESUME_RETENTION_SECS",
+                    300u64,
+                    10,
+                    86_400,
+                )?),
+                lease: Duration::from_millis(r.ranged(
+                    "COALESCE_LEASE_MS",
+                    3_000u64,
+                    300,
+                    60_000,
+                )?),
+                coalesce: r.bool("COALESCE_ENABLED", true)? && cache.is_some(),
+                finish_on_disconnect: r.bool("FINISH_ON_DISCONNECT", true)?,
+            }),
+            _ => None,
+        };
         Ok(Config {
             cache,
+            live,
             auth,
             persistence,
             history,
@@ -679,6 +762,30 @@ pub struct WriterConfig {
     /// `POLL_BATCHING_WINDOW_MS` (default 500): like
     /// MaximumBatchingWindowInSeconds.
     pub batching_window: Duration,
+}
+
+impl crate::warmer::WarmBudget {
+    /// The budget of one cache-warmer run (`WARM_*`; see the type). The
+    /// refresh-ahead default is a fifth of `cache_ttl`.
+    pub fn from_source(
+        src: &(impl ConfigSource + ?Sized),
+        cache_ttl: Duration,
+    ) -> Result<Self, ConfigError> {
+        let r = Reader(src);
+        Ok(Self {
+            top: r.ranged("WARM_TOP", 50usize, 1, 10_000)?,
+            max_calls: r.ranged("WARM_MAX_CALLS", 20u32, 0, 100_000)?,
+            max_tokens: r.ranged("WARM_MAX_TOKENS", 100_000u64, 0, 1_000_000_000)?,
+            concurrency: r.ranged("WARM_CONCURRENCY", 4usize, 1, 256)?,
+            time_limit: Duration::from_secs(r.ranged("WARM_TIME_LIMIT_SECS", 240u64, 1, 900)?),
+            refresh_ahead: Duration::from_secs(r.ranged(
+                "WARM_REFRESH_AHEAD_SECS",
+                (cache_ttl.as_secs() / 5).max(1),
+                0,
+                30 * 86_400,
+            )?),
+        })
+    }
 }
 
 impl WriterConfig {

@@ -67,6 +67,32 @@ pub enum UpstreamError {
     CircuitOpen,
 }
 
+/// Every code [`UpstreamError::code`] gives.
+const UPSTREAM_CODES: &[&str] = &[
+    "upstream_rejected_request",
+    "upstream_auth_failed",
+    "model_not_found",
+    "upstream_request_too_large",
+    "upstream_rate_limited",
+    "upstream_overloaded",
+    "upstream_error",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_disconnected",
+    "upstream_protocol_error",
+    "upstream_circuit_open",
+];
+
+/// The code `s` names when it is one of ours (as read back from another
+/// instance's error), else `upstream_error`.
+pub fn upstream_code(s: &str) -> &'static str {
+    UPSTREAM_CODES
+        .iter()
+        .find(|c| **c == s)
+        .copied()
+        .unwrap_or("upstream_error")
+}
+
 impl UpstreamError {
     /// A short stable code for clients and logs.
     pub fn code(&self) -> &'static str {

@@ -20,6 +20,7 @@ use crate::resilience::{Admission, BreakerConfig, Breakers};
 /// A Redis connection that is skipped for a while after it fails, so a
 /// dead Redis costs one timeout, not one per request.
 pub struct RedisLink {
+    client: redis::Client,
     conn: ConnectionManager,
     timeout: Duration,
     skip_until: Mutex<Option<Instant>>,
@@ -38,7 +39,8 @@ impl RedisLink {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         Ok(Self {
-            conn: ConnectionManager::new_lazy_with_config(client, cfg)?,
+            conn: ConnectionManager::new_lazy_with_config(client.clone(), cfg)?,
+            client,
             timeout,
             skip_until: Mutex::new(None),
         })
@@ -113,6 +115,47 @@ impl RedisLink {
         }
         let mut conn = self.conn.clone();
         self.guarded(timeout, pipe.query_async::<T>(&mut conn))
+            .await
+    }
+
+    /// A connection of the caller's own, for blocking reads (`XREAD
+    /// BLOCK`) that must not hold up the shared connection. Its responses
+    /// may take `block` plus the usual timeout.
+    pub async fn dedicated(&self, block: Duration) -> Option<redis::aio::MultiplexedConnection> {
+        if self.skipping() {
+            return None;
+        }
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(block + self.timeout.max(Duration::from_millis(200))));
+        let connect = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg);
+        self.guarded(self.timeout.max(Duration::from_millis(500)), connect)
+            .await
+    }
+
+    /// Runs a script with string arguments within `timeout`; `None` when
+    /// Redis is skipped, slow or failing.
+    pub async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&str],
+        timeout: Duration,
+    ) -> Option<T> {
+        if self.skipping() {
+            return None;
+        }
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(*k);
+        }
+        for a in args {
+            inv.arg(*a);
+        }
+        let mut conn = self.conn.clone();
+        self.guarded(timeout, inv.invoke_async::<T>(&mut conn))
             .await
     }
 

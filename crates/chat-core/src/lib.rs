@@ -16,11 +16,14 @@ pub mod error;
 pub mod fleet;
 pub mod history;
 pub mod http;
+pub mod live;
 pub mod logging;
 pub mod persist;
+pub mod popular;
 pub mod provider;
 mod relay;
 pub mod resilience;
+mod resume;
 pub mod routing;
 pub mod secrets;
 pub mod server;
@@ -28,6 +31,7 @@ pub mod sse;
 pub mod store;
 pub mod turn;
 pub mod validate;
+pub mod warmer;
 pub mod writer;
 
 use std::sync::Arc;
@@ -97,12 +101,40 @@ async fn build_deps(
         )),
         None => None,
     };
-    let cache: Option<Arc<dyn cache::ResponseCache>> = match (&config.cache, &redis) {
-        // The shared Redis guard: a failure costs one REDIS_TIMEOUT_MS,
-        // then Redis is skipped (near zero) for 2 s and tried again.
-        (Some(_), Some(r)) => Some(Arc::new(cache::RedisCache::new(
+    let cache: Option<Arc<dyn cache::ResponseCache>> =
+        match (&config.cache, &redis, &config.persistence) {
+            // The shared Redis guard: a failure costs one REDIS_TIMEOUT_MS,
+            // then Redis is skipped (near zero) for 2 s and tried again.
+            (Some(c), Some(r), _) if c.backend == config::CacheBackend::Redis => Some(Arc::new(
+                cache::RedisCache::new(r.clone(), config.redis_timeout),
+            )),
+            // Its own client with short timeouts: a slow table must not hold
+            // up a chat; it is then skipped for 2 s like Redis.
+            (Some(c), _, Some(p)) if c.backend == config::CacheBackend::DynamoDb => {
+                let attempt = c.dynamodb_timeout;
+                let store = store_with_timeouts(&p.table, None, attempt, attempt * 2).await;
+                Some(Arc::new(cache::DynamoCache::new(
+                    Arc::new(store),
+                    attempt * 2,
+                )))
+            }
+            _ => None,
+        };
+    let live = match (&config.live, &redis) {
+        (Some(l), Some(r)) => Some(Arc::new(live::Live::new(
             r.clone(),
             config.redis_timeout,
+            *l,
+        ))),
+        _ => None,
+    };
+    let popular = match (config.cache.as_ref().and_then(|c| c.popularity), &redis) {
+        (Some(p), Some(r)) => Some(Arc::new(popular::Popularity::new(
+            r.clone(),
+            config
+                .redis_timeout
+                .max(std::time::Duration::from_millis(250)),
+            p,
         ))),
         _ => None,
     };
@@ -157,6 +189,8 @@ async fn build_deps(
         buffer,
         persister,
         cache,
+        live,
+        popular,
     })
 }
 

@@ -25,8 +25,11 @@ use tokio::time::timeout_at;
 
 use crate::app::{AppState, LogDeferred, RequestCtx, ms, new_id};
 use crate::auth::Identity;
-use crate::cache::{CacheControl, CachedAnswer, KeyInput, Plan, ResponseCache, cache_key};
+use crate::cache::{
+    CacheControl, CachedAnswer, KeyInput, Plan, ResponseCache, cache_doc, key_of_doc,
+};
 use crate::error::{ApiError, TimeoutKind, UpstreamError};
+use crate::live::{FollowOpen, Follower, Lead, Takeover, Tee};
 use crate::persist::Persister;
 use crate::turn::{TURN_SCHEMA_VERSION, TurnRecord, TurnStatus};
 use std::sync::Arc;
@@ -139,8 +142,8 @@ pub(crate) async fn start(
                 });
                 m
             });
-        let key = match &messages {
-            Ok(m) if plan.lookup || plan.store => Some(cache_key(&KeyInput {
+        let doc = match &messages {
+            Ok(m) if plan.lookup || plan.store => Some(cache_doc(&KeyInput {
                 scope: &scope,
                 provider: &chosen_ref.provider,
                 model: &chosen,
@@ -151,6 +154,7 @@ pub(crate) async fn start(
             })),
             _ => None,
         };
+        let key = doc.as_deref().map(key_of_doc);
         let hit = match (&cache, &key) {
             (Some(c), Some(k)) if plan.lookup => c
                 .get(k)
@@ -160,9 +164,9 @@ pub(crate) async fn start(
                 .filter(|a| a.fresh_for(plan.max_age, crate::turn::now_ms())),
             _ => None,
         };
-        (messages, key, hit, t.elapsed())
+        (messages, key, doc, hit, t.elapsed())
     };
-    let (rate, primary_admission, (history, key, hit, history_time)) = tokio::join!(
+    let (rate, primary_admission, (history, key, doc, hit, history_time)) = tokio::join!(
         state.fleet().check_rate(&caller),
         state.fleet().admit(&primary_key),
         history
@@ -193,6 +197,11 @@ pub(crate) async fn start(
             return Err(e);
         }
     };
+    // Counted after the answer, on the task that persists the turn.
+    let popular = match (&state.deps().popular, &key, doc) {
+        (Some(p), Some(k), Some(d)) => Some((p.clone(), k.clone(), d)),
+        _ => None,
+    };
     if let Some(hit) = hit {
         if primary_admission == Admission::Probe {
             // No model call: the probe slot goes back.
@@ -214,13 +223,27 @@ pub(crate) async fn start(
             started_at_ms,
             timings,
             rate_headers,
+            popular,
         ));
     }
+    // A miss: lead this question's answer, or follow whoever does.
+    let turn_id = new_id();
+    let live = state.deps().live.clone();
+    let coalesce_key = key
+        .clone()
+        .filter(|_| plan.lookup && live.as_ref().is_some_and(|l| l.config.coalesce));
+    let lead = match (&live, &coalesce_key) {
+        (Some(l), Some(k)) => l.lead(k, &turn_id).await,
+        _ => Lead::Alone,
+    };
+    let owner = format!("user:{}", identity.user_id);
+    let mut tee = live
+        .as_ref()
+        .map(|l| l.tee(&turn_id, &owner, coalesce_key.clone()));
     let cache_put = match (cache, key) {
-        (Some(c), Some(k)) if plan.store => Some((c, k, ttl)),
+        (Some(c), Some(k)) if plan.store && !matches!(lead, Lead::Follow(_)) => Some((c, k, ttl)),
         _ => None,
     };
-    let x_cache = if plan.lookup { "miss" } else { "bypass" };
     let model_req = ModelRequest {
         model: chosen,
         system: req.system,
@@ -236,6 +259,60 @@ pub(crate) async fn start(
 
     // Phase 1: until the first text, failures are plain errors, and
     // retries and fallbacks are still invisible to the client.
+    let opened = match (lead, &live, &coalesce_key) {
+        (Lead::Follow(leader), Some(live), Some(k)) => {
+            if primary_admission == Admission::Probe {
+                // A follower makes no model call of its own (unless its
+                // leader dies; the takeover asks the breaker again).
+                state.fleet().abandon_probe(&primary_key).await;
+            }
+            let takeover = takeover_call(&state, &model_req, deadlines);
+            let t0 = Instant::now();
+            match Follower::open(live.clone(), k.clone(), turn_id.clone(), leader, takeover).await {
+                FollowOpen::Following {
+                    follower,
+                    model,
+                    first,
+                } => Ok(Opened {
+                    provider: state
+                        .providers()
+                        .get(&chosen_ref.provider)
+                        .map_or("follow", |p| p.name()),
+                    model_key: primary_key.clone(),
+                    stream: follower.into_stream(),
+                    first,
+                    model,
+                    input_tokens: Some(0),
+                    upstream_connect: t0.elapsed(),
+                    attempts: 0,
+                    following: true,
+                }),
+                FollowOpen::Aborted { status, body } => {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    let mut e = ApiError::new(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                        crate::error::upstream_code(v["code"].as_str().unwrap_or_default()),
+                        v["message"].as_str().unwrap_or("the model call failed"),
+                    );
+                    e.headers.push(("x-cache", "follow".into()));
+                    if let Some(t) = tee.as_mut() {
+                        t.send(
+                            0,
+                            "abort",
+                            &json!({"status": status, "body": body}).to_string(),
+                        );
+                        t.flush().await;
+                    }
+                    return Err(e);
+                }
+                FollowOpen::Lead | FollowOpen::Alone => {
+                    let admission = state.fleet().admit(&primary_key).await;
+                    open_with_fallback(&state, &model_req, &deadlines, admission).await
+                }
+            }
+        }
+        _ => open_with_fallback(&state, &model_req, &deadlines, primary_admission).await,
+    };
     let Opened {
         provider,
         model_key,
@@ -245,18 +322,32 @@ pub(crate) async fn start(
         input_tokens,
         upstream_connect,
         attempts,
-    } = match open_with_fallback(&state, &model_req, &deadlines, primary_admission).await {
+        following,
+    } = match opened {
         Ok(o) => o,
         Err((e, attempts)) => {
-            return Err(pre_stream_failure(&ctx, &model_req.model, e, attempts));
+            let err = pre_stream_failure(&ctx, &model_req.model, e, attempts);
+            if let Some(t) = tee.as_mut() {
+                // Followers get the same error at once.
+                let abort = json!({"status": err.status.as_u16(), "body": err.body_json()});
+                t.send(0, "abort", &abort.to_string());
+                t.flush().await;
+            }
+            return Err(err);
         }
+    };
+    let x_cache = if following {
+        "follow"
+    } else if plan.lookup {
+        "miss"
+    } else {
+        "bypass"
     };
     let ttft = matches!(first, Chunk::Delta(_)).then(|| ctx.start.elapsed());
     let pending = Some(first);
 
     // Phase 2: the stream.
     let conversation_id = req.conversation_id.clone().unwrap_or_else(new_id);
-    let turn_id = new_id();
     let draft = state.deps().persister.clone().map(|persister| TurnDraft {
         persister,
         conversation_id: conversation_id.clone(),
@@ -266,12 +357,18 @@ pub(crate) async fn start(
         new_conversation: req.conversation_id.is_none(),
         user_message: req.message,
     });
-    let meta = json!({
+    let mut meta = json!({
         "conversation_id": conversation_id,
         "turn_id": turn_id,
         "model": model,
-        "cache": "miss",
+        "cache": if following { "follow" } else { "miss" },
     });
+    if tee.is_some() {
+        // Resumable: GET /chat/streams/{stream_id} with Last-Event-ID.
+        meta["stream_id"] = json!(turn_id);
+    }
+    let finish_on_disconnect =
+        tee.is_some() && live.as_ref().is_some_and(|l| l.config.finish_on_disconnect);
     let timings = Timings {
         start: ctx.start,
         validate,
@@ -307,6 +404,13 @@ pub(crate) async fn start(
         answer: String::new(),
         draft,
         cache_put,
+        popular,
+        tee,
+        following,
+        lease: match (&live, coalesce_key) {
+            (Some(l), Some(k)) => Some((l.clone(), k, turn_id.clone())),
+            _ => None,
+        },
         persisting: None,
         finished: false,
         log: Some(LogCtx {
@@ -318,8 +422,12 @@ pub(crate) async fn start(
             turn_id,
         }),
     };
-    let body = futures_util::stream::unfold(relay, |mut r| async move {
-        r.next_frame().await.map(|b| (Ok::<_, Infallible>(b), r))
+    // The relay runs on its own task and hands frames to the body, so a
+    // client that leaves does not have to stop the answer (see `produce`).
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(produce(relay, tx, finish_on_disconnect));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     });
     let mut resp = sse_response(
         Body::from_stream(body),
@@ -368,6 +476,7 @@ fn sse_response(
 /// A cache hit: the stored answer at once as `delta` events (`meta.cache`
 /// is `hit`, no model call, no model tokens), and the turn persisted like
 /// any other before the body ends.
+#[allow(clippy::too_many_arguments)] // one call site; each is a distinct input
 fn hit_response(
     state: &AppState,
     identity: &Identity,
@@ -376,6 +485,7 @@ fn hit_response(
     started_at_ms: u64,
     timings: Timings,
     rate_headers: Vec<(&'static str, String)>,
+    popular: Option<PopularJob>,
 ) -> Response {
     let new_conversation = req.conversation_id.is_none();
     let conversation_id = req.conversation_id.unwrap_or_else(new_id);
@@ -426,8 +536,16 @@ fn hit_response(
             output_tokens: 0,
             error_code: None,
         };
+        (persister, rec)
+    });
+    let persisting = (persisting.is_some() || popular.is_some()).then(|| {
         tokio::spawn(async move {
-            persister.persist(rec, new_conversation).await;
+            let persist = async {
+                if let Some((persister, rec)) = persisting {
+                    persister.persist(rec, new_conversation).await;
+                }
+            };
+            tokio::join!(persist, count_ask(popular));
         })
     });
     let frames = futures_util::stream::iter(frames.into_iter().map(Ok::<_, Infallible>));
@@ -464,6 +582,8 @@ struct Opened {
     input_tokens: Option<u32>,
     upstream_connect: Duration,
     attempts: u32,
+    /// The text comes from another request's answer (coalescing).
+    following: bool,
 }
 
 type FirstText = (ChunkStream, Chunk, String, Option<u32>, Duration);
@@ -569,6 +689,7 @@ async fn open_with_fallback(
                         input_tokens,
                         upstream_connect,
                         attempts,
+                        following: false,
                     });
                 }
                 Err(e) => e,
@@ -671,6 +792,15 @@ struct Relay {
     draft: Option<TurnDraft>,
     /// Where a complete answer is cached; taken when handed over.
     cache_put: Option<(Arc<dyn ResponseCache>, String, Duration)>,
+    /// Counts the ask for the cache-warmer; taken when handed over.
+    popular: Option<PopularJob>,
+    /// Copies every event into the answer's live stream (resume, followers).
+    tee: Option<Tee>,
+    /// The answer comes from another request's model call.
+    following: bool,
+    /// The coalescing lease this answer may hold (live, cache key, turn):
+    /// given up once the answer is cached.
+    lease: Option<(Arc<crate::live::Live>, String, String)>,
     /// The turn being made durable; the body ends when it is done.
     persisting: Option<tokio::task::JoinHandle<()>>,
     finished: bool,
@@ -681,6 +811,9 @@ struct Relay {
 impl Relay {
     fn frame(&mut self, event: &str, data: &str) -> Bytes {
         self.seq += 1;
+        if let Some(t) = &self.tee {
+            t.send(self.seq, event, data);
+        }
         sse::encode(Some(self.seq), event, data)
     }
 
@@ -689,9 +822,17 @@ impl Relay {
             // The client has the final event. Keep the body (and so the
             // invocation) open until the turn is durable: Lambda freezes
             // the environment once the response ends.
-            if let Some(h) = self.persisting.take() {
-                let _ = h.await;
-            }
+            let persisting = async {
+                if let Some(h) = self.persisting.take() {
+                    let _ = h.await;
+                }
+            };
+            let teeing = async {
+                if let Some(t) = self.tee.as_mut() {
+                    t.flush().await;
+                }
+            };
+            tokio::join!(persisting, teeing);
             return None;
         }
         if let Some(meta) = self.meta.take() {
@@ -767,9 +908,12 @@ impl Relay {
 
     async fn fail(&mut self, e: UpstreamError) -> Bytes {
         self.finished = true;
-        self.state.health(self.provider).record_error(&e);
-        if e.retryable() {
-            self.state.fleet().on_failure(&self.model_key).await;
+        if !self.following {
+            // A follower's failure is its leader's, already counted.
+            self.state.health(self.provider).record_error(&e);
+            if e.retryable() {
+                self.state.fleet().on_failure(&self.model_key).await;
+            }
         }
         let err = ApiError::from(&e);
         tracing::warn!(error = %e, error_code = e.code(), "upstream failed mid-stream");
@@ -816,6 +960,14 @@ impl Drop for Relay {
     /// when the environment next runs).
     fn drop(&mut self) {
         if self.log.is_some() {
+            if let Some(t) = &self.tee {
+                // Followers take over at once; a resume gets an error.
+                t.send(
+                    self.seq + 1,
+                    "gone",
+                    r#"{"code":"client_disconnected","message":"the answer was stopped when its client left"}"#,
+                );
+            }
             let _ = self.hand_over(TurnStatus::Interrupted, Some("client_disconnected"));
             self.write_log("client_disconnected", None);
         }
@@ -884,7 +1036,9 @@ impl Relay {
             };
             (d.persister, d.new_conversation, rec)
         });
-        if cache_job.is_none() && persist_job.is_none() {
+        let popular = self.popular.take();
+        let lease = self.lease.take();
+        if cache_job.is_none() && persist_job.is_none() && popular.is_none() && lease.is_none() {
             return None;
         }
         let handle = tokio::runtime::Handle::try_current().ok()?;
@@ -895,13 +1049,17 @@ impl Relay {
                         tracing::debug!("cache unavailable; answer not stored");
                     }
                 }
+                // Later identical requests find the cache now, not us.
+                if let Some((live, key, turn_id)) = lease {
+                    live.release(&key, &turn_id).await;
+                }
             };
             let persist = async {
                 if let Some((persister, new_conversation, rec)) = persist_job {
                     persister.persist(rec, new_conversation).await;
                 }
             };
-            tokio::join!(cache, persist);
+            tokio::join!(cache, persist, count_ask(popular));
         }))
     }
 }
@@ -946,4 +1104,79 @@ async fn load_history(
             )
         }
     })
+}
+
+/// Counts one ask of a cacheable question: (tracker, key, key document).
+type PopularJob = (Arc<crate::popular::Popularity>, String, String);
+
+async fn count_ask(job: Option<PopularJob>) {
+    if let Some((p, key, doc)) = job {
+        p.record(&key, &doc).await;
+    }
+}
+
+/// The model call a follower makes when its leader is gone: the same
+/// request, through the same retries, fallbacks and breakers.
+fn takeover_call(state: &AppState, req: &ModelRequest, deadlines: Deadlines) -> Takeover {
+    let state = state.clone();
+    let req = req.clone();
+    Arc::new(move || {
+        let state = state.clone();
+        let req = req.clone();
+        Box::pin(async move {
+            let key = ModelRef::parse(&req.model, &state.config().default_provider).key();
+            let admission = state.fleet().admit(&key).await;
+            match open_with_fallback(&state, &req, &deadlines, admission).await {
+                Ok(o) => {
+                    let first = futures_util::stream::once(async move { Ok(o.first) });
+                    Ok(first.chain(o.stream).boxed())
+                }
+                Err((e, _)) => Err(e),
+            }
+        })
+    })
+}
+
+/// Runs the relay and hands its frames to the client's body. When the
+/// client leaves: with `finish` (live streams on), the answer runs to its
+/// end, so it can be resumed, followed and cached, and the turn is stored
+/// complete; without, the relay is dropped, which stops the model call and
+/// records the turn as interrupted.
+async fn produce(mut relay: Relay, tx: tokio::sync::mpsc::Sender<Bytes>, finish: bool) {
+    let mut client = Some(tx);
+    loop {
+        let (frame, left) = {
+            let next = relay.next_frame();
+            tokio::pin!(next);
+            match &client {
+                Some(tx) => tokio::select! {
+                    biased;
+                    f = &mut next => (f, false),
+                    () = tx.closed() => {
+                        if !finish {
+                            return;
+                        }
+                        (next.await, true)
+                    }
+                },
+                None => (next.await, false),
+            }
+        };
+        if left {
+            client = None;
+            tracing::info!(
+                seq = relay.seq,
+                "client left; finishing the answer for resume and cache"
+            );
+        }
+        let Some(frame) = frame else { return };
+        if let Some(tx) = &client {
+            if tx.send(frame).await.is_err() {
+                if !finish {
+                    return;
+                }
+                client = None;
+            }
+        }
+    }
 }

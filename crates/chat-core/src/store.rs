@@ -79,6 +79,11 @@ pub fn user_pk(id: &str) -> String {
 pub fn usage_sk(day: &str) -> String {
     format!("USAGE#{day}")
 }
+pub fn cache_pk(key: &str) -> String {
+    format!("CACHE#{key}")
+}
+pub const CACHE_SK: &str = "CACHE";
+
 pub fn api_key_pk(hash_hex: &str) -> String {
     format!("APIKEY#{hash_hex}")
 }
@@ -320,6 +325,48 @@ impl Store {
             .await
             .map_err(|e| dynamo_err("GetItem", e))?;
         Ok(out.item)
+    }
+
+    /// A cached answer (the `CACHE#{key}` item): its JSON and when it
+    /// expires (epoch seconds). Eventually consistent: the cheaper read.
+    pub async fn cache_get(&self, key: &str) -> Result<Option<(String, u64)>, StoreError> {
+        self.count();
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("PK", s(cache_pk(key)))
+            .key("SK", s(CACHE_SK))
+            .projection_expression("answer, expires_at")
+            .send()
+            .await
+            .map_err(|e| dynamo_err("GetItem", e))?;
+        Ok(out.item.and_then(|item| {
+            let answer = get_s(&item, "answer")?.to_owned();
+            Some((answer, get_n(&item, "expires_at").unwrap_or(0)))
+        }))
+    }
+
+    /// Stores a cached answer until `expires_at` (epoch seconds; DynamoDB
+    /// TTL deletes it some time after, so readers check it themselves).
+    pub async fn cache_put(
+        &self,
+        key: &str,
+        answer_json: String,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        self.count();
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("PK", s(cache_pk(key)))
+            .item("SK", s(CACHE_SK))
+            .item("answer", s(answer_json))
+            .item("expires_at", n(expires_at))
+            .send()
+            .await
+            .map_err(|e| dynamo_err("PutItem", e))?;
+        Ok(())
     }
 
     pub async fn get_conversation(&self, id: &str) -> Result<Option<ConversationMeta>, StoreError> {

@@ -1,0 +1,267 @@
+//! Live answer streams through chat-stream, against a real Redis and
+//! model-sim: identical in-flight requests share one model call, a client
+//! cut off mid-answer resumes with `Last-Event-ID`, and an answer whose
+//! client left is finished for it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use e2e::{ChatServer, Event, RedisServer, answer_text, direct_answer, kinds, read_sse, sim};
+use model_sim::Sim;
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const MODEL: &str = "claude-sim";
+
+async fn server(sim: &Sim, redis_url: &str, extra: &[(&str, &str)]) -> ChatServer {
+    let url = sim.url();
+    let mut env = vec![
+        ("ANTHROPIC_BASE_URL", url.as_str()),
+        ("REDIS_URL", redis_url),
+        ("REDIS_TIMEOUT_MS", "1000"),
+        ("DEFAULT_MODEL", MODEL),
+        // 50 callers from one user in a second.
+        ("RATE_LIMIT_RPM", "0"),
+    ];
+    env.extend_from_slice(extra);
+    ChatServer::start(&env).await
+}
+
+fn q(message: &str) -> Value {
+    json!({"message": message, "temperature": 0, "max_tokens": 64, "model": MODEL})
+}
+
+async fn post(server: &ChatServer, user: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(server.url("/chat"))
+        .header("x-dev-user", user)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Reads raw SSE until `n` delta events have arrived; gives the events and
+/// the id of the last one.
+async fn read_deltas(
+    stream: &mut futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    n: usize,
+) -> (Vec<Event>, u64) {
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let at = std::time::Instant::now();
+    while events
+        .iter()
+        .filter(|e: &&Event| e.event == "delta")
+        .count()
+        < n
+    {
+        let b = futures_util::StreamExt::next(stream)
+            .await
+            .unwrap()
+            .unwrap();
+        buf.push_str(std::str::from_utf8(&b).unwrap());
+        e2e::take_events(&mut buf, at, &mut events);
+    }
+    let last = events
+        .last()
+        .and_then(|e| e.id.as_deref())
+        .and_then(|id| id.parse().ok())
+        .unwrap();
+    (events, last)
+}
+
+#[tokio::test]
+async fn fifty_identical_requests_make_one_model_call_and_fifty_full_answers() {
+    let redis = RedisServer::start().await;
+    // About a second of generation: the other 49 arrive while it runs.
+    let sim = sim(100, 40.0, 40).await;
+    let server = server(&sim, &redis.url(), &[]).await;
+    let body = q("what does a stampede cost?");
+    let asks = (0..50).map(|_| async {
+        let resp = post(&server, "herd", &body).await;
+        assert_eq!(resp.status(), 200);
+        let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
+        let (events, err) = read_sse(resp, LIMIT).await;
+        assert_eq!(err, None);
+        (x_cache, events)
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    assert_eq!(
+        sim.calls(),
+        1,
+        "one upstream call for 50 identical requests"
+    );
+    let expected = direct_answer(&sim, MODEL, None, "what does a stampede cost?", 64).await;
+    let mut turn_ids = std::collections::HashSet::new();
+    let mut followers = 0;
+    for (x_cache, events) in &answers {
+        assert_eq!(kinds(events).last(), Some(&"done"), "{x_cache}: {events:?}");
+        assert_eq!(answer_text(events), expected);
+        let meta = &events[0].data;
+        assert_eq!(meta["cache"], x_cache.as_str());
+        assert!(turn_ids.insert(meta["turn_id"].as_str().unwrap().to_owned()));
+        followers += usize::from(x_cache == "follow");
+        if x_cache == "follow" {
+            let done = &events.last().unwrap().data;
+            assert_eq!(
+                done["usage"]["output_tokens"], 0,
+                "a follower pays no tokens"
+            );
+        }
+    }
+    // Each got its own turn; the first is the leader (or a later one a
+    // cache hit, if it arrived after the answer was stored).
+    assert!(
+        followers >= 1,
+        "nobody followed: {:?}",
+        answers.iter().map(|a| &a.0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        answers.iter().filter(|(x, _)| x == "miss").count(),
+        1,
+        "exactly one leader"
+    );
+}
+
+#[tokio::test]
+async fn a_client_cut_off_mid_answer_resumes_with_last_event_id() {
+    let redis = RedisServer::start().await;
+    // 60 tokens at 30/s: two seconds; the cut comes early.
+    let sim = sim(20, 30.0, 60).await;
+    let server = server(&sim, &redis.url(), &[]).await;
+    let body = json!({"message": "a long story", "max_tokens": 64, "model": MODEL});
+    let resp = post(&server, "rue", &body).await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    let (before, last_id) = read_deltas(&mut stream, 3).await;
+    drop(stream); // the connection breaks
+    let stream_id = before[0].data["stream_id"].as_str().unwrap().to_owned();
+    assert_eq!(before[0].data["turn_id"].as_str().unwrap(), stream_id);
+
+    // Someone else cannot read it; bad ids are 4xx JSON.
+    let other = reqwest::Client::new()
+        .get(server.url(&format!("/chat/streams/{stream_id}")))
+        .header("x-dev-user", "mallory")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    let bad = reqwest::Client::new()
+        .get(server.url(&format!("/chat/streams/{stream_id}")))
+        .header("x-dev-user", "rue")
+        .header("last-event-id", "three")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let v: Value = bad.json().await.unwrap();
+    assert_eq!(v["code"], "invalid_last_event_id");
+
+    let resumed = reqwest::Client::new()
+        .get(server.url(&format!("/chat/streams/{stream_id}")))
+        .header("x-dev-user", "rue")
+        .header("last-event-id", last_id.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    let (after, err) = read_sse(resumed, LIMIT).await;
+    assert_eq!(err, None);
+    assert_eq!(kinds(&after).last(), Some(&"done"));
+    assert_eq!(
+        after[0].id.as_deref(),
+        Some((last_id + 1).to_string().as_str()),
+        "the rest starts right after"
+    );
+    assert_eq!(sim.calls(), 1, "a resume makes no model call");
+    let full = format!("{}{}", answer_text(&before), answer_text(&after));
+    assert_eq!(
+        full,
+        direct_answer(&sim, MODEL, None, "a long story", 64).await
+    );
+    assert_eq!(
+        sim.cancelled(),
+        0,
+        "the answer was finished for the client that left"
+    );
+
+    // From the start (no Last-Event-ID): the whole answer again.
+    let again = reqwest::Client::new()
+        .get(server.url(&format!("/chat/streams/{stream_id}")))
+        .header("x-dev-user", "rue")
+        .send()
+        .await
+        .unwrap();
+    let (all, _) = read_sse(again, LIMIT).await;
+    assert_eq!(kinds(&all)[0], "meta");
+    assert_eq!(answer_text(&all), full);
+
+    // Unknown stream: 404.
+    let unknown = reqwest::Client::new()
+        .get(server.url("/chat/streams/0123456789abcdef"))
+        .header("x-dev-user", "rue")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+}
+
+#[tokio::test]
+async fn a_cacheable_answer_whose_client_left_is_finished_and_cached() {
+    let redis = RedisServer::start().await;
+    let sim = sim(20, 40.0, 40).await;
+    let server = server(&sim, &redis.url(), &[]).await;
+    let body = q("finish it anyway");
+    let resp = post(&server, "sid", &body).await;
+    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    read_deltas(&mut stream, 2).await;
+    drop(stream);
+    // The answer runs to its end without the client, then is cached.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while sim.completed() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the answer was not finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut x_cache = String::new();
+    let mut text = String::new();
+    for _ in 0..50 {
+        let resp = post(&server, "sid", &body).await;
+        x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
+        let (events, _) = read_sse(resp, LIMIT).await;
+        if x_cache == "hit" {
+            text = answer_text(&events);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(x_cache, "hit");
+    assert_eq!(sim.calls(), 1);
+    assert_eq!(
+        text,
+        direct_answer(&sim, MODEL, None, "finish it anyway", 64).await
+    );
+}
+
+#[tokio::test]
+async fn with_finish_on_disconnect_off_a_client_that_leaves_stops_the_model() {
+    let redis = RedisServer::start().await;
+    let sim = sim(0, 5.0, 100).await;
+    let server = server(&sim, &redis.url(), &[("FINISH_ON_DISCONNECT", "false")]).await;
+    let resp = post(&server, "tom", &json!({"message": "long", "model": MODEL})).await;
+    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    read_deltas(&mut stream, 1).await;
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sim.cancelled() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the model kept generating"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sim.completed(), 0);
+}
