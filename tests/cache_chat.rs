@@ -1,12 +1,13 @@
-//! The response cache through chat-stream, against a real Redis and
-//! model-sim: hits cost no model call, anything that changes the answer
-//! misses, only complete answers are stored, Cache-Control is honoured,
-//! and a dead Redis never breaks chat.
+//! The response cache through chat-stream, against model-sim and each
+//! backend (a real Redis; DynamoDB in moto): hits cost no model call,
+//! anything that changes the answer misses, only complete answers are
+//! stored, Cache-Control is honoured, and a dead Redis never breaks chat.
+//! The behavioural tests run once per backend.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
-use e2e::{ChatServer, RedisServer, answer_text, kinds, read_sse, sim};
+use e2e::{ChatServer, LocalAws, RedisServer, answer_text, kinds, read_sse, sim};
 use model_sim::Sim;
 use serde_json::{Value, json};
 
@@ -22,6 +23,46 @@ async fn server(sim: &Sim, redis_url: &str) -> ChatServer {
         ("REDIS_TIMEOUT_MS", "1000"),
     ])
     .await
+}
+
+/// A cache backend of the test's own.
+enum Backend {
+    Redis(RedisServer),
+    DynamoDb(LocalAws),
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Redis,
+    DynamoDb,
+}
+
+impl Backend {
+    async fn start(kind: Kind) -> Backend {
+        match kind {
+            Kind::Redis => Backend::Redis(RedisServer::start().await),
+            Kind::DynamoDb => Backend::DynamoDb(LocalAws::create(&[]).await),
+        }
+    }
+
+    async fn server(&self, sim: &Sim) -> ChatServer {
+        match self {
+            Backend::Redis(r) => server(sim, &r.url()).await,
+            Backend::DynamoDb(aws) => {
+                let url = sim.url();
+                let env = aws.env();
+                let mut pairs: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                pairs.extend([
+                    ("ANTHROPIC_BASE_URL", url.as_str()),
+                    ("CACHE_BACKEND", "dynamodb"),
+                    // moto on a loaded machine is slower than DynamoDB.
+                    ("CACHE_DYNAMODB_TIMEOUT_MS", "2000"),
+                ]);
+                ChatServer::start(&pairs).await
+            }
+        }
+    }
 }
 
 struct Answer {
@@ -57,10 +98,19 @@ fn q(message: &str) -> Value {
 }
 
 #[tokio::test]
-async fn a_repeated_question_is_a_hit_without_a_model_call() {
-    let redis = RedisServer::start().await;
+async fn a_repeated_question_is_a_hit_without_a_model_call_redis() {
+    a_repeated_question_is_a_hit_without_a_model_call(Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn a_repeated_question_is_a_hit_without_a_model_call_dynamodb() {
+    a_repeated_question_is_a_hit_without_a_model_call(Kind::DynamoDb).await;
+}
+
+async fn a_repeated_question_is_a_hit_without_a_model_call(kind: Kind) {
+    let backend = Backend::start(kind).await;
     let sim = sim(5, 2000.0, 20).await;
-    let server = server(&sim, &redis.url()).await;
+    let server = backend.server(&sim).await;
 
     let first = ask(&server, "ann", q("what is a cache?"), None).await;
     assert_eq!(
@@ -113,10 +163,19 @@ async fn a_repeated_question_is_a_hit_without_a_model_call() {
 }
 
 #[tokio::test]
-async fn an_interrupted_answer_is_not_cached() {
-    let redis = RedisServer::start().await;
+async fn an_interrupted_answer_is_not_cached_redis() {
+    an_interrupted_answer_is_not_cached(Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn an_interrupted_answer_is_not_cached_dynamodb() {
+    an_interrupted_answer_is_not_cached(Kind::DynamoDb).await;
+}
+
+async fn an_interrupted_answer_is_not_cached(kind: Kind) {
+    let backend = Backend::start(kind).await;
     let sim = sim(5, 2000.0, 20).await;
-    let server = server(&sim, &redis.url()).await;
+    let server = backend.server(&sim).await;
     let mut broken = q("tell me a story");
     broken["model"] = json!("claude-sim+fault=drop-mid@5,times=1");
     let first = ask(&server, "cat", broken.clone(), None).await;
@@ -129,10 +188,19 @@ async fn an_interrupted_answer_is_not_cached() {
 }
 
 #[tokio::test]
-async fn cache_control_no_store_no_cache_and_max_age() {
-    let redis = RedisServer::start().await;
+async fn cache_control_no_store_no_cache_and_max_age_redis() {
+    cache_control_no_store_no_cache_and_max_age(Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn cache_control_no_store_no_cache_and_max_age_dynamodb() {
+    cache_control_no_store_no_cache_and_max_age(Kind::DynamoDb).await;
+}
+
+async fn cache_control_no_store_no_cache_and_max_age(kind: Kind) {
+    let backend = Backend::start(kind).await;
     let sim = sim(5, 2000.0, 10).await;
-    let server = server(&sim, &redis.url()).await;
+    let server = backend.server(&sim).await;
 
     // no-store: neither looked up nor stored.
     let a = ask(&server, "dee", q("no store"), Some("no-store")).await;
