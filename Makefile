@@ -42,7 +42,7 @@ rust-arm64:
 # --- local run --------------------------------------------------------------
 
 run: $(TOOLS)
-	cargo build -p chat-stream -p model-sim -p db-writer
+	cargo build -p chat-stream -p model-sim -p db-writer -p cache-warmer
 	BIN=target/debug scripts/run-local.sh
 
 # --- quality gates ----------------------------------------------------------
@@ -66,7 +66,7 @@ test: lint
 # --- build and deploy -------------------------------------------------------
 
 build: $(TOOLS) rust-arm64
-	cargo lambda build --release --arm64 --locked -p chat-stream -p db-writer
+	cargo lambda build --release --arm64 --locked -p chat-stream -p db-writer -p cache-warmer
 	@for f in target/lambda/*/bootstrap; do \
 		printf '%s: ' "$$f"; file -b "$$f" 2>/dev/null | cut -d, -f1-2 || true; \
 		ls -l "$$f" | awk '{print "  " $$5 " bytes"}'; \

@@ -1,57 +1,117 @@
 #!/usr/bin/env bash
-# Cache hits (part of make bench; also runs alone): every request asks the
-# same question at temperature 0, so after the first all are answered from
-# the Redis cache. Reports the time to the first delta and to the end of
-# the whole answer (model-sim answers 16 tokens when it is called), and
-# requests/s, at concurrency 1 and 20. chat-stream with API-key auth and
-# Redis rate limits, pinned to CPU 0; client, Redis and model-sim on CPU 1.
+# Cache benchmarks (part of make bench; also runs alone).
+#
+# 1. Cache hits, per backend (Redis; DynamoDB in moto): every request asks
+#    the same question at temperature 0, so after the first all are
+#    answered from the cache. Reports the time to the first delta and to
+#    the end of the whole answer (model-sim answers 16 tokens when it is
+#    called), and requests/s, at concurrency 1 and 20. chat-stream with
+#    API-key auth, pinned to CPU 0; client, Redis, moto and model-sim on
+#    CPU 1. The DynamoDB rows measure moto (a Python server on the client's
+#    CPU), not DynamoDB: read them as an upper bound of our own overhead.
+# 2. Stampede: 50 identical requests at once against an empty cache, the
+#    model taking ~1 s to answer; reports model calls per stampede with
+#    coalescing on and off, and each side's time to first delta.
+#
 # Knobs: BENCH_REQUESTS (2000 per row), BENCH_ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=target/release
+VENV=${VENV:-.venv}
 REQ=${BENCH_REQUESTS:-2000}
 ROUNDS=${BENCH_ROUNDS:-3}
 OUT=$(mktemp -d)
 pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$OUT"' EXIT
+svc=()
+stop_chat() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
+trap 'stop_chat; for p in "${svc[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$OUT"' EXIT
 . scripts/bench-lib.sh
 
-RPORT=$(free_port); SIM_PORT=$(free_port); PORT=$(free_port)
+RPORT=$(free_port); MPORT=$(free_port); SIM_PORT=$(free_port); SLOW_PORT=$(free_port); PORT=$(free_port)
 "${on_rest[@]}" redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 &
-pids+=($!)
+svc+=($!)
+"${on_rest[@]}" "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MPORT" >"$OUT/moto.log" 2>&1 &
+svc+=($!)
 "${on_rest[@]}" "$BIN/model-sim" --addr "127.0.0.1:$SIM_PORT" --ttft-ms 0 --tps 0 --tokens 16 >"$OUT/sim.log" 2>&1 &
-pids+=($!)
-wait_for "$RPORT"; wait_for "$SIM_PORT"
-env -u TABLE_NAME -u TURN_QUEUE_URL ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT" ANTHROPIC_API_KEY=bench LOG_LEVEL=info \
-  AUTH_MODE=api_key API_KEY_HASHES="$(printf %s bench | sha256sum | cut -d' ' -f1):bench-user" \
-  REDIS_URL="redis://127.0.0.1:$RPORT" RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000 \
-  "${on_chat[@]}" "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" >"$OUT/chat.log" 2>&1 &
-pids+=($!)
-wait_for "$PORT"
+svc+=($!)
+# The stampede's model: 300 ms to the first token, then 50 tokens at 60/s.
+"${on_rest[@]}" "$BIN/model-sim" --addr "127.0.0.1:$SLOW_PORT" --ttft-ms 300 --tps 60 --tokens 50 >"$OUT/slow.log" 2>&1 &
+svc+=($!)
+wait_for "$RPORT"; wait_for "$MPORT"; wait_for "$SIM_PORT"; wait_for "$SLOW_PORT"
+export AWS_ENDPOINT_URL="http://127.0.0.1:$MPORT" AWS_REGION=us-east-1
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+eval "$("$VENV/bin/python" scripts/local_aws.py ensure --prefix benchcache)"
+CACHE_TABLE=$TABLE_NAME
 
-for _ in $(seq 1 "$ROUNDS"); do
-  for c in 1 20; do
+# chat-bench sends x-api-key: bench; only its hash is configured.
+common=(ANTHROPIC_API_KEY=bench LOG_LEVEL=info RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000
+  AUTH_MODE=api_key API_KEY_HASHES="$(printf %s bench | sha256sum | cut -d' ' -f1):bench-user")
+
+start_chat() { # SIM_PORT ENV...
+  local sim=$1; shift
+  env -u TABLE_NAME -u TURN_QUEUE_URL "${common[@]}" ANTHROPIC_BASE_URL="http://127.0.0.1:$sim" "$@" \
+    "${on_chat[@]}" "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" >>"$OUT/chat.log" 2>&1 &
+  pids+=($!)
+  wait_for "$PORT"
+}
+sim_calls() { curl -s "http://127.0.0.1:$1/sim/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["calls"])'; }
+
+declare -A calls_before calls_after
+for backend in redis dynamodb; do
+  calls_before[$backend]=$(sim_calls "$SIM_PORT")
+  if [ "$backend" = redis ]; then
+    start_chat "$SIM_PORT" REDIS_URL="redis://127.0.0.1:$RPORT"
+  else
+    # No Redis at all: the DynamoDB backend alone, as deployed without a VPC.
+    start_chat "$SIM_PORT" CACHE_BACKEND=dynamodb CACHE_TABLE_NAME="$CACHE_TABLE"
+  fi
+  for _ in $(seq 1 "$ROUNDS"); do
+    for c in 1 20; do
+      "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat --repeat \
+        --concurrency "$c" --requests "$REQ" --warmup 200 --label hit --json >/dev/null 2>>"$OUT/$backend-$c.jsonl"
+    done
+  done
+  stop_chat
+  calls_after[$backend]=$(sim_calls "$SIM_PORT")
+done
+
+# Stampedes: a fresh Redis keyspace each time, so the first request misses.
+for mode in on off; do
+  for _ in $(seq 1 "$ROUNDS"); do
+    redis-cli -p "$RPORT" flushall >/dev/null
+    before=$(sim_calls "$SLOW_PORT")
+    start_chat "$SLOW_PORT" REDIS_URL="redis://127.0.0.1:$RPORT" COALESCE_ENABLED=$([ $mode = on ] && echo true || echo false)
     "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat --repeat \
-      --concurrency "$c" --requests "$REQ" --warmup 200 --label hit --json >/dev/null 2>>"$OUT/hit-$c.jsonl"
+      --concurrency 50 --requests 50 --warmup 0 --label stampede --json >/dev/null 2>>"$OUT/stampede-$mode.jsonl"
+    stop_chat
+    echo $(( $(sim_calls "$SLOW_PORT") - before )) >>"$OUT/stampede-$mode.calls"
   done
 done
-sim_calls=$(curl -s "http://127.0.0.1:$SIM_PORT/sim/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["calls"])')
 
-python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" "$sim_calls" <<'PY'
+python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" \
+  "$(( calls_after[redis] - calls_before[redis] ))" "$(( calls_after[dynamodb] - calls_before[dynamodb] ))" <<'PY'
 import os, statistics, sys, datetime
 sys.path.insert(0, "scripts")
 from benchstats import load, med
-out, req, rounds, cores, calls = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-def runs(c):
-    return load(os.path.join(out, f"hit-{c}.jsonl"))
+out, req, rounds, cores, calls_redis, calls_dynamo = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 print(f"### Cache hits ({datetime.date.today()}, {cores} cores, {req} requests per row after 200 warm-up, median of {rounds} rounds)\n")
-print("| concurrency | first delta p50 ms | p95 ms | p99 ms | full answer p50 ms | p95 ms | p99 ms | req/s | errors |")
-print("|---|---|---|---|---|---|---|---|---|")
-for c in (1, 20):
-    rs = runs(c)
-    print(f"| {c} | {med(rs,'ttft_ms','p50'):.3f} | {med(rs,'ttft_ms','p95'):.3f} | {med(rs,'ttft_ms','p99'):.3f} | "
-          f"{med(rs,'total_ms','p50'):.3f} | {med(rs,'total_ms','p95'):.3f} | {med(rs,'total_ms','p99'):.3f} | "
-          f"{statistics.median(r['rps'] for r in rs):.0f} | {sum(r['errors'] for r in rs)} |")
-print(f"\nmodel-sim calls during all rounds (the first request's miss): {calls}\n")
+print("| backend | concurrency | first delta p50 ms | p95 ms | p99 ms | full answer p50 ms | p95 ms | p99 ms | req/s | errors |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for backend, label in (("redis", "Redis"), ("dynamodb", "DynamoDB (moto)")):
+    for c in (1, 20):
+        rs = load(os.path.join(out, f"{backend}-{c}.jsonl"))
+        print(f"| {label} | {c} | {med(rs,'ttft_ms','p50'):.3f} | {med(rs,'ttft_ms','p95'):.3f} | {med(rs,'ttft_ms','p99'):.3f} | "
+              f"{med(rs,'total_ms','p50'):.3f} | {med(rs,'total_ms','p95'):.3f} | {med(rs,'total_ms','p99'):.3f} | "
+              f"{statistics.median(r['rps'] for r in rs):.0f} | {sum(r['errors'] for r in rs)} |")
+print(f"\nmodel-sim calls during all rounds (the first request's miss): Redis {calls_redis}, DynamoDB {calls_dynamo}\n")
+print(f"### Stampede: 50 identical requests at once, empty cache ({rounds} rounds; the model takes 300 ms to the first token, then 50 tokens at 60/s)\n")
+print("| coalescing | model calls per stampede (each round) | first delta p50 ms | p99 ms | full answer p50 ms | p99 ms | errors |")
+print("|---|---|---|---|---|---|---|")
+for mode in ("on", "off"):
+    rs = load(os.path.join(out, f"stampede-{mode}.jsonl"))
+    calls = open(os.path.join(out, f"stampede-{mode}.calls")).read().split()
+    print(f"| {mode} | {', '.join(calls)} | {med(rs,'ttft_ms','p50'):.1f} | {med(rs,'ttft_ms','p99'):.1f} | "
+          f"{med(rs,'total_ms','p50'):.1f} | {med(rs,'total_ms','p99'):.1f} | {sum(r['errors'] for r in rs)} |")
+print()
 PY

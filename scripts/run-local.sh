@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Starts the local stack in the foreground: Redis and moto (with the
 # template's table and queues), model-sim (unless ANTHROPIC_API_KEY is set,
-# then the real API is used), chat-stream, and db-writer as the local poller
-# of the turn queue. Ctrl-C stops everything this script started.
+# then the real API is used), chat-stream, db-writer as the local poller
+# of the turn queue, and cache-warmer on a local timer (WARM_EVERY_SECS,
+# default 60). Ctrl-C stops everything this script started.
 #
 # AUTH_MODE: dev (default here: callers name themselves with x-dev-user) or
 # api_key (make a key with: TABLE_NAME=local-ChatTable target/debug/chat-stream
@@ -87,11 +88,23 @@ wait_for "$PORT" chat-stream "$!"
 POLL_BATCHING_WINDOW_MS="${POLL_BATCHING_WINDOW_MS:-500}" "$BIN/db-writer" &
 pids+=($!)
 
+# The EventBridge schedule's stand-in: refreshes popular answers.
+"$BIN/cache-warmer" --every "${WARM_EVERY_SECS:-60}" &
+pids+=($!)
+
 cat <<MSG
 
 chat-stream is up at http://127.0.0.1:$PORT (model: $model)
 Auth: AUTH_MODE=$AUTH_MODE$([ "$AUTH_MODE" = dev ] && echo " (local only: x-dev-user names the caller, no key needed)")
 Turns: queue $TURN_QUEUE_URL -> db-writer (local poller) -> table $TABLE_NAME
+Cache: Redis; identical in-flight questions share one model call; cache-warmer every ${WARM_EVERY_SECS:-60}s
+
+  # temperature 0 is cached: ask twice, the second is a hit (x-cache: hit)
+  curl -N -i http://127.0.0.1:$PORT/chat -H 'content-type: application/json' \
+    -H 'x-dev-user: alice' -d '{"message": "What is a cache?", "temperature": 0}'
+
+  # resume a broken stream: stream_id from the meta event, the last id you got
+  curl -N http://127.0.0.1:$PORT/chat/streams/STREAM_ID -H 'x-dev-user: alice' -H 'Last-Event-ID: 3'
 
   curl -N http://127.0.0.1:$PORT/chat -H 'content-type: application/json' \\
     -H 'x-dev-user: alice' -d '{"message": "Why does streaming make chat feel fast?"}'

@@ -175,7 +175,7 @@ pub enum AuthMode {
 }
 
 /// Response cache settings (see [`crate::cache`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     pub policy: crate::cache::CachePolicy,
     /// `CACHE_BACKEND`: `redis` (default with `REDIS_URL`) or `dynamodb`
@@ -184,6 +184,8 @@ pub struct CacheConfig {
     /// How often each cacheable request is asked, for the cache-warmer
     /// (needs Redis).
     pub popularity: Option<crate::popular::PopularityConfig>,
+    /// The DynamoDB backend's table: `CACHE_TABLE_NAME`, else `TABLE_NAME`.
+    pub dynamodb_table: Option<String>,
     /// `CACHE_DYNAMODB_TIMEOUT_MS` (default 250): one DynamoDB cache call's
     /// attempt timeout.
     pub dynamodb_timeout: Duration,
@@ -642,9 +644,12 @@ impl Config {
                 ));
             }
         };
+        let dynamodb_table = r
+            .string("CACHE_TABLE_NAME")
+            .or_else(|| persistence.as_ref().map(|p| p.table.clone()));
         let cache_default = match backend {
             CacheBackend::Redis => redis_url.is_some(),
-            CacheBackend::DynamoDb => persistence.is_some(),
+            CacheBackend::DynamoDb => dynamodb_table.is_some(),
         };
         let popularity = match redis_url {
             Some(_) if r.bool("POPULARITY_ENABLED", true)? => {
@@ -668,10 +673,10 @@ impl Config {
                         "the redis cache backend needs REDIS_URL (or set CACHE_BACKEND=dynamodb)",
                     ));
                 }
-                CacheBackend::DynamoDb if persistence.is_none() => {
+                CacheBackend::DynamoDb if dynamodb_table.is_none() => {
                     return Err(ConfigError::new(
                         "CACHE_BACKEND",
-                        "the dynamodb cache backend keeps entries in TABLE_NAME; set it",
+                        "the dynamodb cache backend keeps entries in TABLE_NAME (or CACHE_TABLE_NAME); set it",
                     ));
                 }
                 _ => {}
@@ -698,6 +703,7 @@ impl Config {
                 },
                 backend,
                 popularity,
+                dynamodb_table,
                 dynamodb_timeout: r.ms("CACHE_DYNAMODB_TIMEOUT_MS", 250)?,
                 global_scope,
             })

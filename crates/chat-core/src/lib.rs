@@ -101,25 +101,25 @@ async fn build_deps(
         )),
         None => None,
     };
-    let cache: Option<Arc<dyn cache::ResponseCache>> =
-        match (&config.cache, &redis, &config.persistence) {
-            // The shared Redis guard: a failure costs one REDIS_TIMEOUT_MS,
-            // then Redis is skipped (near zero) for 2 s and tried again.
-            (Some(c), Some(r), _) if c.backend == config::CacheBackend::Redis => Some(Arc::new(
-                cache::RedisCache::new(r.clone(), config.redis_timeout),
-            )),
-            // Its own client with short timeouts: a slow table must not hold
-            // up a chat; it is then skipped for 2 s like Redis.
-            (Some(c), _, Some(p)) if c.backend == config::CacheBackend::DynamoDb => {
-                let attempt = c.dynamodb_timeout;
-                let store = store_with_timeouts(&p.table, None, attempt, attempt * 2).await;
-                Some(Arc::new(cache::DynamoCache::new(
-                    Arc::new(store),
-                    attempt * 2,
-                )))
-            }
-            _ => None,
-        };
+    let cache: Option<Arc<dyn cache::ResponseCache>> = match (&config.cache, &redis) {
+        // The shared Redis guard: a failure costs one REDIS_TIMEOUT_MS,
+        // then Redis is skipped (near zero) for 2 s and tried again.
+        (Some(c), Some(r)) if c.backend == config::CacheBackend::Redis => Some(Arc::new(
+            cache::RedisCache::new(r.clone(), config.redis_timeout),
+        )),
+        // Its own client with short timeouts: a slow table must not hold
+        // up a chat; it is then skipped for 2 s like Redis.
+        (Some(c), _) if c.backend == config::CacheBackend::DynamoDb => {
+            let attempt = c.dynamodb_timeout;
+            let table = c.dynamodb_table.as_deref().unwrap_or_default();
+            let store = store_with_timeouts(table, None, attempt, attempt * 2).await;
+            Some(Arc::new(cache::DynamoCache::new(
+                Arc::new(store),
+                attempt * 2,
+            )))
+        }
+        _ => None,
+    };
     let live = match (&config.live, &redis) {
         (Some(l), Some(r)) => Some(Arc::new(live::Live::new(
             r.clone(),
