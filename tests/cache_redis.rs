@@ -81,3 +81,145 @@ async fn dynamodb_entries_round_trip_and_expire() {
         .unwrap();
     assert_eq!(cache.get("big").await, Ok(None));
 }
+
+/// ElastiCache Serverless only speaks TLS: `rediss://` must work. A local
+/// redis-server with TLS on and a throwaway self-signed certificate, which
+/// the client is told to trust (a real endpoint's certificate chains to a
+/// public root, which the built-in roots cover).
+#[tokio::test]
+async fn rediss_urls_speak_tls() {
+    let dir = std::env::temp_dir().join(format!("redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A throwaway CA, and a server certificate for 127.0.0.1 signed by it.
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let (ca, ca_key, cert, key, csr, ext) = (
+        p("ca.pem"),
+        p("ca.key"),
+        p("cert.pem"),
+        p("key.pem"),
+        p("cert.csr"),
+        p("ext.cnf"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (to make test certificates)")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &ext,
+        "-out",
+        &cert,
+    ]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--tls-cert-file", &cert, "--tls-key-file", &key])
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = redis::Client::build_with_tls(
+        format!("rediss://127.0.0.1:{port}/").as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(&ca).unwrap()),
+        },
+    )
+    .unwrap();
+    let link = Arc::new(RedisLink::with_client(client, Duration::from_secs(2)).unwrap());
+    let cache = RedisCache::new(link, Duration::from_secs(2));
+    let a = answer("over TLS");
+    let put = cache.put("tls-key", &a, Duration::from_secs(30)).await;
+    let got = cache.get("tls-key").await;
+    // The same server through a plain redis:// URL: no answer.
+    let plain = Arc::new(
+        RedisLink::new(
+            &format!("redis://127.0.0.1:{port}/"),
+            Duration::from_millis(500),
+        )
+        .unwrap(),
+    );
+    let plain_get = RedisCache::new(plain, Duration::from_millis(500))
+        .get("tls-key")
+        .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(put, Ok(()));
+    assert_eq!(got, Ok(Some(a)));
+    assert_eq!(plain_get, Err(CacheError::Unavailable));
+}

@@ -32,7 +32,14 @@ const REDIS_RETRY_AFTER: Duration = Duration::from_secs(2);
 impl RedisLink {
     /// Connects lazily: a Redis that is down at init is not fatal.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+        Self::with_client(redis::Client::open(url)?, timeout)
+    }
+
+    /// From a client built elsewhere (e.g. TLS with a private CA).
+    pub fn with_client(
+        client: redis::Client,
+        timeout: Duration,
+    ) -> Result<Self, redis::RedisError> {
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
             .set_response_timeout(Some(timeout))
