@@ -554,11 +554,7 @@ impl Config {
         let persistence = match r.string("TABLE_NAME") {
             None => None,
             Some(table) => {
-                let ok = (3..=255).contains(&table.len())
-                    && table
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-                if !ok {
+                if !valid_table_name(&table) {
                     return Err(ConfigError::new(
                         "TABLE_NAME",
                         format!("{table:?} is not a DynamoDB table name"),
@@ -644,9 +640,16 @@ impl Config {
                 ));
             }
         };
-        let dynamodb_table = r
-            .string("CACHE_TABLE_NAME")
-            .or_else(|| persistence.as_ref().map(|p| p.table.clone()));
+        let dynamodb_table = match r.string("CACHE_TABLE_NAME") {
+            Some(t) if !valid_table_name(&t) => {
+                return Err(ConfigError::new(
+                    "CACHE_TABLE_NAME",
+                    format!("{t:?} is not a DynamoDB table name"),
+                ));
+            }
+            Some(t) => Some(t),
+            None => persistence.as_ref().map(|p| p.table.clone()),
+        };
         let cache_default = match backend {
             CacheBackend::Redis => redis_url.is_some(),
             CacheBackend::DynamoDb => dynamodb_table.is_some(),
@@ -820,6 +823,13 @@ impl WriterConfig {
     }
 }
 
+fn valid_table_name(table: &str) -> bool {
+    (3..=255).contains(&table.len())
+        && table
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -847,6 +857,63 @@ mod tests {
     }
 
     #[test]
+    fn cache_backends_live_streams_and_the_warm_budget() {
+        // No Redis, no table: no cache, no live streams.
+        let c = cfg(&[]).unwrap();
+        assert!(c.cache.is_none() && c.live.is_none());
+        // Redis: the Redis cache, popularity, live streams with coalescing.
+        let c = cfg(&[("REDIS_URL", "rediss://cache.example:6379")]).unwrap();
+        let cache = c.cache.unwrap();
+        assert_eq!(cache.backend, CacheBackend::Redis);
+        assert!(cache.popularity.is_some());
+        let live = c.live.unwrap();
+        assert!(live.coalesce && live.finish_on_disconnect);
+        assert_eq!(live.lease, Duration::from_secs(3));
+        // DynamoDB: the table's own, or CACHE_TABLE_NAME; no coalescing
+        // without Redis.
+        let c = cfg(&[("CACHE_BACKEND", "dynamodb"), ("TABLE_NAME", "chat")]).unwrap();
+        let cache = c.cache.unwrap();
+        assert_eq!(
+            (cache.backend, cache.dynamodb_table.as_deref()),
+            (CacheBackend::DynamoDb, Some("chat"))
+        );
+        assert!(c.live.is_none());
+        let c = cfg(&[("CACHE_BACKEND", "dynamodb"), ("CACHE_TABLE_NAME", "cache")]).unwrap();
+        assert_eq!(c.cache.unwrap().dynamodb_table.as_deref(), Some("cache"));
+        assert_eq!(
+            cfg(&[("CACHE_BACKEND", "dynamodb"), ("CACHE_TABLE_NAME", "a b")])
+                .unwrap_err()
+                .variable,
+            "CACHE_TABLE_NAME"
+        );
+        assert_eq!(
+            cfg(&[("CACHE_BACKEND", "dynamodb"), ("CACHE_ENABLED", "true")])
+                .unwrap_err()
+                .variable,
+            "CACHE_BACKEND"
+        );
+        assert_eq!(
+            cfg(&[("CACHE_ENABLED", "true")]).unwrap_err().variable,
+            "CACHE_ENABLED"
+        );
+        // Coalescing needs the cache (it shares its key).
+        let c = cfg(&[("REDIS_URL", "redis://r"), ("CACHE_ENABLED", "false")]).unwrap();
+        assert!(!c.live.unwrap().coalesce);
+
+        let src: HashMap<&str, &str> = [("WARM_MAX_CALLS", "3")].into_iter().collect();
+        let b = crate::warmer::WarmBudget::from_source(&src, Duration::from_secs(3600)).unwrap();
+        assert_eq!((b.max_calls, b.top, b.concurrency), (3, 50, 4));
+        assert_eq!(b.refresh_ahead, Duration::from_secs(720));
+        let bad: HashMap<&str, &str> = [("WARM_CONCURRENCY", "0")].into_iter().collect();
+        assert_eq!(
+            crate::warmer::WarmBudget::from_source(&bad, Duration::from_secs(60))
+                .unwrap_err()
+                .variable,
+            "WARM_CONCURRENCY"
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         for (k, v) in [
             ("BIND_ADDR", "nope"),
@@ -862,8 +929,19 @@ mod tests {
             ("MODEL_FALLBACKS", "a,has space"),
             ("REDIS_URL", "http://x"),
             ("RATE_LIMIT_RPM", "-5"),
+            ("CACHE_BACKEND", "memcached"),
         ] {
             let e = cfg(&[(k, v)]).unwrap_err();
+            assert_eq!(e.variable, k, "{e}");
+        }
+        // Settings of what only exists with Redis.
+        for (k, v) in [
+            ("COALESCE_LEASE_MS", "10"),
+            ("RESUME_RETENTION_SECS", "1"),
+            ("FINISH_ON_DISCONNECT", "sometimes"),
+            ("POPULAR_MAX", "0"),
+        ] {
+            let e = cfg(&[(k, v), ("REDIS_URL", "redis://r")]).unwrap_err();
             assert_eq!(e.variable, k, "{e}");
         }
     }
