@@ -33,6 +33,7 @@ RPORT=$(free_port); MPORT=$(free_port); SIM_PORT=$(free_port); SLOW_PORT=$(free_
 svc+=($!)
 "${on_rest[@]}" "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MPORT" >"$OUT/moto.log" 2>&1 &
 svc+=($!)
+MOTO_PID=$!
 "${on_rest[@]}" "$BIN/model-sim" --addr "127.0.0.1:$SIM_PORT" --ttft-ms 0 --tps 0 --tokens 16 >"$OUT/sim.log" 2>&1 &
 svc+=($!)
 # The stampede's model: 300 ms to the first token, then 50 tokens at 60/s.
@@ -55,6 +56,8 @@ start_chat() { # SIM_PORT ENV...
   pids+=($!)
   wait_for "$PORT"
 }
+# CPU seconds a process has used (user + system), from /proc.
+cpu_secs() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
 sim_calls() { curl -s "http://127.0.0.1:$1/sim/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["calls"])'; }
 
 declare -A calls_before calls_after
@@ -66,12 +69,17 @@ for backend in redis dynamodb; do
     # No Redis at all: the DynamoDB backend alone, as deployed without a VPC.
     start_chat "$SIM_PORT" CACHE_BACKEND=dynamodb CACHE_TABLE_NAME="$CACHE_TABLE"
   fi
+  chat_pid=${pids[-1]}
+  cpu0=$(cpu_secs "$chat_pid"); moto0=$(cpu_secs "$MOTO_PID"); t0=$(date +%s.%N)
   for _ in $(seq 1 "$ROUNDS"); do
     for c in 1 20; do
       "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat --repeat \
         --concurrency "$c" --requests "$REQ" --warmup 200 --label hit --json >/dev/null 2>>"$OUT/$backend-$c.jsonl"
     done
   done
+  echo "$(python3 -c "import sys; print(round(float(sys.argv[1])-float(sys.argv[2]),1))" "$(date +%s.%N)" "$t0") \
+$(python3 -c "import sys; print(round(float(sys.argv[1])-float(sys.argv[2]),1))" "$(cpu_secs "$chat_pid")" "$cpu0") \
+$(python3 -c "import sys; print(round(float(sys.argv[1])-float(sys.argv[2]),1))" "$(cpu_secs "$MOTO_PID")" "$moto0")" >"$OUT/$backend.cpu"
   stop_chat
   calls_after[$backend]=$(sim_calls "$SIM_PORT")
 done
@@ -105,6 +113,13 @@ for backend, label in (("redis", "Redis"), ("dynamodb", "DynamoDB (moto)")):
               f"{med(rs,'total_ms','p50'):.3f} | {med(rs,'total_ms','p95'):.3f} | {med(rs,'total_ms','p99'):.3f} | "
               f"{statistics.median(r['rps'] for r in rs):.0f} | {sum(r['errors'] for r in rs)} |")
 print(f"\nmodel-sim calls during all rounds (the first request's miss): Redis {calls_redis}, DynamoDB {calls_dynamo}\n")
+print("Where the time went (all rounds of a backend): wall seconds, CPU seconds used by chat-stream (CPU 0) and by moto (CPU 1, shared with the client):\n")
+print("| backend | wall s | chat-stream CPU s | moto CPU s |")
+print("|---|---|---|---|")
+for backend, label in (("redis", "Redis"), ("dynamodb", "DynamoDB (moto)")):
+    wall, chat, moto = open(os.path.join(out, f"{backend}.cpu")).read().split()
+    print(f"| {label} | {wall} | {chat} | {moto} |")
+print()
 print(f"### Stampede: 50 identical requests at once, empty cache ({rounds} rounds; the model takes 300 ms to the first token, then 50 tokens at 60/s)\n")
 print("| coalescing | model calls per stampede (each round) | first delta p50 ms | p99 ms | full answer p50 ms | p99 ms | errors |")
 print("|---|---|---|---|---|---|---|")
