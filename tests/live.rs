@@ -265,3 +265,51 @@ async fn with_finish_on_disconnect_off_a_client_that_leaves_stops_the_model() {
     }
     assert_eq!(sim.completed(), 0);
 }
+
+#[tokio::test]
+async fn followers_of_a_leader_that_fails_before_its_answer_get_the_same_error() {
+    let redis = RedisServer::start().await;
+    let sim = sim(0, 1000.0, 10).await;
+    // The model stalls before its first token; chat-stream gives up first.
+    let server = server(
+        &sim,
+        &redis.url(),
+        &[
+            ("UPSTREAM_FIRST_TOKEN_TIMEOUT_MS", "600"),
+            ("UPSTREAM_MAX_RETRIES", "0"),
+        ],
+    )
+    .await;
+    let mut body = q("a question the model will not answer");
+    body["model"] = json!("claude-sim+fault=stall-first:5000");
+    let asks = (0..5).map(|i| {
+        let body = body.clone();
+        let server = &server;
+        async move {
+            // The leader first; the rest while it waits.
+            tokio::time::sleep(Duration::from_millis(if i == 0 { 0 } else { 150 })).await;
+            let resp = post(server, "uma", &body).await;
+            let status = resp.status().as_u16();
+            let x_cache = resp
+                .headers()
+                .get("x-cache")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let v: Value = resp.json().await.unwrap();
+            (status, x_cache, v["code"].as_str().unwrap().to_owned())
+        }
+    });
+    let results = futures_util::future::join_all(asks).await;
+    assert_eq!(sim.calls(), 1, "{results:?}");
+    for (status, _, code) in &results {
+        assert_eq!(
+            (*status, code.as_str()),
+            (504, "upstream_timeout"),
+            "{results:?}"
+        );
+    }
+    let followers = results
+        .iter()
+        .filter(|(_, x, _)| x.as_deref() == Some("follow"))
+        .count();
+    assert_eq!(followers, 4, "{results:?}");
+}

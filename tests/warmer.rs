@@ -176,3 +176,35 @@ async fn the_warmer_skips_a_model_whose_circuit_is_open() {
     assert_eq!((report.skipped_circuit_open, report.model_calls), (1, 0));
     assert_eq!(sim.calls(), calls);
 }
+
+#[tokio::test]
+async fn the_warmer_stops_at_its_time_limit() {
+    let redis = RedisServer::start().await;
+    let env = {
+        let fast = sim(5, 2000.0, 10).await;
+        let env = env(&fast, &redis);
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let server = ChatServer::start(&pairs).await;
+        ask(&server, "slow to refresh").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        env
+    };
+    expire_all(&redis).await;
+    // The warmer's model now takes 10 s per answer (50 tokens at 5/s).
+    let slow = sim(0, 5.0, 50).await;
+    let mut env = env;
+    for (k, v) in env.iter_mut() {
+        if k == "ANTHROPIC_BASE_URL" {
+            *v = slow.url();
+        }
+    }
+    let state = warmer_state(&env).await;
+    let b = WarmBudget {
+        time_limit: Duration::from_secs(1),
+        ..budget(10, 1_000_000)
+    };
+    let report = warm(&state, &b).await.unwrap();
+    assert_eq!(report.failed, 1, "{report:?}");
+    assert_eq!(report.entries[0].error, Some("time_limit"));
+    assert!(report.elapsed_ms < 5_000, "{}", report.elapsed_ms);
+}

@@ -295,14 +295,7 @@ pub(crate) async fn start(
                         v["message"].as_str().unwrap_or("the model call failed"),
                     );
                     e.headers.push(("x-cache", "follow".into()));
-                    if let Some(t) = tee.as_mut() {
-                        t.send(
-                            0,
-                            "abort",
-                            &json!({"status": status, "body": body}).to_string(),
-                        );
-                        t.flush().await;
-                    }
+                    abort_followers(tee.as_mut(), status, &body).await;
                     return Err(e);
                 }
                 FollowOpen::Lead | FollowOpen::Alone => {
@@ -327,12 +320,7 @@ pub(crate) async fn start(
         Ok(o) => o,
         Err((e, attempts)) => {
             let err = pre_stream_failure(&ctx, &model_req.model, e, attempts);
-            if let Some(t) = tee.as_mut() {
-                // Followers get the same error at once.
-                let abort = json!({"status": err.status.as_u16(), "body": err.body_json()});
-                t.send(0, "abort", &abort.to_string());
-                t.flush().await;
-            }
+            abort_followers(tee.as_mut(), err.status.as_u16(), &err.body_json()).await;
             return Err(err);
         }
     };
@@ -441,13 +429,9 @@ pub(crate) async fn start(
     Ok(resp)
 }
 
-/// The headers every SSE answer carries.
-fn sse_response(
-    body: Body,
-    x_cache: &'static str,
-    server_timing: &str,
-    rate_headers: Vec<(&'static str, String)>,
-) -> Response {
+/// A 200 `text/event-stream` response that proxies and browsers pass on
+/// unbuffered and uncached.
+pub(crate) fn event_stream(body: Body) -> Response {
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(
@@ -460,6 +444,18 @@ fn sse_response(
     );
     // Tell reverse proxies (nginx and friends) not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// The headers every SSE answer carries.
+fn sse_response(
+    body: Body,
+    x_cache: &'static str,
+    server_timing: &str,
+    rate_headers: Vec<(&'static str, String)>,
+) -> Response {
+    let mut resp = event_stream(body);
+    let h = resp.headers_mut();
     h.insert("x-cache", HeaderValue::from_static(x_cache));
     if let Ok(v) = HeaderValue::from_str(server_timing) {
         h.insert("server-timing", v);
@@ -1104,6 +1100,19 @@ async fn load_history(
             )
         }
     })
+}
+
+/// Tells whoever follows this answer that it failed before it started
+/// (they return the same error), and waits until Redis has it.
+async fn abort_followers(tee: Option<&mut Tee>, status: u16, body: &str) {
+    if let Some(t) = tee {
+        t.send(
+            0,
+            "abort",
+            &json!({"status": status, "body": body}).to_string(),
+        );
+        t.flush().await;
+    }
 }
 
 /// Counts one ask of a cacheable question: (tracker, key, key document).

@@ -12,7 +12,7 @@ use std::convert::Infallible;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 
@@ -93,18 +93,7 @@ async fn run(
         },
         |mut r| async move { r.next_frame().await.map(|b| (Ok::<_, Infallible>(b), r)) },
     );
-    let mut resp = Response::new(Body::from_stream(body));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, no-transform"),
-    );
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(resp)
+    Ok(crate::relay::event_stream(Body::from_stream(body)))
 }
 
 struct Replay {
@@ -124,9 +113,9 @@ impl Replay {
             let t = std::time::Instant::now();
             match self.reader.next().await {
                 Ok(Some(e)) if e.seq <= self.after => continue,
-                Ok(Some(Entry { seq, event, data })) => {
-                    let terminal = matches!(event.as_str(), "done" | "error" | "gone" | "abort");
-                    self.ended = terminal;
+                Ok(Some(e)) => {
+                    self.ended = e.is_terminal();
+                    let Entry { seq, event, data } = e;
                     let event = match event.as_str() {
                         "gone" | "abort" => "error",
                         other => other,
