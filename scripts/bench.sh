@@ -33,7 +33,8 @@ print_size() {
     echo "no arm64 bootstrap yet: run make build for the binary size"
   fi
 }
-# `scripts/bench.sh size`: only the binary size of the last `make build`.
+# `scripts/bench.sh size`: only the binary size of the last `make build`;
+# `scripts/bench.sh ttft`: only the added-TTFT and limiter tables.
 if [ "${1:-}" = size ]; then print_size; exit 0; fi
 
 BIN=target/release
@@ -92,6 +93,9 @@ for _ in $(seq 1 "$ROUNDS"); do
     run pinned 0 1 "${LIMITS[@]}"
     run pinned-off 0 1 RATE_LIMIT_RPM=0 RATE_LIMIT_TPM=0
     if $have_redis; then
+      # Redis for limits and breakers only, then with live streams (every
+      # event teed into a Redis Stream, for resume and coalescing).
+      run pinned-redis-nolive 0 1 "${LIMITS[@]}" REDIS_URL="redis://127.0.0.1:$RPORT" LIVE_STREAMS_ENABLED=false
       run pinned-redis 0 1 "${LIMITS[@]}" REDIS_URL="redis://127.0.0.1:$RPORT"
     fi
   fi
@@ -134,14 +138,17 @@ layout("pinned", "pinned: chat-stream on CPU 0, client and sim on CPU 1")
 
 if runs("pinned-off", "chat", 1) is not None:
     print("### Rate limiter + circuit breaker overhead (pinned layout)\n")
-    print("Same chat-stream, three configurations, rounds interleaved. Limits high enough never to refuse. "
+    print("Same chat-stream, four configurations, rounds interleaved. Limits high enough never to refuse. "
           "With Redis: one Lua round trip for the limit and one for the breaker, sent concurrently; "
+          "with live streams also every event teed into a Redis Stream (off the hot path; resume and coalescing). "
           "Redis runs on CPU 1 with the client and the sim.\n")
     print("| configuration | TTFT p50 ms, c=1 | added, c=1 | TTFT p50 ms, c=20 | added, c=20 |")
     print("|---|---|---|---|---|")
     base1 = med(runs("pinned-off", "chat", 1), "ttft_ms", "p50")
     base20 = med(runs("pinned-off", "chat", 20), "ttft_ms", "p50")
-    for name, label in (("pinned-off", "limits off"), ("pinned", "limits in memory"), ("pinned-redis", "limits + breakers in Redis")):
+    for name, label in (("pinned-off", "limits off"), ("pinned", "limits in memory"),
+                        ("pinned-redis-nolive", "limits + breakers in Redis"),
+                        ("pinned-redis", "the same + live streams (default with Redis)")):
         if runs(name, "chat", 1) is None:
             continue
         a = med(runs(name, "chat", 1), "ttft_ms", "p50")
@@ -151,6 +158,9 @@ if runs("pinned-off", "chat", 1) is not None:
 PY
 
 if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; redis_pid=""; fi
+
+# `scripts/bench.sh ttft`: only the tables above.
+if [ "${1:-}" = ttft ]; then exit 0; fi
 
 scripts/bench-cache.sh
 echo
