@@ -461,16 +461,9 @@ async fn a_client_that_leaves_stops_the_upstream_call() {
     let server = chat(&sim, &[]).await;
     let resp = post(&server, &json!({"message": "long answer please"})).await;
     assert_eq!(resp.status(), 200);
-    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    let mut stream = e2e::body_stream(resp);
     // Read until the first delta, then hang up.
-    let mut seen = String::new();
-    while !seen.contains("event: delta") {
-        let b = futures_util::StreamExt::next(&mut stream)
-            .await
-            .unwrap()
-            .unwrap();
-        seen.push_str(std::str::from_utf8(&b).unwrap());
-    }
+    e2e::read_deltas(&mut stream, 1).await;
     drop(stream);
     let t = Instant::now();
     while sim.cancelled() == 0 {

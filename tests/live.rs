@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use e2e::{ChatServer, Event, RedisServer, answer_text, direct_answer, kinds, read_sse, sim};
+use e2e::{
+    ChatServer, RedisServer, answer_text, body_stream, direct_answer, kinds, read_deltas, read_sse,
+    sim,
+};
 use model_sim::Sim;
 use serde_json::{Value, json};
 
@@ -39,36 +42,6 @@ async fn post(server: &ChatServer, user: &str, body: &Value) -> reqwest::Respons
         .send()
         .await
         .unwrap()
-}
-
-/// Reads raw SSE until `n` delta events have arrived; gives the events and
-/// the id of the last one.
-async fn read_deltas(
-    stream: &mut futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    n: usize,
-) -> (Vec<Event>, u64) {
-    let mut buf = String::new();
-    let mut events = Vec::new();
-    let at = std::time::Instant::now();
-    while events
-        .iter()
-        .filter(|e: &&Event| e.event == "delta")
-        .count()
-        < n
-    {
-        let b = futures_util::StreamExt::next(stream)
-            .await
-            .unwrap()
-            .unwrap();
-        buf.push_str(std::str::from_utf8(&b).unwrap());
-        e2e::take_events(&mut buf, at, &mut events);
-    }
-    let last = events
-        .last()
-        .and_then(|e| e.id.as_deref())
-        .and_then(|id| id.parse().ok())
-        .unwrap();
-    (events, last)
 }
 
 #[tokio::test]
@@ -133,7 +106,7 @@ async fn a_client_cut_off_mid_answer_resumes_with_last_event_id() {
     let body = json!({"message": "a long story", "max_tokens": 64, "model": MODEL});
     let resp = post(&server, "rue", &body).await;
     assert_eq!(resp.status(), 200);
-    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    let mut stream = body_stream(resp);
     let (before, last_id) = read_deltas(&mut stream, 3).await;
     drop(stream); // the connection breaks
     let stream_id = before[0].data["stream_id"].as_str().unwrap().to_owned();
@@ -214,7 +187,7 @@ async fn a_cacheable_answer_whose_client_left_is_finished_and_cached() {
     let server = server(&sim, &redis.url(), &[]).await;
     let body = q("finish it anyway");
     let resp = post(&server, "sid", &body).await;
-    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    let mut stream = body_stream(resp);
     read_deltas(&mut stream, 2).await;
     drop(stream);
     // The answer runs to its end without the client, then is cached.
@@ -252,7 +225,7 @@ async fn with_finish_on_disconnect_off_a_client_that_leaves_stops_the_model() {
     let sim = sim(0, 5.0, 100).await;
     let server = server(&sim, &redis.url(), &[("FINISH_ON_DISCONNECT", "false")]).await;
     let resp = post(&server, "tom", &json!({"message": "long", "model": MODEL})).await;
-    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    let mut stream = body_stream(resp);
     read_deltas(&mut stream, 1).await;
     drop(stream);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

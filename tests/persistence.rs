@@ -640,19 +640,10 @@ async fn an_interrupted_turn_is_recorded_as_such() {
         .send()
         .await
         .unwrap();
-    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
-    let mut seen = String::new();
-    while !seen.contains("event: delta") {
-        let chunk = futures_util::StreamExt::next(&mut stream)
-            .await
-            .unwrap()
-            .unwrap();
-        seen.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
-    let conv = seen
-        .split("\"conversation_id\":\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
+    let mut stream = e2e::body_stream(resp);
+    let (events, _) = e2e::read_deltas(&mut stream, 1).await;
+    let conv = events[0].data["conversation_id"]
+        .as_str()
         .unwrap()
         .to_owned();
     drop(stream);

@@ -103,6 +103,41 @@ pub async fn read_sse(resp: reqwest::Response, limit: Duration) -> (Vec<Event>, 
     (events, error)
 }
 
+/// A response body being read piece by piece (to stop part-way).
+pub type BodyStream = futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>;
+
+/// Starts reading `resp`'s body piece by piece.
+pub fn body_stream(resp: reqwest::Response) -> BodyStream {
+    futures_util::StreamExt::boxed(resp.bytes_stream())
+}
+
+/// Reads SSE from `stream` until `n` delta events have arrived; gives the
+/// events so far and the id of the last one (0 if it had none).
+pub async fn read_deltas(stream: &mut BodyStream, n: usize) -> (Vec<Event>, u64) {
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let at = Instant::now();
+    while events
+        .iter()
+        .filter(|e: &&Event| e.event == "delta")
+        .count()
+        < n
+    {
+        let b = futures_util::StreamExt::next(stream)
+            .await
+            .expect("the stream ended before enough deltas")
+            .expect("body read");
+        buf.push_str(std::str::from_utf8(&b).expect("UTF-8"));
+        take_events(&mut buf, at, &mut events);
+    }
+    let last = events
+        .last()
+        .and_then(|e| e.id.as_deref())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(0);
+    (events, last)
+}
+
 /// The concatenated text of all `delta` events.
 pub fn answer_text(events: &[Event]) -> String {
     events

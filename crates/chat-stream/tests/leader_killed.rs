@@ -7,7 +7,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use e2e::{RedisServer, answer_text, direct_answer, read_sse, sim};
+use e2e::{RedisServer, answer_text, body_stream, direct_answer, read_deltas, read_sse, sim};
 use serde_json::json;
 
 const MODEL: &str = "claude-sim";
@@ -75,15 +75,8 @@ async fn followers_complete_when_the_leader_is_killed_mid_answer() {
     // The leader's answer starts on A.
     let lead = ask(&a.url).await;
     assert_eq!(lead.headers()["x-cache"], "miss");
-    let mut lead_body = futures_util::StreamExt::boxed(lead.bytes_stream());
-    let mut seen = String::new();
-    while !seen.contains("event: delta") {
-        let b = futures_util::StreamExt::next(&mut lead_body)
-            .await
-            .unwrap()
-            .unwrap();
-        seen.push_str(std::str::from_utf8(&b).unwrap());
-    }
+    let mut lead_body = body_stream(lead);
+    read_deltas(&mut lead_body, 1).await;
     // The same question on B follows A's answer.
     let follow = ask(&b.url).await;
     assert_eq!(follow.headers()["x-cache"], "follow");
