@@ -240,10 +240,6 @@ pub(crate) async fn start(
     let mut tee = live
         .as_ref()
         .map(|l| l.tee(&turn_id, &owner, coalesce_key.clone()));
-    let cache_put = match (cache, key) {
-        (Some(c), Some(k)) if plan.store && !matches!(lead, Lead::Follow(_)) => Some((c, k, ttl)),
-        _ => None,
-    };
     let model_req = ModelRequest {
         model: chosen,
         system: req.system,
@@ -323,6 +319,12 @@ pub(crate) async fn start(
             abort_followers(tee.as_mut(), err.status.as_u16(), &err.body_json()).await;
             return Err(err);
         }
+    };
+    // The leader stores the answer; a follower that became the leader
+    // before the answer started does too.
+    let cache_put = match (cache, key) {
+        (Some(c), Some(k)) if plan.store && !following => Some((c, k, ttl)),
+        _ => None,
     };
     let x_cache = if following {
         "follow"
