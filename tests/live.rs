@@ -243,12 +243,13 @@ async fn with_finish_on_disconnect_off_a_client_that_leaves_stops_the_model() {
 async fn followers_of_a_leader_that_fails_before_its_answer_get_the_same_error() {
     let redis = RedisServer::start().await;
     let sim = sim(0, 1000.0, 10).await;
-    // The model stalls before its first token; chat-stream gives up first.
+    // The model stalls before its first token; chat-stream gives up first,
+    // late enough that the others surely arrive while it waits.
     let server = server(
         &sim,
         &redis.url(),
         &[
-            ("UPSTREAM_FIRST_TOKEN_TIMEOUT_MS", "600"),
+            ("UPSTREAM_FIRST_TOKEN_TIMEOUT_MS", "2000"),
             ("UPSTREAM_MAX_RETRIES", "0"),
         ],
     )
