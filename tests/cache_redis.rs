@@ -223,3 +223,31 @@ async fn rediss_urls_speak_tls() {
     assert_eq!(got, Ok(Some(a)));
     assert_eq!(plain_get, Err(CacheError::Unavailable));
 }
+
+#[tokio::test]
+async fn a_dead_dynamodb_costs_one_timeout_then_is_skipped() {
+    // Nothing listens on port 9: every call fails (or times out).
+    let sdk =
+        chat_core::aws_sdk_config(Duration::from_millis(250), Duration::from_millis(250)).await;
+    let conf = aws_sdk_dynamodb::config::Builder::from(&sdk)
+        .endpoint_url("http://127.0.0.1:9")
+        .build();
+    let store = chat_core::store::Store::new(
+        aws_sdk_dynamodb::Client::from_conf(conf),
+        "no-such-table",
+        None,
+    );
+    let cache = DynamoCache::new(Arc::new(store), Duration::from_millis(250));
+    let t = Instant::now();
+    assert_eq!(cache.get("k").await, Err(CacheError::Unavailable));
+    let first = t.elapsed();
+    assert!(first < Duration::from_secs(2), "{first:?}");
+    // Skipped now: no network at all.
+    let t = Instant::now();
+    assert_eq!(cache.get("k").await, Err(CacheError::Unavailable));
+    assert_eq!(
+        cache.put("k", &answer("x"), Duration::from_secs(5)).await,
+        Err(CacheError::Unavailable)
+    );
+    assert!(t.elapsed() < Duration::from_millis(20), "{:?}", t.elapsed());
+}

@@ -186,8 +186,8 @@ pub struct CacheConfig {
     pub popularity: Option<crate::popular::PopularityConfig>,
     /// The DynamoDB backend's table: `CACHE_TABLE_NAME`, else `TABLE_NAME`.
     pub dynamodb_table: Option<String>,
-    /// `CACHE_DYNAMODB_TIMEOUT_MS` (default 250): one DynamoDB cache call's
-    /// attempt timeout.
+    /// `CACHE_DYNAMODB_TIMEOUT_MS` (default 250): the longest one DynamoDB
+    /// cache call may take.
     pub dynamodb_timeout: Duration,
     /// Entries are per user (`user`, default) or shared by all (`global`).
     pub global_scope: bool,

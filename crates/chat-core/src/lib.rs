@@ -107,16 +107,14 @@ async fn build_deps(
         (Some(c), Some(r)) if c.backend == config::CacheBackend::Redis => Some(Arc::new(
             cache::RedisCache::new(r.clone(), config.redis_timeout),
         )),
-        // Its own client with short timeouts: a slow table must not hold
-        // up a chat; it is then skipped for 2 s like Redis.
+        // Its own client with one short timeout and no retry (a miss is
+        // cheaper than waiting): a slow table costs one timeout, then it is
+        // skipped for 2 s like Redis.
         (Some(c), _) if c.backend == config::CacheBackend::DynamoDb => {
-            let attempt = c.dynamodb_timeout;
+            let limit = c.dynamodb_timeout;
             let table = c.dynamodb_table.as_deref().unwrap_or_default();
-            let store = store_with_timeouts(table, None, attempt, attempt * 2).await;
-            Some(Arc::new(cache::DynamoCache::new(
-                Arc::new(store),
-                attempt * 2,
-            )))
+            let store = store_with_timeouts(table, None, limit, limit).await;
+            Some(Arc::new(cache::DynamoCache::new(Arc::new(store), limit)))
         }
         _ => None,
     };
