@@ -230,12 +230,14 @@ impl Live {
         let mut renew_at = tokio::time::Instant::now() + renew_every;
         while !ended {
             let mut batch = Vec::new();
+            // Wake for the next event, or (holding a lease) to renew it.
+            let renewing = lock.is_some();
             tokio::select! {
                 got = rx.recv() => match got {
                     Some(e) => batch.push(e),
                     None => ended = true,
                 },
-                _ = tokio::time::sleep_until(renew_at) => {}
+                _ = tokio::time::sleep_until(renew_at), if renewing => {}
             }
             while let Ok(e) = rx.try_recv() {
                 batch.push(e);
