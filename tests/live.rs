@@ -287,3 +287,45 @@ async fn followers_of_a_leader_that_fails_before_its_answer_get_the_same_error()
         .count();
     assert_eq!(followers, 4, "{results:?}");
 }
+
+/// CPU seconds this test process has used (user + system).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // /proc reports in USER_HZ, which Linux fixes at 100.
+    ticks / 100.0
+}
+
+#[tokio::test]
+async fn a_long_answer_with_live_streams_on_costs_little_cpu() {
+    // A regression test: the tee task once spun on its renewal timer for
+    // answers without a coalescing lease. 60 tokens at 20/s: three seconds
+    // of mostly waiting for the model.
+    let redis = RedisServer::start().await;
+    let sim = sim(0, 20.0, 60).await;
+    let server = server(&sim, &redis.url(), &[]).await;
+    let before = cpu_secs();
+    let resp = post(
+        &server,
+        "ivy",
+        &json!({"message": "slow and long", "model": MODEL}),
+    )
+    .await;
+    let (events, err) = read_sse(resp, LIMIT).await;
+    assert_eq!(err, None);
+    assert_eq!(kinds(&events).last(), Some(&"done"));
+    assert!(
+        events[0].data["stream_id"].is_string(),
+        "live streams are on"
+    );
+    let used = cpu_secs() - before;
+    // Client, server, model-sim and Redis client all in this process; a
+    // spinning task alone would use about 3 s.
+    assert!(used < 1.5, "{used} CPU seconds for a 3 s answer");
+}
