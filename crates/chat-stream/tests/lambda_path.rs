@@ -20,8 +20,13 @@ impl Drop for Child {
 }
 
 async fn start_function(runtime: &FakeRuntimeApi, sim: &Sim) -> Child {
+    start_function_with(runtime, sim, &[]).await
+}
+
+async fn start_function_with(runtime: &FakeRuntimeApi, sim: &Sim, extra: &[(&str, &str)]) -> Child {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-stream"))
         .env_clear()
+        .envs(extra.iter().copied())
         .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
         .env("AWS_LAMBDA_FUNCTION_NAME", "chat-stream")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
@@ -125,4 +130,44 @@ async fn function_url_events_stream_through_the_lambda_adapter() {
     assert_eq!(inv.status(), 200);
     let body: Value = serde_json::from_str(&inv.body_text()).unwrap();
     assert_eq!(body["dependencies"]["anthropic"]["state"], "ok");
+}
+
+/// Lambda freezes the environment when the response ends, so everything
+/// an answer leaves behind must be written before: with Redis, its live
+/// stream (for resume and followers) holds every event the moment the
+/// invocation's response is complete.
+#[tokio::test]
+async fn with_redis_the_live_stream_is_complete_when_the_invocation_ends() {
+    let redis = e2e::RedisServer::start().await;
+    let sim = Sim::start(SimConfig {
+        knobs: Knobs {
+            ttft: Duration::from_millis(20),
+            tokens_per_sec: 200.0,
+            output_tokens: 15,
+            fault: None,
+            fault_times: None,
+        },
+        api_key: Some("test-key".into()),
+    })
+    .await
+    .unwrap();
+    let runtime = FakeRuntimeApi::start().await;
+    let url = redis.url();
+    let _function = start_function_with(&runtime, &sim, &[("REDIS_URL", url.as_str())]).await;
+    let inv = runtime
+        .invoke(event_file("chat-valid.json"), Duration::from_secs(30))
+        .await;
+    assert_eq!(inv.status(), 200, "{:?}", inv.prelude);
+    let events = inv.events();
+    assert_eq!(events.last().unwrap().event, "done");
+    let stream_id = events[0].data["stream_id"].as_str().unwrap().to_owned();
+    // Read at once: no waiting for a background task to catch up.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let len: usize = redis::cmd("XLEN")
+        .arg(format!("live:{{{stream_id}}}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, events.len(), "every event, meta to done");
 }
