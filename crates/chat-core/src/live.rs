@@ -475,6 +475,9 @@ pub struct Follower {
     skip: usize,
     queued: VecDeque<Chunk>,
     takeovers: u32,
+    /// Set once this follower calls the model itself: its answer is then
+    /// its own, and worth caching.
+    called_model: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Follower {
@@ -501,6 +504,7 @@ impl Follower {
             skip: 0,
             queued: VecDeque::new(),
             takeovers: 0,
+            called_model: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let mut model = String::new();
         loop {
@@ -625,6 +629,8 @@ impl Follower {
         self.reader = None;
         let stream = (self.takeover)().await?;
         self.own = Some(stream);
+        self.called_model
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.skip = self.sent;
         Ok(())
     }
@@ -682,6 +688,11 @@ impl Follower {
     }
 
     /// The follower as a model stream.
+    /// Becomes true if this follower ends up calling the model itself.
+    pub fn called_model(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.called_model.clone()
+    }
+
     pub fn into_stream(self: Box<Self>) -> ChunkStream {
         futures_util::stream::unfold(*self, |mut f| async move {
             f.next_chunk().await.map(|c| (c, f))

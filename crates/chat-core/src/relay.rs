@@ -255,6 +255,8 @@ pub(crate) async fn start(
 
     // Phase 1: until the first text, failures are plain errors, and
     // retries and fallbacks are still invisible to the client.
+    // Set if a follower ends up calling the model itself (its leader died).
+    let mut took_over: Option<Arc<std::sync::atomic::AtomicBool>> = None;
     let opened = match (lead, &live, &coalesce_key) {
         (Lead::Follow(leader), Some(live), Some(k)) => {
             if primary_admission == Admission::Probe {
@@ -269,20 +271,23 @@ pub(crate) async fn start(
                     follower,
                     model,
                     first,
-                } => Ok(Opened {
-                    provider: state
-                        .providers()
-                        .get(&chosen_ref.provider)
-                        .map_or("follow", |p| p.name()),
-                    model_key: primary_key.clone(),
-                    stream: follower.into_stream(),
-                    first,
-                    model,
-                    input_tokens: Some(0),
-                    upstream_connect: t0.elapsed(),
-                    attempts: 0,
-                    following: true,
-                }),
+                } => {
+                    took_over = Some(follower.called_model());
+                    Ok(Opened {
+                        provider: state
+                            .providers()
+                            .get(&chosen_ref.provider)
+                            .map_or("follow", |p| p.name()),
+                        model_key: primary_key.clone(),
+                        stream: follower.into_stream(),
+                        first,
+                        model,
+                        input_tokens: Some(0),
+                        upstream_connect: t0.elapsed(),
+                        attempts: 0,
+                        following: true,
+                    })
+                }
                 FollowOpen::Aborted { status, body } => {
                     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                     let mut e = ApiError::new(
@@ -320,10 +325,11 @@ pub(crate) async fn start(
             return Err(err);
         }
     };
-    // The leader stores the answer; a follower that became the leader
-    // before the answer started does too.
+    // The leader stores the answer. So does a follower that became the
+    // leader: before its answer started (then it is not `following`), or
+    // later (then `took_over` says so when the answer ends).
     let cache_put = match (cache, key) {
-        (Some(c), Some(k)) if plan.store && !following => Some((c, k, ttl)),
+        (Some(c), Some(k)) if plan.store => Some((c, k, ttl)),
         _ => None,
     };
     let x_cache = if following {
@@ -397,6 +403,7 @@ pub(crate) async fn start(
         popular,
         tee,
         following,
+        took_over,
         lease: match (&live, coalesce_key) {
             (Some(l), Some(k)) => Some((l.clone(), k, turn_id.clone())),
             _ => None,
@@ -796,6 +803,8 @@ struct Relay {
     tee: Option<Tee>,
     /// The answer comes from another request's model call.
     following: bool,
+    /// A follower's flag: it called the model itself after all.
+    took_over: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The coalescing lease this answer may hold (live, cache key, turn):
     /// given up once the answer is cached.
     lease: Option<(Arc<crate::live::Live>, String, String)>,
@@ -997,11 +1006,16 @@ impl Relay {
             .as_ref()
             .map(|l| l.model.clone())
             .unwrap_or_default();
-        // Only complete answers are cached.
+        // Only complete answers are cached, by whoever called the model.
+        let own_answer = !self.following
+            || self
+                .took_over
+                .as_ref()
+                .is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed));
         let cache_job = self
             .cache_put
             .take()
-            .filter(|_| status == TurnStatus::Completed)
+            .filter(|_| status == TurnStatus::Completed && own_answer)
             .map(|(cache, key, ttl)| {
                 let entry = CachedAnswer {
                     text: answer.clone(),

@@ -1,7 +1,7 @@
 //! Two real chat-stream processes share one Redis: a request to the second
 //! follows the identical request the first is answering. The first is
 //! killed (SIGKILL) mid-answer; the follower notices the lease lapse, takes
-//! over, and its client still gets the whole answer.
+//! over, and its client still gets the whole answer, which it then caches.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Stdio;
@@ -93,5 +93,13 @@ async fn followers_complete_when_the_leader_is_killed_mid_answer() {
     assert_eq!(calls, 2, "the leader's call and the follower's takeover");
     let expected = direct_answer(&sim, MODEL, None, "who survives the leader?", 64).await;
     assert_eq!(answer_text(&events), expected, "no text lost or repeated");
+
+    // The follower called the model itself, so it stored the answer: the
+    // next identical request is a hit.
+    let again = ask(&b.url).await;
+    assert_eq!(again.headers()["x-cache"], "hit");
+    let (events, _) = read_sse(again, Duration::from_secs(30)).await;
+    assert_eq!(answer_text(&events), expected);
+    assert_eq!(sim.calls(), calls + 1, "only the reference call above");
     drop(b);
 }
