@@ -22,22 +22,30 @@ fn answer(text: &str) -> CachedAnswer {
     }
 }
 
-#[tokio::test]
-async fn entries_round_trip_and_expire() {
-    let redis = RedisServer::start().await;
-    let link = Arc::new(RedisLink::new(&redis.url(), Duration::from_millis(500)).unwrap());
-    let cache = RedisCache::new(link, Duration::from_millis(500));
+/// What every backend must do: a miss, a round trip that keeps every
+/// byte, other keys unaffected, and the entry gone after its 1 s TTL.
+async fn round_trip_and_expire(cache: &dyn ResponseCache) {
     let key = chat_core::auth::hash_key("some request");
-
     assert_eq!(cache.get(&key).await, Ok(None));
     let a = answer("Grüße 😀 the whole answer");
     cache.put(&key, &a, Duration::from_secs(1)).await.unwrap();
     assert_eq!(cache.get(&key).await, Ok(Some(a.clone())));
     assert_eq!(cache.get("other-key").await, Ok(None));
-
-    // Redis expires it with the TTL.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(cache.get(&key).await, Ok(None));
+    assert_eq!(
+        cache.get(&key).await,
+        Ok(None),
+        "{} kept it past its TTL",
+        cache.name()
+    );
+}
+
+#[tokio::test]
+async fn entries_round_trip_and_expire() {
+    let redis = RedisServer::start().await;
+    let link = Arc::new(RedisLink::new(&redis.url(), Duration::from_millis(500)).unwrap());
+    // Redis expires the entry itself (SET EX).
+    round_trip_and_expire(&RedisCache::new(link, Duration::from_millis(500))).await;
 }
 
 #[tokio::test]
@@ -61,17 +69,9 @@ async fn dynamodb_entries_round_trip_and_expire() {
     let aws = LocalAws::create(&[]).await;
     let store = Arc::new(aws.store().await);
     let cache = DynamoCache::new(store.clone(), Duration::from_secs(5));
-    let key = chat_core::auth::hash_key("some request");
-
-    assert_eq!(cache.get(&key).await, Ok(None));
-    let a = answer("Grüße 😀 the whole answer");
-    cache.put(&key, &a, Duration::from_secs(1)).await.unwrap();
-    assert_eq!(cache.get(&key).await, Ok(Some(a.clone())));
-    assert_eq!(cache.get("other-key").await, Ok(None));
     // DynamoDB's TTL deletes items late (moto: not at all); the backend
     // checks `expires_at` itself.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(cache.get(&key).await, Ok(None));
+    round_trip_and_expire(&cache).await;
 
     // Over DynamoDB's item limit: not cached, and not an error.
     let big = answer(&"x".repeat(400_000));

@@ -139,18 +139,7 @@ async fn function_url_events_stream_through_the_lambda_adapter() {
 #[tokio::test]
 async fn with_redis_the_live_stream_is_complete_when_the_invocation_ends() {
     let redis = e2e::RedisServer::start().await;
-    let sim = Sim::start(SimConfig {
-        knobs: Knobs {
-            ttft: Duration::from_millis(20),
-            tokens_per_sec: 200.0,
-            output_tokens: 15,
-            fault: None,
-            fault_times: None,
-        },
-        api_key: Some("test-key".into()),
-    })
-    .await
-    .unwrap();
+    let sim = e2e::sim(20, 200.0, 15).await;
     let runtime = FakeRuntimeApi::start().await;
     let url = redis.url();
     let _function = start_function_with(&runtime, &sim, &[("REDIS_URL", url.as_str())]).await;
