@@ -24,24 +24,16 @@ ROUNDS=${BENCH_ROUNDS:-3}
 OUT=$(mktemp -d)
 pids=()
 svc=()
-stop_chat() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
 trap 'stop_chat; for p in "${svc[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$OUT"' EXIT
 . scripts/bench-lib.sh
 
 RPORT=$(free_port); MPORT=$(free_port); SIM_PORT=$(free_port); SLOW_PORT=$(free_port); PORT=$(free_port)
-"${on_rest[@]}" redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 &
-svc+=($!)
-"${on_rest[@]}" "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MPORT" >"$OUT/moto.log" 2>&1 &
-svc+=($!)
-MOTO_PID=$!
-"${on_rest[@]}" "$BIN/model-sim" --addr "127.0.0.1:$SIM_PORT" --ttft-ms 0 --tps 0 --tokens 16 >"$OUT/sim.log" 2>&1 &
-svc+=($!)
+start_redis "$RPORT"
+start_moto "$MPORT"
+start_sim "$SIM_PORT" --ttft-ms 0 --tps 0 --tokens 16
 # The stampede's model: 300 ms to the first token, then 50 tokens at 60/s.
-"${on_rest[@]}" "$BIN/model-sim" --addr "127.0.0.1:$SLOW_PORT" --ttft-ms 300 --tps 60 --tokens 50 >"$OUT/slow.log" 2>&1 &
-svc+=($!)
+start_sim "$SLOW_PORT" --ttft-ms 300 --tps 60 --tokens 50
 wait_for "$RPORT"; wait_for "$MPORT"; wait_for "$SIM_PORT"; wait_for "$SLOW_PORT"
-export AWS_ENDPOINT_URL="http://127.0.0.1:$MPORT" AWS_REGION=us-east-1
-export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 eval "$("$VENV/bin/python" scripts/local_aws.py ensure --prefix benchcache)"
 CACHE_TABLE=$TABLE_NAME
 

@@ -8,3 +8,26 @@ can_pin() { command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; }
 # when the machine has two CPUs and taskset.
 on_chat=(); on_rest=()
 if can_pin; then on_chat=(taskset -c 0); on_rest=(taskset -c 1); fi
+
+# Services of a benchmark's own, pinned with the rest (need OUT, VENV, BIN;
+# their pids go into svc, killed by the caller's trap).
+start_redis() { # PORT
+  "${on_rest[@]}" redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis-$1.log" 2>&1 &
+  svc+=($!)
+}
+start_sim() { # PORT FLAGS...
+  local port=$1; shift
+  "${on_rest[@]}" "$BIN/model-sim" --addr "127.0.0.1:$port" "$@" >"$OUT/sim-$port.log" 2>&1 &
+  svc+=($!)
+}
+# A fresh moto (its memory grows over long runs) as every AWS client's
+# endpoint; MOTO_PID is its pid.
+start_moto() { # PORT
+  "${on_rest[@]}" "$VENV/bin/moto_server" -H 127.0.0.1 -p "$1" >"$OUT/moto.log" 2>&1 &
+  svc+=($!)
+  MOTO_PID=$!
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$1" AWS_REGION=us-east-1
+  export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+}
+# Stops the chat-streams a benchmark started (pids).
+stop_chat() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }

@@ -36,22 +36,16 @@ THINK_MS=${THINK_MS:-0}
 OUT=$(mktemp -d)
 pids=()
 svc=()
-stop_chat() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
 trap 'stop_chat; for p in "${svc[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$OUT"' EXIT
 
 . scripts/bench-lib.sh
 
 MPORT=$(free_port); RPORT=$(free_port); SIM_PORT=$(free_port); PORT=$(free_port)
-"${on_rest[@]}" "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MPORT" >"$OUT/moto.log" 2>&1 &
-svc+=($!)
-"${on_rest[@]}" redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis.log" 2>&1 &
-svc+=($!)
-"${on_rest[@]}" "$BIN/model-sim" --addr "127.0.0.1:$SIM_PORT" --ttft-ms 0 --tps 0 --tokens 16 >"$OUT/sim.log" 2>&1 &
-svc+=($!)
+start_moto "$MPORT"
+start_redis "$RPORT"
+start_sim "$SIM_PORT" --ttft-ms 0 --tps 0 --tokens 16
 wait_for "$MPORT"; wait_for "$RPORT"; wait_for "$SIM_PORT"
 
-export AWS_ENDPOINT_URL="http://127.0.0.1:$MPORT" AWS_REGION=us-east-1
-export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 eval "$("$VENV/bin/python" scripts/local_aws.py ensure --prefix bench)"
 
 # chat-bench sends x-api-key: bench; only its hash is configured.

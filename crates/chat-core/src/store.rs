@@ -328,20 +328,10 @@ impl Store {
     }
 
     /// A cached answer (the `CACHE#{key}` item): its JSON and when it
-    /// expires (epoch seconds). Eventually consistent: the cheaper read.
+    /// expires (epoch seconds).
     pub async fn cache_get(&self, key: &str) -> Result<Option<(String, u64)>, StoreError> {
-        self.count();
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("PK", s(cache_pk(key)))
-            .key("SK", s(CACHE_SK))
-            .projection_expression("answer, expires_at")
-            .send()
-            .await
-            .map_err(|e| dynamo_err("GetItem", e))?;
-        Ok(out.item.and_then(|item| {
+        let item = self.get_item(cache_pk(key), CACHE_SK).await?;
+        Ok(item.and_then(|item| {
             let answer = get_s(&item, "answer")?.to_owned();
             Some((answer, get_n(&item, "expires_at").unwrap_or(0)))
         }))
