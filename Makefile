@@ -56,7 +56,8 @@ lint: $(TOOLS)
 	sam validate --lint --region $(REGION)
 
 test: lint
-	@eval "$$(scripts/services.sh start)"; \
+	@env=$$(scripts/services.sh start) || { echo "the local services did not start (see above); no tests run" >&2; exit 1; }; \
+	eval "$$env"; \
 	if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --locked --no-fail-fast; \
 	else \

@@ -49,7 +49,9 @@ wait_for() { # port name pid
 # The local stack: Redis (shared rate limits and breakers) and moto.
 listening "${REDIS_PORT:-6379}" || started_services+=(redis)
 listening "${MOTO_PORT:-5005}" || started_services+=(moto)
-eval "$(scripts/services.sh start)"
+# (eval "$(...)" would hide a failure: keep the status.)
+svc_env=$(scripts/services.sh start)
+eval "$svc_env"
 
 for p in "$PORT" $([ -z "${ANTHROPIC_API_KEY:-}" ] && echo "$SIM_PORT"); do
   if listening "$p"; then

@@ -56,7 +56,10 @@ case "${1:-start}" in
     export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-testing}
     export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-testing}
     export AWS_REGION=${AWS_REGION:-us-east-1}
-    resources=$("$VENV/bin/python" scripts/local_aws.py ensure --prefix "${LOCAL_PREFIX:-local}")
+    resources=$("$VENV/bin/python" scripts/local_aws.py ensure --prefix "${LOCAL_PREFIX:-local}") || {
+      echo "could not create the table and queues in the moto on port $MOTO_PORT; if that moto was not started by this script, stop it or set MOTO_PORT" >&2
+      exit 1
+    }
     cat <<ENV
 export AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL
 export AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID
