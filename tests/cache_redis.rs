@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_core::cache::{CacheError, CachedAnswer, DynamoCache, RedisCache, ResponseCache};
-use chat_core::fleet::RedisLink;
+use chat_core::redis::RedisLink;
 use e2e::{LocalAws, RedisServer};
 
 fn answer(text: &str) -> CachedAnswer {
@@ -18,7 +18,7 @@ fn answer(text: &str) -> CachedAnswer {
         stop_reason: Some("end_turn".into()),
         input_tokens: 3,
         output_tokens: 5,
-        stored_at_ms: chat_core::turn::now_ms(),
+        stored_at_ms: chat_core::util::now_ms(),
     }
 }
 
@@ -232,7 +232,7 @@ async fn a_dead_dynamodb_costs_one_timeout_then_is_skipped() {
     let conf = aws_sdk_dynamodb::config::Builder::from(&sdk)
         .endpoint_url("http://127.0.0.1:9")
         .build();
-    let store = chat_core::store::Store::new(
+    let store = chat_core::persistence::store::Store::new(
         aws_sdk_dynamodb::Client::from_conf(conf),
         "no-such-table",
         None,

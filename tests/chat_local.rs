@@ -16,24 +16,16 @@ async fn chat(sim: &Sim, extra: &[(&str, &str)]) -> ChatServer {
     ChatServer::start(&env).await
 }
 
-async fn post(server: &ChatServer, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(server.url("/chat"))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn full_answer_arrives_as_meta_deltas_done() {
     let sim = sim(10, 500.0, 12).await;
     let server = chat(&sim, &[]).await;
-    let resp = post(
-        &server,
-        &json!({"message": "What is SSE?", "max_tokens": 100, "system": "be brief"}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "What is SSE?", "max_tokens": 100, "system": "be brief"}),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let h = resp.headers().clone();
     assert!(
@@ -109,7 +101,9 @@ async fn deltas_reach_the_client_while_the_model_is_still_generating() {
     let sim = sim(50, 10.0, 20).await;
     let server = chat(&sim, &[]).await;
     let sent = Instant::now();
-    let resp = post(&server, &json!({"message": "tell me a story"})).await;
+    let resp = server
+        .post_chat(None, &json!({"message": "tell me a story"}))
+        .await;
     assert_eq!(resp.status(), 200);
     let (events, _) = read_sse(resp, LIMIT).await;
     let deltas: Vec<&Event> = events.iter().filter(|e| e.event == "delta").collect();
@@ -150,7 +144,9 @@ async fn upstream_http_errors_map_to_documented_statuses() {
     ];
     for (fault, status, code, retry_after) in table {
         let model = format!("claude-sim+fault={fault}");
-        let resp = post(&server, &json!({"message": "hi", "model": model})).await;
+        let resp = server
+            .post_chat(None, &json!({"message": "hi", "model": model}))
+            .await;
         assert_eq!(resp.status().as_u16(), *status, "{fault}");
         assert_eq!(
             resp.headers()
@@ -185,7 +181,7 @@ async fn unreachable_upstream_is_502_and_first_token_timeout_is_504() {
         ("UPSTREAM_PREWARM", "false"),
     ])
     .await;
-    let resp = post(&server, &json!({"message": "hi"})).await;
+    let resp = server.post_chat(None, &json!({"message": "hi"})).await;
     assert_eq!(resp.status(), 502);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "upstream_unreachable");
@@ -195,11 +191,12 @@ async fn unreachable_upstream_is_502_and_first_token_timeout_is_504() {
     let sim = sim(0, 0.0, 5).await;
     let server = chat(&sim, &[("UPSTREAM_FIRST_TOKEN_TIMEOUT_MS", "300")]).await;
     let t = Instant::now();
-    let resp = post(
-        &server,
-        &json!({"message": "hi", "model": "m+fault=stall-first:10000"}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "hi", "model": "m+fault=stall-first:10000"}),
+        )
+        .await;
     assert_eq!(resp.status(), 504);
     assert!(
         t.elapsed() < Duration::from_secs(5),
@@ -222,7 +219,9 @@ async fn mid_stream_failures_end_with_an_error_event_not_a_hang() {
     ];
     for (fault, code) in cases {
         let model = format!("claude-sim+fault={fault}");
-        let resp = post(&server, &json!({"message": "hi", "model": model})).await;
+        let resp = server
+            .post_chat(None, &json!({"message": "hi", "model": model}))
+            .await;
         assert_eq!(resp.status(), 200, "{fault}");
         let (events, transport_error) = read_sse(resp, Duration::from_secs(10)).await;
         assert_eq!(
@@ -363,7 +362,9 @@ async fn bad_inputs_get_4xx_json_and_never_reach_the_model() {
 
     assert_eq!(sim.calls(), 0, "bad input must not cost a model call");
     // And the server still serves good requests afterwards.
-    let r = post(&server, &json!({"message": "still there?"})).await;
+    let r = server
+        .post_chat(None, &json!({"message": "still there?"}))
+        .await;
     assert_eq!(r.status(), 200);
 }
 
@@ -415,11 +416,12 @@ async fn health_reports_the_model_and_probes_it_on_request() {
     // After upstream failures the model shows as degraded; a dead upstream
     // fails the probe with 503.
     for _ in 0..3 {
-        let r = post(
-            &server,
-            &json!({"message": "x", "model": "m+fault=status:500"}),
-        )
-        .await;
+        let r = server
+            .post_chat(
+                None,
+                &json!({"message": "x", "model": "m+fault=status:500"}),
+            )
+            .await;
         assert_eq!(r.status(), 502);
     }
     let v: Value = client
@@ -459,7 +461,9 @@ async fn a_client_that_leaves_stops_the_upstream_call() {
     // 100 tokens at 5/s: 20 s of generation unless someone stops it.
     let sim = sim(0, 5.0, 100).await;
     let server = chat(&sim, &[]).await;
-    let resp = post(&server, &json!({"message": "long answer please"})).await;
+    let resp = server
+        .post_chat(None, &json!({"message": "long answer please"}))
+        .await;
     assert_eq!(resp.status(), 200);
     let mut stream = e2e::body_stream(resp);
     // Read until the first delta, then hang up.
@@ -522,7 +526,9 @@ async fn the_model_connection_is_prewarmed_and_reused() {
     assert_eq!(sim.model_lists(), 1);
     assert_eq!(sim.connections(), 1);
     for i in 0..10 {
-        let resp = post(&server, &json!({"message": format!("q{i}")})).await;
+        let resp = server
+            .post_chat(None, &json!({"message": format!("q{i}")}))
+            .await;
         let (events, _) = read_sse(resp, LIMIT).await;
         assert_eq!(events.last().unwrap().event, "done");
     }

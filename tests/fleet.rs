@@ -23,12 +23,9 @@ async fn instance(sim: &Sim, redis: &str, extra: &[(&str, &str)]) -> ChatServer 
 }
 
 async fn chat(server: &ChatServer, model: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(server.url("/chat"))
-        .json(&json!({"message": "hello", "model": model}))
-        .send()
+    server
+        .post_chat(None, &json!({"message": "hello", "model": model}))
         .await
-        .unwrap()
 }
 
 fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {

@@ -34,16 +34,6 @@ fn q(message: &str) -> Value {
     json!({"message": message, "temperature": 0, "max_tokens": 64, "model": MODEL})
 }
 
-async fn post(server: &ChatServer, user: &str, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(server.url("/chat"))
-        .header("x-dev-user", user)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn fifty_identical_requests_make_one_model_call_and_fifty_full_answers() {
     let redis = RedisServer::start().await;
@@ -52,7 +42,7 @@ async fn fifty_identical_requests_make_one_model_call_and_fifty_full_answers() {
     let server = server(&sim, &redis.url(), &[]).await;
     let body = q("what does a stampede cost?");
     let asks = (0..50).map(|_| async {
-        let resp = post(&server, "herd", &body).await;
+        let resp = server.post_chat(Some("herd"), &body).await;
         assert_eq!(resp.status(), 200);
         let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
         let (events, err) = read_sse(resp, LIMIT).await;
@@ -104,7 +94,7 @@ async fn a_client_cut_off_mid_answer_resumes_with_last_event_id() {
     let sim = sim(20, 30.0, 60).await;
     let server = server(&sim, &redis.url(), &[]).await;
     let body = json!({"message": "a long story", "max_tokens": 64, "model": MODEL});
-    let resp = post(&server, "rue", &body).await;
+    let resp = server.post_chat(Some("rue"), &body).await;
     assert_eq!(resp.status(), 200);
     let mut stream = body_stream(resp);
     let (before, last_id) = read_deltas(&mut stream, 3).await;
@@ -186,7 +176,7 @@ async fn a_cacheable_answer_whose_client_left_is_finished_and_cached() {
     let sim = sim(20, 40.0, 40).await;
     let server = server(&sim, &redis.url(), &[]).await;
     let body = q("finish it anyway");
-    let resp = post(&server, "sid", &body).await;
+    let resp = server.post_chat(Some("sid"), &body).await;
     let mut stream = body_stream(resp);
     read_deltas(&mut stream, 2).await;
     drop(stream);
@@ -202,7 +192,7 @@ async fn a_cacheable_answer_whose_client_left_is_finished_and_cached() {
     let mut x_cache = String::new();
     let mut text = String::new();
     for _ in 0..50 {
-        let resp = post(&server, "sid", &body).await;
+        let resp = server.post_chat(Some("sid"), &body).await;
         x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
         let (events, _) = read_sse(resp, LIMIT).await;
         if x_cache == "hit" {
@@ -224,7 +214,9 @@ async fn with_finish_on_disconnect_off_a_client_that_leaves_stops_the_model() {
     let redis = RedisServer::start().await;
     let sim = sim(0, 5.0, 100).await;
     let server = server(&sim, &redis.url(), &[("FINISH_ON_DISCONNECT", "false")]).await;
-    let resp = post(&server, "tom", &json!({"message": "long", "model": MODEL})).await;
+    let resp = server
+        .post_chat(Some("tom"), &json!({"message": "long", "model": MODEL}))
+        .await;
     let mut stream = body_stream(resp);
     read_deltas(&mut stream, 1).await;
     drop(stream);
@@ -262,7 +254,7 @@ async fn followers_of_a_leader_that_fails_before_its_answer_get_the_same_error()
         async move {
             // The leader first; the rest while it waits.
             tokio::time::sleep(Duration::from_millis(if i == 0 { 0 } else { 150 })).await;
-            let resp = post(server, "uma", &body).await;
+            let resp = server.post_chat(Some("uma"), &body).await;
             let status = resp.status().as_u16();
             let x_cache = resp
                 .headers()
@@ -311,12 +303,12 @@ async fn a_long_answer_with_live_streams_on_costs_little_cpu() {
     let sim = sim(0, 20.0, 60).await;
     let server = server(&sim, &redis.url(), &[]).await;
     let before = cpu_secs();
-    let resp = post(
-        &server,
-        "ivy",
-        &json!({"message": "slow and long", "model": MODEL}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            Some("ivy"),
+            &json!({"message": "slow and long", "model": MODEL}),
+        )
+        .await;
     let (events, err) = read_sse(resp, LIMIT).await;
     assert_eq!(err, None);
     assert_eq!(kinds(&events).last(), Some(&"done"));

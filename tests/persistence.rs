@@ -7,12 +7,13 @@
 use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-use chat_core::fleet::RedisLink;
-use chat_core::history::{HistoryLimits, RecentBuffer};
-use chat_core::persist::{PersistPath, Persister, Queue};
-use chat_core::store::Store;
-use chat_core::turn::{TURN_SCHEMA_VERSION, TurnRecord, TurnStatus, now_ms};
-use chat_core::writer::{handle_batch, poll_once};
+use chat_core::persistence::history::{HistoryLimits, RecentBuffer};
+use chat_core::persistence::producer::{PersistPath, Persister, Queue};
+use chat_core::persistence::store::Store;
+use chat_core::persistence::turn::{TURN_SCHEMA_VERSION, TurnRecord, TurnStatus};
+use chat_core::persistence::writer::{handle_batch, poll_once};
+use chat_core::redis::RedisLink;
+use chat_core::util::now_ms;
 use e2e::{ChatServer, Event, LocalAws, answer_text, kinds, read_sse, require_redis_url, sim};
 use model_sim::Sim;
 use serde_json::{Value, json};
@@ -147,7 +148,7 @@ async fn a_chat_turn_reaches_dynamodb_through_the_queue_and_the_worker() {
     assert_eq!(meta.owner, alice);
     assert_eq!(meta.message_count, 2);
     assert_eq!(meta.title, "hello there");
-    let day = chat_core::turn::utc_day(turns[0].completed_at_ms);
+    let day = chat_core::util::utc_day(turns[0].completed_at_ms);
     let (requests, _, output) = store.usage(&alice, &day).await.unwrap();
     assert_eq!(requests, 1);
     assert_eq!(output, u64::from(turns[0].output_tokens));
@@ -246,7 +247,7 @@ async fn a_redelivered_message_writes_nothing_twice() {
 
     let meta = store.get_conversation(&conv).await.unwrap().unwrap();
     assert_eq!(meta.message_count, 2);
-    let day = chat_core::turn::utc_day(rec.completed_at_ms);
+    let day = chat_core::util::utc_day(rec.completed_at_ms);
     assert_eq!(store.usage(&carol, &day).await.unwrap(), (1, 7, 11));
     assert_eq!(store.recent_turns(&conv, 10).await.unwrap().len(), 1);
 }
@@ -480,7 +481,8 @@ async fn listing_paginates_over_120_conversations_newest_first() {
     assert!(
         outcomes.iter().all(|o| matches!(
             o,
-            chat_core::store::WriteOutcome::Written | chat_core::store::WriteOutcome::Duplicate
+            chat_core::persistence::store::WriteOutcome::Written
+                | chat_core::persistence::store::WriteOutcome::Duplicate
         )),
         "{outcomes:?}"
     );

@@ -9,15 +9,6 @@ use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-async fn post(server: &ChatServer, body: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(server.url("/chat"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn an_openai_compatible_endpoint_alone_serves_chat() {
     let sim = sim(5, 500.0, 9).await;
@@ -28,11 +19,12 @@ async fn an_openai_compatible_endpoint_alone_serves_chat() {
         ("DEFAULT_MODEL", "gpt-sim"),
     ])
     .await;
-    let resp = post(
-        &server,
-        json!({"message": "What is SSE?", "system": "be brief", "max_tokens": 50}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "What is SSE?", "system": "be brief", "max_tokens": 50}),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let (events, _) = read_sse(resp, LIMIT).await;
     let k = kinds(&events);
@@ -66,24 +58,27 @@ async fn openai_errors_map_like_every_provider() {
         ("UPSTREAM_MAX_RETRIES", "0"),
     ])
     .await;
-    let resp = post(
-        &server,
-        json!({"message": "x", "model": "g+fault=status:429:4"}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "x", "model": "g+fault=status:429:4"}),
+        )
+        .await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "4");
-    let resp = post(
-        &server,
-        json!({"message": "x", "model": "g+fault=status:401"}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "x", "model": "g+fault=status:401"}),
+        )
+        .await;
     assert_eq!(resp.status(), 502);
-    let resp = post(
-        &server,
-        json!({"message": "x", "model": "g+fault=error-mid@3"}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "x", "model": "g+fault=error-mid@3"}),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let (events, _) = read_sse(resp, LIMIT).await;
     let last = events.last().unwrap();
@@ -97,7 +92,10 @@ async fn openai_errors_map_like_every_provider() {
         ("OPENAI_API_KEY", "wrong"),
     ])
     .await;
-    assert_eq!(post(&bad, json!({"message": "x"})).await.status(), 502);
+    assert_eq!(
+        bad.post_chat(None, &json!({"message": "x"})).await.status(),
+        502
+    );
 }
 
 #[tokio::test]
@@ -113,11 +111,12 @@ async fn anthropic_failure_falls_back_to_an_openai_model() {
         ("MODEL_FALLBACKS", "openai:gpt-backup"),
     ])
     .await;
-    let resp = post(
-        &server,
-        json!({"message": "hi", "model": "claude+fault=status:529"}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "hi", "model": "claude+fault=status:529"}),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let (events, _) = read_sse(resp, LIMIT).await;
     assert_eq!(events[0].data["model"], "gpt-backup");
@@ -159,26 +158,35 @@ async fn short_prompts_route_to_the_fast_model_and_the_allowlist_holds() {
     let meta_model = |events: Vec<Event>| events[0].data["model"].as_str().unwrap().to_owned();
 
     let (ev, _) = read_sse(
-        post(&server, json!({"message": "capital of France?"})).await,
+        server
+            .post_chat(None, &json!({"message": "capital of France?"}))
+            .await,
         LIMIT,
     )
     .await;
     assert_eq!(meta_model(ev), "claude-fast");
     let long = "Please compare these two approaches in detail and explain the trade-offs.";
-    let (ev, _) = read_sse(post(&server, json!({"message": long})).await, LIMIT).await;
+    let (ev, _) = read_sse(
+        server.post_chat(None, &json!({"message": long})).await,
+        LIMIT,
+    )
+    .await;
     assert_eq!(meta_model(ev), "claude-big");
     let (ev, _) = read_sse(
-        post(&server, json!({"message": "hi", "model": "claude-backup"})).await,
+        server
+            .post_chat(None, &json!({"message": "hi", "model": "claude-backup"}))
+            .await,
         LIMIT,
     )
     .await;
     assert_eq!(meta_model(ev), "claude-backup");
 
-    let resp = post(
-        &server,
-        json!({"message": "hi", "model": "claude-most-expensive"}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "hi", "model": "claude-most-expensive"}),
+        )
+        .await;
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "model_not_allowed");
@@ -209,11 +217,12 @@ async fn bedrock_converse_stream_through_the_aws_sdk() {
         ("UPSTREAM_MAX_RETRIES", "0"),
     ])
     .await;
-    let resp = post(
-        &server,
-        json!({"message": "What is SSE?", "system": "be brief", "max_tokens": 50}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "What is SSE?", "system": "be brief", "max_tokens": 50}),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let (events, _) = read_sse(resp, LIMIT).await;
     let k = kinds(&events);
@@ -229,11 +238,12 @@ async fn bedrock_converse_stream_through_the_aws_sdk() {
 
     // Errors: a throttle before the stream, an exception and a dropped
     // connection inside it.
-    let resp = post(
-        &server,
-        json!({"message": "x", "model": format!("{model}+fault=status:429")}),
-    )
-    .await;
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": "x", "model": format!("{model}+fault=status:429")}),
+        )
+        .await;
     assert_eq!(resp.status(), 429);
     assert_eq!(
         resp.json::<Value>().await.unwrap()["code"],
@@ -243,11 +253,12 @@ async fn bedrock_converse_stream_through_the_aws_sdk() {
         ("error-mid@3", "upstream_overloaded"),
         ("drop-mid@3", "upstream_disconnected"),
     ] {
-        let resp = post(
-            &server,
-            json!({"message": "x", "model": format!("{model}+fault={fault}")}),
-        )
-        .await;
+        let resp = server
+            .post_chat(
+                None,
+                &json!({"message": "x", "model": format!("{model}+fault={fault}")}),
+            )
+            .await;
         assert_eq!(resp.status(), 200, "{fault}");
         let (events, _) = read_sse(resp, LIMIT).await;
         let last = events.last().unwrap();

@@ -22,12 +22,9 @@ async fn server(sim: &Sim, extra: &[(&str, &str)]) -> ChatServer {
 }
 
 async fn chat(server: &ChatServer, model: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(server.url("/chat"))
-        .json(&json!({"message": "hello", "model": model}))
-        .send()
+    server
+        .post_chat(None, &json!({"message": "hello", "model": model}))
         .await
-        .unwrap()
 }
 
 #[tokio::test]

@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use chat_core::cache::warmer::{Outcome, WarmBudget, warm};
 use chat_core::cache::{KeyInput, cache_key};
 use chat_core::provider::{Message, Role};
-use chat_core::warmer::{Outcome, WarmBudget, warm};
 use e2e::{ChatServer, RedisServer, sim};
 use model_sim::Sim;
 use serde_json::json;
@@ -30,11 +30,12 @@ fn env(sim: &Sim, redis: &RedisServer) -> Vec<(String, String)> {
     ]
 }
 
-/// The warmer's own process state, configured like chat-stream.
-async fn warmer_state(env: &[(String, String)]) -> chat_core::AppState {
+/// The warmer's own process state, from the same settings as chat-stream
+/// (it reads only what it uses).
+async fn warmer_state(env: &[(String, String)]) -> chat_core::cache::warmer::Warmer {
     let map: HashMap<String, String> = env.iter().cloned().collect();
-    let config = chat_core::Config::from_source(&map).unwrap();
-    chat_core::build_state(config).await.unwrap()
+    let config = chat_core::config::WarmerConfig::from_source(&map).unwrap();
+    chat_core::build_warmer(&config).await.unwrap()
 }
 
 fn key_of(user: &str, question: &str) -> String {
@@ -167,8 +168,8 @@ async fn the_warmer_skips_a_model_whose_circuit_is_open() {
     // Redis as in production.
     for _ in 0..2 {
         state
-            .fleet()
-            .on_failure(&format!("anthropic:{MODEL}"))
+            .circuits
+            .record_failure(&format!("anthropic:{MODEL}"))
             .await;
     }
     let calls = sim.calls();

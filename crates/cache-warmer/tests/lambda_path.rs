@@ -8,10 +8,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_core::cache::popular::{Popularity, PopularityConfig};
 use chat_core::cache::{KeyInput, RedisCache, ResponseCache, cache_doc, key_of_doc};
-use chat_core::fleet::RedisLink;
-use chat_core::popular::{Popularity, PopularityConfig};
 use chat_core::provider::{Message, Role};
+use chat_core::redis::RedisLink;
 use e2e::{FakeRuntimeApi, RedisServer, event_file, sim};
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 //!
 //! Fills the queue with `--turns` turn messages (not timed), then drains it
 //! the way the event source mapping would, through the local poller and
-//! db-writer's own handler (`chat_core::writer::poll_once`), and times
+//! db-writer's own handler (`chat_core::persistence::writer::poll_once`), and times
 //! that. Afterwards it checks that every turn was stored exactly once (the
 //! conversations' message counts add up). Prints one Markdown table row.
 
@@ -16,8 +16,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
-use chat_core::turn::{TURN_SCHEMA_VERSION, TurnRecord, TurnStatus, now_ms};
-use chat_core::writer::{PollerConfig, poll_once};
+use chat_core::persistence::turn::{TURN_SCHEMA_VERSION, TurnRecord, TurnStatus};
+use chat_core::persistence::writer::{PollerConfig, poll_once};
+use chat_core::util::now_ms;
 
 struct Args {
     table: String,

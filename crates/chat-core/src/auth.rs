@@ -25,7 +25,20 @@ use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
-use crate::store::Store;
+use crate::persistence::store::Store;
+use crate::secrets::ApiKeySource;
+
+/// How callers prove who they are .
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// API keys: hashes in the table and/or a fixed list.
+    ApiKey {
+        /// `API_KEY_HASHES` (`hash:user,...`) or `..._SECRET_ARN`.
+        hashes: Option<ApiKeySource>,
+    },
+    /// Local development only: `x-dev-user` is trusted.
+    Dev,
+}
 
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]

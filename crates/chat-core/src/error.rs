@@ -1,5 +1,6 @@
 //! Errors: [`UpstreamError`] for everything a model provider can do wrong,
-//! [`ApiError`] for what our own client sees (status + JSON body).
+//! [`ApiError`] for what our own client sees (status + JSON body), and
+//! [`ConfigError`] for a setting that is missing or malformed. A leaf.
 //!
 //! The mapping from upstream trouble to our status codes is documented in
 //! README ("Errors") and kept in one place: [`UpstreamError::status_code`].
@@ -9,6 +10,23 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+
+/// A configuration value was missing or malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration {variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(variable: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            variable: variable.into(),
+            problem: problem.into(),
+        }
+    }
+}
 
 /// Which deadline fired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,11 +1,47 @@
 //! Resolves the model API key at init: from the environment locally, from
 //! Secrets Manager in AWS (the key never sits in the function's
 //! configuration, where anyone with `lambda:GetFunctionConfiguration` could
-//! read it).
+//! read it). A leaf (with `error`): the [`Secret`] type that never prints
+//! its value lives here.
 
 use aws_sdk_secretsmanager::Client;
 
-use crate::config::{ApiKeySource, ConfigError, Secret};
+use crate::error::ConfigError;
+
+/// A value that must never be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where the model API key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiKeySource {
+    /// `ANTHROPIC_API_KEY` (local runs).
+    Value(Secret),
+    /// `..._API_KEY_SECRET_ARN`: fetched from Secrets Manager at init.
+    /// `var` names the variable, for errors.
+    SecretsManager { arn: String, var: String },
+}
 
 /// The secret may hold the bare key, or JSON with an `api_key` or
 /// `ANTHROPIC_API_KEY` field (the console's key/value form).

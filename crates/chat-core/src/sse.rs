@@ -9,6 +9,9 @@
 //!
 //! [`encode`] writes one event in the form our own clients read.
 
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// One dispatched event. `event` is `"message"` when the stream named none.
@@ -156,6 +159,24 @@ pub fn encode(id: Option<u64>, event: &str, data: &str) -> Bytes {
     b.put_slice(data.as_bytes());
     b.put_slice(b"\n\n");
     b.freeze()
+}
+
+/// A 200 `text/event-stream` response that proxies and browsers pass on
+/// unbuffered and uncached.
+pub fn event_stream(body: Body) -> Response {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    // Tell reverse proxies (nginx and friends) not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
 }
 
 #[cfg(test)]

@@ -72,7 +72,7 @@ async fn sqs_events_are_written_idempotently_with_partial_failures() {
     assert_eq!(failures(&inv), Vec::<String>::new());
     let again = store.get_conversation(conv).await.unwrap().unwrap();
     assert_eq!(again.message_count, 4);
-    let day = chat_core::turn::utc_day(1_795_392_001_800);
+    let day = chat_core::util::utc_day(1_795_392_001_800);
     assert_eq!(store.usage("example-user", &day).await.unwrap().0, 2);
 
     // Poison is reported by message id; the good turn beside it is written.

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Chunk, ChunkStream, ModelProvider, ModelRequest};
-use crate::config::Secret;
 use crate::error::UpstreamError;
+use crate::secrets::Secret;
 use crate::sse::SseEvent;
 
 pub struct AnthropicProvider {

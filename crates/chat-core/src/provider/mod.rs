@@ -9,7 +9,10 @@
 
 pub mod anthropic;
 pub mod bedrock;
+pub mod fake;
+pub mod health;
 pub mod openai;
+pub mod routing;
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -22,6 +25,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
 
 use crate::error::UpstreamError;
+use crate::secrets::ApiKeySource;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -279,4 +283,58 @@ pub(crate) fn decode_stream<D: Decoder>(
         }
     })
     .boxed()
+}
+
+/// The Anthropic Messages API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnthropicConfig {
+    pub base_url: String,
+    pub api_key: ApiKeySource,
+    pub version: String,
+}
+
+/// An OpenAI-compatible endpoint (OpenAI, Groq, vLLM, llama.cpp server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAiConfig {
+    /// Including the version path, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Local servers often need none.
+    pub api_key: Option<ApiKeySource>,
+}
+
+/// Amazon Bedrock through the AWS SDK (IAM credentials, no key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BedrockConfig {
+    /// `BEDROCK_REGION`; else the SDK's region (`AWS_REGION`).
+    pub region: Option<String>,
+    /// `AWS_ENDPOINT_URL_BEDROCK_RUNTIME`: a stand-in such as model-sim.
+    pub endpoint_url: Option<String>,
+}
+
+/// Which providers this deployment has, and how they are reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderSettings {
+    /// Configured when `ANTHROPIC_API_KEY` or `..._SECRET_ARN` is set.
+    pub anthropic: Option<AnthropicConfig>,
+    /// Configured when `OPENAI_API_KEY`, `..._SECRET_ARN` or `OPENAI_BASE_URL` is set.
+    pub openai: Option<OpenAiConfig>,
+    /// Configured when `BEDROCK_ENABLED=true`.
+    pub bedrock: Option<BedrockConfig>,
+    /// Provider of model names without a `provider:` prefix.
+    pub default_provider: String,
+    /// Open the upstream connection at init so the first request does not
+    /// pay for TCP + TLS.
+    pub prewarm: bool,
+}
+
+impl ProviderSettings {
+    /// Whether the provider called `name` is configured.
+    pub fn configured(&self, name: &str) -> bool {
+        match name {
+            "anthropic" => self.anthropic.is_some(),
+            "openai" => self.openai.is_some(),
+            "bedrock" => self.bedrock.is_some(),
+            _ => false,
+        }
+    }
 }

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Chunk, ChunkStream, ModelProvider, ModelRequest, Role};
-use crate::config::Secret;
 use crate::error::UpstreamError;
+use crate::secrets::Secret;
 
 pub struct OpenAiProvider {
     client: reqwest::Client,

@@ -1,0 +1,85 @@
+//! `POST /chat`: authenticate, check the body, parse it, and hand the
+//! turn to [`crate::chat`].
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+
+use super::error_response;
+use crate::cache::CacheControl;
+use crate::chat::request::{body_too_large, parse_chat_request};
+use crate::error::ApiError;
+use crate::state::{AppState, RequestCtx};
+
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    match headers.get(header::CONTENT_TYPE) {
+        None => true, // be lenient with clients that send none
+        Some(v) => v
+            .to_str()
+            .map(|s| {
+                let mime = s
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            })
+            .unwrap_or(false),
+    }
+}
+
+pub(super) async fn chat(State(state): State<AppState>, req: Request) -> Response {
+    match chat_inner(state, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(e),
+    }
+}
+
+async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let ctx = RequestCtx::of(&parts.extensions);
+    // Who is calling comes first: without valid credentials nothing else
+    // happens (no body read, no rate-limit count, no history read).
+    let identity = state.authenticate(&parts.headers).await?;
+    let limits = state.config().limits;
+    if !is_json_content_type(&parts.headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        return Err(body_too_large(limits.max_body_bytes));
+    }
+    let bytes = read_body(body, limits.max_body_bytes).await?;
+    let chat_req = parse_chat_request(&bytes, &limits)?;
+    let cache_control = parts
+        .headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .map(CacheControl::parse)
+        .unwrap_or_default();
+    crate::chat::start(state, ctx, identity, chat_req, cache_control).await
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        if inner.is::<http_body_util::LengthLimitError>() {
+            body_too_large(limit)
+        } else {
+            ApiError::bad_request(
+                "body_read_failed",
+                format!("could not read the request body: {inner}"),
+            )
+        }
+    })
+}

@@ -1,0 +1,119 @@
+//! `GET /health`: each dependency's last known state.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::limits::BreakerState;
+use crate::state::{AppState, Probe};
+use crate::util::ms;
+
+/// `GET /health`: each dependency's last known state. `?probe=1` also
+/// checks the model provider live (a connection, no tokens), and answers
+/// 503 if that fails.
+pub(super) async fn health(State(state): State<AppState>, req: Request) -> Response {
+    let probe_requested = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "probe" || kv == "probe=1" || kv == "probe=true")
+    });
+    let circuits: serde_json::Map<String, serde_json::Value> = state
+        .circuits()
+        .local()
+        .states(tokio::time::Instant::now())
+        .into_iter()
+        .map(|(k, st)| {
+            let word = match st {
+                BreakerState::Closed => "closed",
+                BreakerState::Open => "open",
+                BreakerState::HalfOpen => "half_open",
+            };
+            (k, json!(word))
+        })
+        .collect();
+    let probes = if probe_requested {
+        state.check_providers(Duration::from_secs(3)).await
+    } else {
+        Vec::new()
+    };
+    let mut ok = true;
+    let mut degraded = false;
+    let mut deps = serde_json::Map::new();
+    for p in state.providers().iter() {
+        let mut dep = state.health(p.name()).snapshot();
+        degraded |= matches!(dep["state"].as_str(), Some("failing") | Some("degraded"));
+        if let Some((_, result)) = probes.iter().find(|(n, _)| *n == p.name()) {
+            dep["probe"] = match result {
+                Probe::Ok(latency) => json!({"ok": true, "latency_ms": latency}),
+                Probe::Failed(code) => {
+                    ok = false;
+                    json!({"ok": false, "error": code})
+                }
+                Probe::Skipped => {
+                    json!({"ok": null, "skipped": "this provider has no token-free call"})
+                }
+            };
+        }
+        deps.insert(p.name().to_owned(), dep);
+    }
+    let redis = state.redis_health(probe_requested).await;
+    // Redis down degrades (limits become per instance); it never fails chat.
+    degraded |= redis == "down";
+    deps.insert(
+        "redis".to_owned(),
+        json!({"state": redis, "scope": if redis == "ok" { "fleet" } else { "instance" }}),
+    );
+    if let Some(store) = &state.deps().store {
+        // Conversations need the table; chat without history still works
+        // when it is down (turns then wait on the queue), so it degrades.
+        let (table_state, latency) = if probe_requested {
+            let t = Instant::now();
+            match store.probe().await {
+                Ok(()) => ("ok", Some(ms(t.elapsed()))),
+                Err(_) => ("down", None),
+            }
+        } else {
+            ("configured", None)
+        };
+        degraded |= table_state == "down";
+        deps.insert(
+            "dynamodb".to_owned(),
+            json!({"state": table_state, "table": store.table(), "latency_ms": latency}),
+        );
+    }
+    if let Some(p) = &state.deps().persister {
+        let q = p.queue_health();
+        degraded |= matches!(q, "failing" | "degraded");
+        deps.insert("sqs".to_owned(), json!({"state": q}));
+    }
+    deps.insert(
+        "auth".to_owned(),
+        json!({"method": state.deps().auth.method()}),
+    );
+    let status_word = if !ok {
+        "down"
+    } else if degraded {
+        "degraded"
+    } else {
+        "ok"
+    };
+    let body = json!({
+        "status": status_word,
+        "version": env!("CARGO_PKG_VERSION"),
+        "dependencies": deps,
+        "circuits": circuits,
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(body),
+    )
+        .into_response()
+}

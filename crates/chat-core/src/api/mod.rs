@@ -1,0 +1,155 @@
+//! The HTTP API as one axum [`Router`], served by Lambda (Function URL,
+//! response streaming) and by the local server alike: one file per route
+//! ([`chat`], [`conversations`], [`streams`], [`health`]), the middleware
+//! and the mapping of errors to responses here.
+//!
+//! Every response passes [`request_context`]: it assigns the request id,
+//! adds `x-request-id` and `Server-Timing`, and writes the one JSON log line
+//! per request (streams write theirs when they end, see [`crate::chat`]).
+//!
+//! Uses: `chat`, `state`, `auth`, `live` (resume), `persistence` (reads).
+
+mod chat;
+mod conversations;
+mod health;
+mod streams;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::chat::LogDeferred;
+use crate::error::ApiError;
+use crate::state::{AppState, RequestCtx};
+use crate::util::{ms, new_id};
+
+/// The client's address: the last `X-Forwarded-For` entry (the one the
+/// Function URL front end appended; earlier entries are the client's own
+/// claims), else the socket peer in local server mode.
+pub fn client_ip(headers: &HeaderMap, peer: Option<std::net::SocketAddr>) -> String {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .next_back()
+        .and_then(|v| v.rsplit(',').map(str::trim).find(|v| !v.is_empty()))
+        .map(str::to_owned)
+        .or_else(|| peer.map(|p| p.ip().to_string()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The error code behind an error response, for the log line.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/chat", post(chat::chat))
+        .route("/chat/streams/{id}", get(streams::resume))
+        .route("/health", get(health::health))
+        .route("/conversations", get(conversations::list))
+        .route("/conversations/{id}", get(conversations::show))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(request_context))
+        .with_state(state)
+}
+
+fn incoming_request_id(headers: &HeaderMap) -> Option<Arc<str>> {
+    let v = headers.get("x-request-id")?.to_str().ok()?;
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    ok.then(|| Arc::from(v))
+}
+
+async fn request_context(mut req: Request, next: Next) -> Response {
+    let start = tokio::time::Instant::now();
+    let id = incoming_request_id(req.headers()).unwrap_or_else(|| Arc::from(new_id()));
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let caller: Arc<str> = Arc::from(format!("ip:{}", client_ip(req.headers(), peer)));
+    req.extensions_mut().insert(RequestCtx {
+        id: id.clone(),
+        start,
+        caller,
+    });
+
+    let mut resp = next.run(req).await;
+
+    let elapsed = start.elapsed();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    if !resp.headers().contains_key("server-timing") {
+        if let Ok(v) = HeaderValue::from_str(&format!("total;dur={:.3}", ms(elapsed))) {
+            resp.headers_mut().insert("server-timing", v);
+        }
+    }
+    if resp.extensions().get::<LogDeferred>().is_none() {
+        let code = resp.extensions().get::<ErrorCode>().map(|c| c.0);
+        tracing::info!(
+            request_id = %id,
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            error_code = code,
+            total_ms = ms(elapsed),
+            "request"
+        );
+    }
+    resp
+}
+
+pub fn error_response(e: ApiError) -> Response {
+    let code = e.code;
+    let mut resp = e.into_response();
+    resp.extensions_mut().insert(ErrorCode(code));
+    resp
+}
+
+async fn not_found() -> Response {
+    error_response(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see POST /chat, GET /conversations, GET /conversations/{id} and GET /health",
+    ))
+}
+
+async fn method_not_allowed() -> Response {
+    error_response(ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ip_is_the_last_forwarded_entry_then_the_peer() {
+        let peer = Some(std::net::SocketAddr::from(([10, 0, 0, 9], 5000)));
+        let mut h = HeaderMap::new();
+        assert_eq!(client_ip(&h, peer), "10.0.0.9");
+        assert_eq!(client_ip(&h, None), "unknown");
+        // A client can send its own X-Forwarded-For; the entry the front end
+        // appended last is the one to trust.
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 203.0.113.7"),
+        );
+        assert_eq!(client_ip(&h, peer), "203.0.113.7");
+    }
+}

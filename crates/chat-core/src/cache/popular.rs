@@ -1,0 +1,179 @@
+//! How often each cacheable request is asked: the cache-warmer's list of
+//! what to keep warm.
+//!
+//! One sorted set `pop:{all}` (cache key -> decayed score) and one hash
+//! `popdoc:{all}` (cache key -> the canonical key document, which is the
+//! whole question, so the warmer can ask it again). Both share a hash tag,
+//! so the one Lua script per ask stays in one slot.
+//!
+//! Decay without rewriting old scores: scores are log2 of a count in which
+//! an ask at time t weighs 2^(t / half_life). An ask adds 2^(now/h) by a
+//! log-sum-exp in the script, so numbers never overflow, and an entry asked
+//! n times one half-life ago ranks like one asked n/2 times now.
+//!
+//! Bounded: above `max_entries` the lowest entries (and their documents)
+//! are dropped in the same script. Documents over [`DOC_MAX_BYTES`] are
+//! counted but not kept (the warmer skips them).
+//!
+//! Off the hot path: the relay records an ask on the task that persists
+//! the turn, after the client has its answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Script;
+
+use crate::redis::RedisLink;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PopularityConfig {
+    /// `POPULAR_MAX` (default 500).
+    pub max_entries: u32,
+    /// `POPULAR_HALF_LIFE_SECS` (default 6 h).
+    pub half_life: Duration,
+}
+
+/// Questions longer than this (with their history) are not kept for the
+/// warmer.
+pub const DOC_MAX_BYTES: usize = 64 * 1024;
+
+const ZSET: &str = "pop:{all}";
+const DOCS: &str = "popdoc:{all}";
+
+const RECORD: &str = r"
+local inc = tonumber(ARGV[3])
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s then
+  s = tonumber(s)
+  local hi = math.max(s, inc)
+  local lo = math.min(s, inc)
+  s = hi + math.log(1 + 2 ^ (lo - hi)) / math.log(2)
+else
+  s = inc
+end
+redis.call('ZADD', KEYS[1], s, ARGV[1])
+if ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
+local n = redis.call('ZCARD', KEYS[1])
+local max = tonumber(ARGV[4])
+if n > max then
+  local drop = redis.call('ZRANGE', KEYS[1], 0, n - max - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - max - 1)
+  for _, m in ipairs(drop) do redis.call('HDEL', KEYS[2], m) end
+end
+return tostring(s)
+";
+
+const TOP: &str = r"
+local top = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+local out = {}
+for i = 1, #top, 2 do
+  local doc = redis.call('HGET', KEYS[2], top[i]) or ''
+  table.insert(out, top[i])
+  table.insert(out, top[i + 1])
+  table.insert(out, doc)
+end
+return out
+";
+
+/// One popular question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Popular {
+    pub key: String,
+    /// Asks, decayed to now (an ask one half-life ago counts 0.5).
+    pub weight: f64,
+    /// The canonical key document (empty when it was too large to keep).
+    pub doc: String,
+}
+
+pub struct Popularity {
+    link: Arc<RedisLink>,
+    timeout: Duration,
+    config: PopularityConfig,
+    record: Script,
+    top: Script,
+}
+
+fn now_units(half_life: Duration, now_ms: u64) -> f64 {
+    now_ms as f64 / 1000.0 / half_life.as_secs_f64().max(1.0)
+}
+
+impl Popularity {
+    pub fn new(link: Arc<RedisLink>, timeout: Duration, config: PopularityConfig) -> Self {
+        Self {
+            link,
+            timeout,
+            config,
+            record: Script::new(RECORD),
+            top: Script::new(TOP),
+        }
+    }
+
+    /// Counts one ask of `key` (whose document is `doc`). Best effort: a
+    /// Redis that is away loses the count, never the answer.
+    pub async fn record(&self, key: &str, doc: &str) {
+        let doc = if doc.len() > DOC_MAX_BYTES { "" } else { doc };
+        let inc = now_units(self.config.half_life, crate::util::now_ms()).to_string();
+        let max = self.config.max_entries.to_string();
+        let _: Option<String> = self
+            .link
+            .script(
+                &self.record,
+                &[ZSET, DOCS],
+                &[key, doc, &inc, &max],
+                self.timeout,
+            )
+            .await;
+    }
+
+    /// The `n` most asked questions, most asked first; `None` when Redis
+    /// is away.
+    pub async fn top(&self, n: usize) -> Option<Vec<Popular>> {
+        let n = n.max(1).to_string();
+        let flat: Vec<String> = self
+            .link
+            .script(&self.top, &[ZSET, DOCS], &[&n], self.timeout)
+            .await?;
+        let now = now_units(self.config.half_life, crate::util::now_ms());
+        Some(
+            flat.chunks(3)
+                .filter_map(|c| match c {
+                    [key, score, doc] => Some(Popular {
+                        key: key.clone(),
+                        weight: score.parse::<f64>().map_or(0.0, |s| (s - now).exp2()),
+                        doc: doc.clone(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The script's arithmetic, in Rust: log2(2^a + 2^b).
+    fn add(a: f64, b: f64) -> f64 {
+        let (hi, lo) = if a > b { (a, b) } else { (b, a) };
+        hi + (1.0 + (lo - hi).exp2()).log2()
+    }
+
+    #[test]
+    fn decayed_counts_add_up_as_documented() {
+        let h = Duration::from_secs(3600);
+        let now = now_units(h, 10 * 3_600_000);
+        let hour_ago = now_units(h, 9 * 3_600_000);
+        // Four asks now weigh 4.
+        let four = add(add(now, now), add(now, now));
+        assert!(((four - now).exp2() - 4.0).abs() < 1e-9);
+        // Two asks an hour ago weigh 1 now.
+        let two_old = add(hour_ago, hour_ago);
+        assert!(((two_old - now).exp2() - 1.0).abs() < 1e-9);
+        // Scores stay small however long the service runs.
+        let far = now_units(h, 100 * 365 * 86_400_000);
+        assert!(add(far, far).is_finite() && far < 1e6);
+    }
+}

@@ -1,0 +1,121 @@
+//! The end of a turn: the one [`TurnRecord`] builder, and the work that
+//! follows an answer (cache it, make it durable, release the coalescing
+//! lease, count the ask) on a task of its own, so a client that leaves
+//! cannot cancel it. The body ends only when that task is done: Lambda
+//! may freeze the environment once the response ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cache::popular::Popularity;
+use crate::cache::{CachedAnswer, ResponseCache};
+use crate::live::Live;
+use crate::persistence::producer::Persister;
+use crate::persistence::turn::{TURN_SCHEMA_VERSION, TurnRecord, TurnStatus};
+use crate::util::now_ms;
+
+/// What the stored turn needs besides the answer.
+pub(super) struct TurnDraft {
+    pub persister: Arc<Persister>,
+    pub conversation_id: String,
+    pub turn_id: String,
+    pub user_id: String,
+    pub started_at_ms: u64,
+    pub new_conversation: bool,
+    pub user_message: String,
+}
+
+/// What became of the answer.
+pub(super) struct Answer {
+    pub status: TurnStatus,
+    pub error_code: Option<&'static str>,
+    pub model: String,
+    pub text: String,
+    pub stop_reason: Option<String>,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+}
+
+impl TurnDraft {
+    /// The turn as it is sent to the queue.
+    pub(super) fn record(self, a: Answer) -> (Arc<Persister>, bool, TurnRecord) {
+        let rec = TurnRecord {
+            v: TURN_SCHEMA_VERSION,
+            turn_id: self.turn_id,
+            conversation_id: self.conversation_id,
+            user_id: self.user_id,
+            started_at_ms: self.started_at_ms,
+            completed_at_ms: now_ms(),
+            status: a.status,
+            model: a.model,
+            user_message: self.user_message,
+            answer_bytes: a.text.len() as u64,
+            answer: Some(a.text),
+            answer_parts: None,
+            stop_reason: a.stop_reason,
+            input_tokens: a.input_tokens,
+            output_tokens: a.output_tokens,
+            error_code: a.error_code.map(str::to_owned),
+        };
+        (self.persister, self.new_conversation, rec)
+    }
+}
+
+/// Counts one ask of a cacheable question: (tracker, key, key document).
+pub(super) type PopularJob = (Arc<Popularity>, String, String);
+
+/// Where a complete answer is cached: (cache, key, ttl).
+pub(super) type CachePut = (Arc<dyn ResponseCache>, String, Duration);
+
+/// The coalescing lease an answer may hold: (live, cache key, turn id).
+pub(super) type Lease = (Arc<Live>, String, String);
+
+/// The work after an answer; each part is optional.
+#[derive(Default)]
+pub(super) struct Finish {
+    pub cache: Option<(CachePut, CachedAnswer)>,
+    pub persist: Option<(Arc<Persister>, bool, TurnRecord)>,
+    pub popular: Option<PopularJob>,
+    pub lease: Option<Lease>,
+}
+
+impl Finish {
+    /// Runs it on its own task; `None` when there is nothing to do (or no
+    /// runtime, when called from a drop at shutdown).
+    pub(super) fn spawn(self) -> Option<tokio::task::JoinHandle<()>> {
+        let Finish {
+            cache,
+            persist,
+            popular,
+            lease,
+        } = self;
+        if cache.is_none() && persist.is_none() && popular.is_none() && lease.is_none() {
+            return None;
+        }
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        Some(handle.spawn(async move {
+            let cache = async {
+                if let Some(((cache, key, ttl), entry)) = cache {
+                    if cache.put(&key, &entry, ttl).await.is_err() {
+                        tracing::debug!("cache unavailable; answer not stored");
+                    }
+                }
+                // Later identical requests find the cache now, not us.
+                if let Some((live, key, turn_id)) = lease {
+                    live.release(&key, &turn_id).await;
+                }
+            };
+            let persist = async {
+                if let Some((persister, new_conversation, rec)) = persist {
+                    persister.persist(rec, new_conversation).await;
+                }
+            };
+            let count = async {
+                if let Some((p, key, doc)) = popular {
+                    p.record(&key, &doc).await;
+                }
+            };
+            tokio::join!(cache, persist, count);
+        }))
+    }
+}

@@ -1,0 +1,117 @@
+//! A cache hit: the stored answer at once as `delta` events (`meta.cache`
+//! is `hit`, no model call, no model tokens), and the turn persisted like
+//! any other before the body ends.
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::json;
+
+use super::finish::{Answer, Finish, TurnDraft};
+use super::plan::Planned;
+use super::request::ChatRequest;
+use super::{Timings, sse_response};
+use crate::auth::Identity;
+use crate::cache::CachedAnswer;
+use crate::persistence::turn::TurnStatus;
+use crate::sse;
+use crate::state::{AppState, RequestCtx};
+use crate::util::{ms, new_id, split_utf8};
+
+pub(super) fn respond(
+    state: &AppState,
+    ctx: &RequestCtx,
+    identity: &Identity,
+    req: ChatRequest,
+    planned: Planned,
+    hit: CachedAnswer,
+) -> Response {
+    let timings = Timings {
+        start: ctx.start,
+        validate: planned.validate,
+        limits: planned.limits,
+        history: planned.history,
+        upstream_connect: std::time::Duration::ZERO,
+        ttft: None,
+    };
+    let new_conversation = req.conversation_id.is_none();
+    let conversation_id = req.conversation_id.unwrap_or_else(new_id);
+    let turn_id = new_id();
+    let mut frames = Vec::new();
+    let mut frame = |event: &str, data: String| {
+        let id = frames.len() as u64 + 1;
+        frames.push(sse::encode(Some(id), event, &data));
+    };
+    frame(
+        "meta",
+        json!({"conversation_id": conversation_id, "turn_id": turn_id, "model": hit.model, "cache": "hit"})
+            .to_string(),
+    );
+    for part in split_utf8(&hit.text, 1024) {
+        frame("delta", json!({ "text": part }).to_string());
+    }
+    let total = timings.start.elapsed();
+    let t = Timings {
+        ttft: Some(total),
+        ..timings
+    };
+    frame(
+        "done",
+        json!({
+            "stop_reason": hit.stop_reason,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "timings_ms": t.json(total),
+        })
+        .to_string(),
+    );
+    let persist = state.deps().persister.clone().map(|persister| {
+        TurnDraft {
+            persister,
+            conversation_id,
+            turn_id,
+            user_id: identity.user_id.to_string(),
+            started_at_ms: planned.started_at_ms,
+            new_conversation,
+            user_message: req.message,
+        }
+        .record(Answer {
+            status: TurnStatus::Completed,
+            error_code: None,
+            model: hit.model,
+            text: hit.text,
+            stop_reason: hit.stop_reason,
+            input_tokens: 0,
+            output_tokens: 0,
+        })
+    });
+    let persisting = Finish {
+        persist,
+        popular: planned.popular,
+        ..Finish::default()
+    }
+    .spawn();
+    let frames = futures_util::stream::iter(frames.into_iter().map(Ok::<_, Infallible>));
+    // As for a miss: the body ends once the turn is durable.
+    let end = futures_util::stream::once(async move {
+        if let Some(h) = persisting {
+            let _ = h.await;
+        }
+    })
+    .filter_map(|()| async { None::<Result<Bytes, Infallible>> });
+    let server_timing = format!(
+        "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, cache;dur={:.3}",
+        ms(timings.validate),
+        ms(timings.limits),
+        ms(timings.history),
+        ms(total)
+    );
+    sse_response(
+        Body::from_stream(frames.chain(end)),
+        "hit",
+        &server_timing,
+        planned.rate_headers,
+    )
+}

@@ -1,0 +1,153 @@
+//! One turn of `POST /chat`, after the request was parsed:
+//!
+//! 1. [`plan`]: rate limit, the first model's circuit, history and the
+//!    cache lookup, all at once.
+//! 2. A hit is streamed at once ([`hit`]).
+//! 3. A miss is started by [`attempt`]: follow an identical answer in
+//!    flight, or call the model with retries and fallbacks.
+//! 4. [`relay`] streams it; [`finish`] caches and stores the turn before
+//!    the body ends.
+//!
+//! Until the first text, nothing is committed to the client, so failures
+//! become a JSON error with a proper status.
+//!
+//! Uses: `provider`, `cache`, `live`, `limits`, `persistence`, `auth`
+//! (the caller's identity), `state`. Used by: `api`.
+
+pub mod attempt;
+mod finish;
+mod hit;
+mod plan;
+mod relay;
+pub mod request;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::Response;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::auth::Identity;
+use crate::cache::CacheControl;
+use crate::error::ApiError;
+use crate::provider::ModelRequest;
+use crate::sse::event_stream;
+use crate::state::{AppState, RequestCtx};
+use crate::util::{ms, new_id};
+use attempt::Deadlines;
+use request::ChatRequest;
+
+/// Deadlines for one model call. See README "Configuration".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_token: Duration,
+    pub idle: Duration,
+    pub total: Duration,
+}
+
+/// Where each phase of one request ended, relative to its start.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timings {
+    start: Instant,
+    validate: Duration,
+    /// Rate limit + circuit check (Redis round trip when shared).
+    limits: Duration,
+    /// Loading the conversation's history (in parallel with `limits`).
+    history: Duration,
+    upstream_connect: Duration,
+    ttft: Option<Duration>,
+}
+
+impl Timings {
+    pub(crate) fn json(&self, total: Duration) -> serde_json::Value {
+        json!({
+            "validate": ms(self.validate),
+            "limits": ms(self.limits),
+            "history": ms(self.history),
+            "upstream_connect": ms(self.upstream_connect),
+            "ttft": self.ttft.map(ms),
+            "total": ms(total),
+        })
+    }
+}
+
+/// Marks a response whose log line is written when its body ends (the
+/// relay writes it), not by the request middleware.
+#[derive(Clone, Copy, Debug)]
+pub struct LogDeferred;
+
+/// Runs one turn; the response is the answer's stream, or the error
+/// before it started.
+pub async fn start(
+    state: AppState,
+    ctx: RequestCtx,
+    identity: Identity,
+    mut req: ChatRequest,
+    cache_control: CacheControl,
+) -> Result<Response, ApiError> {
+    let mut planned = plan::prepare(&state, &ctx, &identity, &req, cache_control).await?;
+    if let Some(hit) = planned.hit.take() {
+        // No model call: a probe permit goes back.
+        if let Some(p) = planned.primary.take() {
+            p.unused().await;
+        }
+        return Ok(hit::respond(&state, &ctx, &identity, req, planned, hit));
+    }
+    let config = state.config();
+    let model_req = ModelRequest {
+        model: planned.model.clone(),
+        system: req.system.take(),
+        messages: std::mem::take(&mut planned.messages),
+        max_tokens: planned.max_tokens,
+        temperature: req.temperature,
+    };
+    let deadlines = Deadlines {
+        first_token: ctx.start + config.timeouts.first_token,
+        total: ctx.start + config.timeouts.total,
+        idle: config.timeouts.idle,
+    };
+    let turn_id = new_id();
+    let owner = format!("user:{}", identity.user_id);
+    let source = attempt::open(
+        &state,
+        &ctx,
+        &model_req,
+        deadlines,
+        planned.primary.take(),
+        planned.cache_key.as_ref(),
+        planned.lookup,
+        &turn_id,
+        &owner,
+    )
+    .await?;
+    Ok(relay::respond(
+        state, &ctx, &identity, req, planned, source, turn_id, deadlines,
+    ))
+}
+
+/// The headers every SSE answer carries.
+pub(crate) fn sse_response(
+    body: Body,
+    x_cache: &'static str,
+    server_timing: &str,
+    rate_headers: Vec<(&'static str, String)>,
+) -> Response {
+    let mut resp = event_stream(body);
+    let h = resp.headers_mut();
+    h.insert("x-cache", HeaderValue::from_static(x_cache));
+    if let Ok(v) = HeaderValue::from_str(server_timing) {
+        h.insert("server-timing", v);
+    }
+    for (name, value) in rate_headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    *resp.status_mut() = StatusCode::OK;
+    resp
+}

@@ -1,0 +1,227 @@
+//! The work before a model is called, all at once: the rate limit, the
+//! first model's circuit, and the conversation's history followed by the
+//! cache lookup (its key includes the history). Shared state costs one
+//! round trip, not three.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+
+use super::finish::{CachePut, PopularJob};
+use super::request::ChatRequest;
+use crate::auth::Identity;
+use crate::cache::{CacheControl, CachedAnswer, KeyInput, Plan, cache_doc, key_of_doc};
+use crate::error::ApiError;
+use crate::limits::{Decision, Permit};
+use crate::persistence::history::{self, HistoryError, PastTurn};
+use crate::provider::routing::{ModelRef, Reason};
+use crate::provider::{Message, Role};
+use crate::state::{AppState, RequestCtx};
+use crate::util::now_ms;
+
+/// What the pre-work found.
+pub(super) struct Planned {
+    /// The model asked for (routing's choice), and why.
+    pub model: String,
+    pub route: Reason,
+    /// The first model's circuit permit; `None` when its circuit is open
+    /// (the fallbacks may still answer).
+    pub primary: Option<Permit>,
+    /// The history plus the new message.
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+    /// The cache key, when the request is cacheable.
+    pub cache_key: Option<String>,
+    /// Whether a cached answer may be used (and so followed).
+    pub lookup: bool,
+    pub hit: Option<CachedAnswer>,
+    /// Where the answer is cached once complete.
+    pub cache_put: Option<CachePut>,
+    pub popular: Option<PopularJob>,
+    pub rate_headers: Vec<(&'static str, String)>,
+    /// The rate-limit identity, whose tokens the answer counts against.
+    pub caller: Arc<str>,
+    pub started_at_ms: u64,
+    pub validate: Duration,
+    pub limits: Duration,
+    pub history: Duration,
+}
+
+pub(super) async fn prepare(
+    state: &AppState,
+    ctx: &RequestCtx,
+    identity: &Identity,
+    req: &ChatRequest,
+    cache_control: CacheControl,
+) -> Result<Planned, ApiError> {
+    let config = state.config();
+    let validate = ctx.start.elapsed();
+    let started_at_ms = now_ms();
+    let caller: Arc<str> = Arc::from(format!("user:{}", identity.user_id));
+    let (model, route) =
+        config
+            .routing
+            .choose(req.model.as_deref(), req.system.as_deref(), &req.message)?;
+    let model_ref = ModelRef::parse(&model, &config.providers.default_provider);
+    if state.providers().get(&model_ref.provider).is_none() {
+        return Err(ApiError::bad_request(
+            "provider_not_configured",
+            format!("the {} provider is not configured here", model_ref.provider),
+        )
+        .with_field("model"));
+    }
+    let cache = state.deps().cache.clone();
+    let (plan, ttl) = match (&config.cache, &cache) {
+        (Some(c), Some(_)) => (c.policy.plan(req.temperature, cache_control), c.policy.ttl),
+        _ => (Plan::NONE, Duration::ZERO),
+    };
+    let scope = match &config.cache {
+        Some(c) if c.global_scope => "global".to_owned(),
+        _ => format!("user:{}", identity.user_id),
+    };
+    let max_tokens = req.max_tokens.unwrap_or(config.limits.default_max_tokens);
+    // History, then the cache lookup (its key includes the history).
+    let history = async {
+        let t = tokio::time::Instant::now();
+        let messages = load_history(state, req.conversation_id.as_deref(), identity)
+            .await
+            .map(|past| {
+                let mut m = history::to_messages(&past);
+                m.push(Message {
+                    role: Role::User,
+                    content: req.message.clone(),
+                });
+                m
+            });
+        let doc = match &messages {
+            Ok(m) if plan.lookup || plan.store => Some(cache_doc(&KeyInput {
+                scope: &scope,
+                provider: &model_ref.provider,
+                model: &model,
+                system: req.system.as_deref(),
+                messages: m,
+                max_tokens,
+                temperature: req.temperature,
+            })),
+            _ => None,
+        };
+        let key = doc.as_deref().map(key_of_doc);
+        let hit = match (&cache, &key) {
+            (Some(c), Some(k)) if plan.lookup => c
+                .get(k)
+                .await
+                .ok()
+                .flatten()
+                .filter(|a| a.fresh_for(plan.max_age, now_ms())),
+            _ => None,
+        };
+        (messages, key, doc, hit, t.elapsed())
+    };
+    let primary_key = model_ref.key();
+    let (rate, primary, (messages, key, doc, hit, history_time)) = tokio::join!(
+        state.limiter().check(&caller),
+        state.circuits().admit(&primary_key),
+        history
+    );
+    let limits = ctx.start.elapsed() - validate;
+    let rate_headers = rate_limit_headers(&rate);
+    if !rate.allowed {
+        // An unused probe permit is given back when it drops.
+        let what = rate.exceeded.unwrap_or("requests");
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many {what} per minute from this caller; retry after the reset"),
+        );
+        e.retry_after = Some(rate.reset);
+        e.headers = rate_headers;
+        return Err(e);
+    }
+    let messages = messages?;
+    // Counted after the answer, on the task that persists the turn.
+    let popular = match (&state.deps().popular, &key, doc) {
+        (Some(p), Some(k), Some(d)) => Some((p.clone(), k.clone(), d)),
+        _ => None,
+    };
+    let cache_put = match (cache, &key) {
+        (Some(c), Some(k)) if plan.store => Some((c, k.clone(), ttl)),
+        _ => None,
+    };
+    Ok(Planned {
+        model,
+        route,
+        primary,
+        messages,
+        max_tokens,
+        cache_key: key,
+        lookup: plan.lookup,
+        hit,
+        cache_put,
+        popular,
+        rate_headers,
+        caller,
+        started_at_ms,
+        validate,
+        limits,
+        history: history_time,
+    })
+}
+
+/// The history of `conversation_id` for `identity`; none for a new
+/// conversation. Unknown and someone else's conversations are the same 404.
+async fn load_history(
+    state: &AppState,
+    conversation_id: Option<&str>,
+    identity: &Identity,
+) -> Result<Vec<PastTurn>, ApiError> {
+    let Some(id) = conversation_id else {
+        return Ok(Vec::new());
+    };
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "conversation_not_found",
+            "no such conversation",
+        )
+        .with_field("conversation_id")
+    };
+    let Some(store) = state.deps().store.as_deref() else {
+        return Err(not_found());
+    };
+    history::load(
+        store,
+        state.deps().buffer.as_deref(),
+        id,
+        &identity.user_id,
+        &state.config().history,
+    )
+    .await
+    .map_err(|e| match e {
+        HistoryError::NotFound => not_found(),
+        HistoryError::Unavailable(why) => {
+            tracing::warn!(error = %why, "history unavailable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "history_unavailable",
+                "the conversation's history could not be loaded; retry shortly",
+            )
+        }
+    })
+}
+
+/// `X-RateLimit-*` headers for a decision (none when limits are off).
+fn rate_limit_headers(d: &Decision) -> Vec<(&'static str, String)> {
+    if d.scope == "off" || d.limit == 0 {
+        return Vec::new();
+    }
+    vec![
+        ("x-ratelimit-limit", d.limit.to_string()),
+        ("x-ratelimit-remaining", d.remaining.to_string()),
+        (
+            "x-ratelimit-reset",
+            d.reset.as_secs_f64().ceil().to_string(),
+        ),
+        ("x-ratelimit-scope", d.scope.to_owned()),
+    ]
+}

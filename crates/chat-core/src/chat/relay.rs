@@ -1,0 +1,484 @@
+//! The stream of one answer: `meta`, one `delta` per upstream text delta
+//! (written the moment it arrives; each frame is its own body chunk, so
+//! hyper and the Lambda runtime flush it at once), then `done`, or `error`
+//! if the upstream fails. Deadlines bound the first token, the silence
+//! between chunks and the whole answer.
+//!
+//! The relay runs on its own task and hands frames to the body (see
+//! [`produce`]), so a client that leaves does not have to stop the answer.
+//! The body ends only once the turn is durable.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::HeaderValue;
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::time::{Instant, timeout_at};
+
+use super::attempt::{Deadlines, Opened, Source};
+use super::finish::{Answer, CachePut, Finish, Lease, PopularJob, TurnDraft};
+use super::plan::Planned;
+use super::request::ChatRequest;
+use super::{LogDeferred, Timings, sse_response};
+use crate::auth::Identity;
+use crate::cache::CachedAnswer;
+use crate::error::{ApiError, UpstreamError};
+use crate::live::Tee;
+use crate::persistence::turn::TurnStatus;
+use crate::provider::{Chunk, ChunkStream};
+use crate::sse;
+use crate::state::{AppState, RequestCtx};
+use crate::util::{ms, new_id, now_ms};
+
+/// Builds the relay of an answer that has started, starts it on its own
+/// task, and gives the streaming response.
+#[allow(clippy::too_many_arguments)] // one call site; each is a distinct input
+pub(super) fn respond(
+    state: AppState,
+    ctx: &RequestCtx,
+    identity: &Identity,
+    req: ChatRequest,
+    planned: Planned,
+    source: Source,
+    turn_id: String,
+    deadlines: Deadlines,
+) -> Response {
+    let Source {
+        opened,
+        tee,
+        took_over,
+        coalesce_key,
+    } = source;
+    let Opened {
+        provider,
+        model_key,
+        stream: upstream,
+        first,
+        model,
+        input_tokens,
+        upstream_connect,
+        attempts,
+        following,
+    } = opened;
+    let live = state.deps().live.clone();
+    let x_cache = if following {
+        "follow"
+    } else if planned.lookup {
+        "miss"
+    } else {
+        "bypass"
+    };
+    let ttft = matches!(first, Chunk::Delta(_)).then(|| ctx.start.elapsed());
+    let conversation_id = req.conversation_id.clone().unwrap_or_else(new_id);
+    let draft = state.deps().persister.clone().map(|persister| TurnDraft {
+        persister,
+        conversation_id: conversation_id.clone(),
+        turn_id: turn_id.clone(),
+        user_id: identity.user_id.to_string(),
+        started_at_ms: planned.started_at_ms,
+        new_conversation: req.conversation_id.is_none(),
+        user_message: req.message,
+    });
+    let mut meta = json!({
+        "conversation_id": conversation_id,
+        "turn_id": turn_id,
+        "model": model,
+        "cache": if following { "follow" } else { "miss" },
+    });
+    if tee.is_some() {
+        // Resumable: GET /chat/streams/{stream_id} with Last-Event-ID.
+        meta["stream_id"] = json!(turn_id);
+    }
+    let finish_on_disconnect =
+        tee.is_some() && live.as_ref().is_some_and(|l| l.config.finish_on_disconnect);
+    let timings = Timings {
+        start: ctx.start,
+        validate: planned.validate,
+        limits: planned.limits,
+        history: planned.history,
+        upstream_connect,
+        ttft,
+    };
+    let server_timing = format!(
+        "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, upstream_connect;dur={:.3}, ttft;dur={:.3}",
+        ms(planned.validate),
+        ms(planned.limits),
+        ms(planned.history),
+        ms(upstream_connect),
+        ms(ttft.unwrap_or_else(|| ctx.start.elapsed()))
+    );
+    let relay = Relay {
+        provider,
+        model_key,
+        caller: planned.caller,
+        state,
+        upstream,
+        pending: Some(first),
+        meta: Some(meta.to_string()),
+        seq: 0,
+        deadlines,
+        last_chunk: Instant::now(),
+        timings,
+        stop_reason: None,
+        input_tokens,
+        output_tokens: None,
+        text_chars: 0,
+        answer: String::new(),
+        draft,
+        cache_put: planned.cache_put,
+        popular: planned.popular,
+        tee,
+        following,
+        took_over,
+        lease: match (&live, coalesce_key) {
+            (Some(l), Some(k)) => Some((l.clone(), k, turn_id.clone())),
+            _ => None,
+        },
+        persisting: None,
+        finished: false,
+        log: Some(LogCtx {
+            route: planned.route.as_str(),
+            attempts,
+            request_id: ctx.id.to_string(),
+            model,
+            conversation_id,
+            turn_id,
+        }),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(produce(relay, tx, finish_on_disconnect));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    let mut resp = sse_response(
+        Body::from_stream(body),
+        x_cache,
+        &server_timing,
+        planned.rate_headers,
+    );
+    resp.headers_mut()
+        .insert("x-upstream-attempts", HeaderValue::from(attempts));
+    resp.extensions_mut().insert(LogDeferred);
+    resp
+}
+
+struct LogCtx {
+    route: &'static str,
+    attempts: u32,
+    request_id: String,
+    model: String,
+    conversation_id: String,
+    turn_id: String,
+}
+
+pub(super) struct Relay {
+    provider: &'static str,
+    /// The answering model's breaker key: a mid-stream failure counts too.
+    model_key: String,
+    /// Rate-limit identity: the answer's tokens count against it.
+    caller: Arc<str>,
+    state: AppState,
+    upstream: ChunkStream,
+    /// The first chunk after `Start`, read before the headers went out.
+    pending: Option<Chunk>,
+    meta: Option<String>,
+    seq: u64,
+    deadlines: Deadlines,
+    last_chunk: Instant,
+    timings: Timings,
+    stop_reason: Option<String>,
+    input_tokens: Option<u32>,
+    output_tokens: Option<u32>,
+    text_chars: usize,
+    /// The answer so far, for the stored turn.
+    answer: String,
+    /// What the stored turn needs; taken when the turn is handed over.
+    draft: Option<TurnDraft>,
+    /// Where a complete answer is cached; taken when handed over.
+    cache_put: Option<CachePut>,
+    /// Counts the ask for the cache-warmer; taken when handed over.
+    popular: Option<PopularJob>,
+    /// Copies every event into the answer's live stream (resume, followers).
+    tee: Option<Tee>,
+    /// The answer comes from another request's model call.
+    following: bool,
+    /// A follower's flag: it called the model itself after all.
+    took_over: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The coalescing lease this answer may hold (live, cache key, turn):
+    /// given up once the answer is cached.
+    lease: Option<Lease>,
+    /// The turn being made durable; the body ends when it is done.
+    persisting: Option<tokio::task::JoinHandle<()>>,
+    finished: bool,
+    /// Taken when the request's log line is written (exactly once).
+    log: Option<LogCtx>,
+}
+
+impl Relay {
+    fn frame(&mut self, event: &str, data: &str) -> Bytes {
+        self.seq += 1;
+        if let Some(t) = &self.tee {
+            t.send(self.seq, event, data);
+        }
+        sse::encode(Some(self.seq), event, data)
+    }
+
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        if self.finished {
+            // The client has the final event. Keep the body (and so the
+            // invocation) open until the turn is durable: Lambda freezes
+            // the environment once the response ends.
+            let persisting = async {
+                if let Some(h) = self.persisting.take() {
+                    let _ = h.await;
+                }
+            };
+            let teeing = async {
+                if let Some(t) = self.tee.as_mut() {
+                    t.flush().await;
+                }
+            };
+            tokio::join!(persisting, teeing);
+            return None;
+        }
+        if let Some(meta) = self.meta.take() {
+            return Some(self.frame("meta", &meta));
+        }
+        loop {
+            let item = match self.pending.take() {
+                Some(chunk) => Ok(Some(Ok(chunk))),
+                None => {
+                    let (deadline, kind) = self
+                        .deadlines
+                        .next(self.timings.ttft.is_some(), self.last_chunk);
+                    timeout_at(deadline, self.upstream.next())
+                        .await
+                        .map_err(|_| kind)
+                }
+            };
+            self.last_chunk = Instant::now();
+            let chunk = match item {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Some(Err(e))) => return Some(self.fail(e).await),
+                Ok(None) => return Some(self.fail(UpstreamError::Truncated).await),
+                Err(kind) => return Some(self.fail(UpstreamError::Timeout(kind)).await),
+            };
+            match chunk {
+                Chunk::Delta(text) if text.is_empty() => {}
+                Chunk::Delta(text) => {
+                    self.text_chars += text.chars().count();
+                    if self.draft.is_some() || self.cache_put.is_some() {
+                        self.answer.push_str(&text);
+                    }
+                    let data = json!({ "text": text }).to_string();
+                    return Some(self.frame("delta", &data));
+                }
+                Chunk::Start { .. } => {}
+                Chunk::Stop {
+                    stop_reason,
+                    input_tokens,
+                    output_tokens,
+                } => {
+                    self.stop_reason = stop_reason.or(self.stop_reason.take());
+                    self.input_tokens = input_tokens.or(self.input_tokens);
+                    self.output_tokens = output_tokens.or(self.output_tokens);
+                }
+                Chunk::End => {
+                    // Count the tokens before the final event, while the
+                    // invocation is surely still running.
+                    let used = self.input_tokens.unwrap_or(0) + self.output_tokens.unwrap_or(0);
+                    self.state.limiter().add_tokens(&self.caller, used).await;
+                    return Some(self.complete());
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self) -> Bytes {
+        self.finished = true;
+        self.state.health(self.provider).record_ok();
+        let total = self.timings.start.elapsed();
+        let data = json!({
+            "stop_reason": self.stop_reason,
+            "usage": {
+                "input_tokens": self.input_tokens.unwrap_or(0),
+                "output_tokens": self.output_tokens.unwrap_or(0),
+            },
+            "timings_ms": self.timings.json(total),
+        });
+        let frame = self.frame("done", &data.to_string());
+        self.persisting = self.hand_over(TurnStatus::Completed, None);
+        self.write_log("complete", None);
+        frame
+    }
+
+    async fn fail(&mut self, e: UpstreamError) -> Bytes {
+        self.finished = true;
+        if !self.following {
+            // A follower's failure is its leader's, already counted.
+            self.state.health(self.provider).record_error(&e);
+            if e.retryable() {
+                self.state.circuits().record_failure(&self.model_key).await;
+            }
+        }
+        let err = ApiError::from(&e);
+        tracing::warn!(error = %e, error_code = e.code(), "upstream failed mid-stream");
+        let frame = self.frame("error", &err.body_json());
+        self.persisting = self.hand_over(TurnStatus::Failed, Some(e.code()));
+        self.write_log("upstream_error", Some(e.code()));
+        frame
+    }
+
+    fn write_log(&mut self, outcome: &'static str, error_code: Option<&'static str>) {
+        let Some(log) = self.log.take() else { return };
+        let t = &self.timings;
+        tracing::info!(
+            request_id = %log.request_id,
+            method = "POST",
+            path = "/chat",
+            status = 200u16,
+            outcome,
+            error_code,
+            attempts = log.attempts,
+            route = log.route,
+            provider = self.provider,
+            model = %log.model,
+            conversation_id = %log.conversation_id,
+            turn_id = %log.turn_id,
+            validate_ms = ms(t.validate),
+            limits_ms = ms(t.limits),
+            upstream_connect_ms = ms(t.upstream_connect),
+            ttft_ms = t.ttft.map(ms),
+            total_ms = ms(t.start.elapsed()),
+            input_tokens = self.input_tokens,
+            output_tokens = self.output_tokens,
+            answer_chars = self.text_chars,
+            events = self.seq,
+            "request"
+        );
+    }
+}
+
+impl Drop for Relay {
+    /// The body was dropped before the answer ended: the client went away.
+    /// The partial turn is recorded as interrupted (best effort: in Lambda
+    /// the environment may freeze before it is sent, and it is then sent
+    /// when the environment next runs).
+    fn drop(&mut self) {
+        if self.log.is_some() {
+            if let Some(t) = &self.tee {
+                // Followers take over at once; a resume gets an error.
+                t.send(
+                    self.seq + 1,
+                    "gone",
+                    r#"{"code":"client_disconnected","message":"the answer was stopped when its client left"}"#,
+                );
+            }
+            let _ = self.hand_over(TurnStatus::Interrupted, Some("client_disconnected"));
+            self.write_log("client_disconnected", None);
+        }
+    }
+}
+
+impl Relay {
+    /// Hands the finished turn over (see [`Finish`]).
+    fn hand_over(
+        &mut self,
+        status: TurnStatus,
+        error_code: Option<&'static str>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let text = std::mem::take(&mut self.answer);
+        let model = self
+            .log
+            .as_ref()
+            .map(|l| l.model.clone())
+            .unwrap_or_default();
+        // Only complete answers are cached, by whoever called the model.
+        let own_answer = !self.following
+            || self
+                .took_over
+                .as_ref()
+                .is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed));
+        let cache = self
+            .cache_put
+            .take()
+            .filter(|_| status == TurnStatus::Completed && own_answer)
+            .map(|put| {
+                let entry = CachedAnswer {
+                    text: text.clone(),
+                    model: model.clone(),
+                    stop_reason: self.stop_reason.clone(),
+                    input_tokens: self.input_tokens.unwrap_or(0),
+                    output_tokens: self.output_tokens.unwrap_or(0),
+                    stored_at_ms: now_ms(),
+                };
+                (put, entry)
+            });
+        let persist = self.draft.take().map(|d| {
+            d.record(Answer {
+                status,
+                error_code,
+                model,
+                text,
+                stop_reason: self.stop_reason.clone(),
+                input_tokens: self.input_tokens.unwrap_or(0),
+                output_tokens: self.output_tokens.unwrap_or(0),
+            })
+        });
+        Finish {
+            cache,
+            persist,
+            popular: self.popular.take(),
+            lease: self.lease.take(),
+        }
+        .spawn()
+    }
+}
+
+/// Runs the relay and hands its frames to the client's body. When the
+/// client leaves: with `finish` (live streams on), the answer runs to its
+/// end, so it can be resumed, followed and cached, and the turn is stored
+/// complete; without, the relay is dropped, which stops the model call and
+/// records the turn as interrupted.
+async fn produce(mut relay: Relay, tx: tokio::sync::mpsc::Sender<Bytes>, finish: bool) {
+    let mut client = Some(tx);
+    loop {
+        let (frame, left) = {
+            let next = relay.next_frame();
+            tokio::pin!(next);
+            match &client {
+                Some(tx) => tokio::select! {
+                    biased;
+                    f = &mut next => (f, false),
+                    () = tx.closed() => {
+                        if !finish {
+                            return;
+                        }
+                        (next.await, true)
+                    }
+                },
+                None => (next.await, false),
+            }
+        };
+        if left {
+            client = None;
+            tracing::info!(
+                seq = relay.seq,
+                "client left; finishing the answer for resume and cache"
+            );
+        }
+        let Some(frame) = frame else { return };
+        if let Some(tx) = &client {
+            if tx.send(frame).await.is_err() {
+                if !finish {
+                    return;
+                }
+                client = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The turn's logic against the in-crate fake provider, without sockets:
+//! retries, fallback, the circuit permit on every exit path, deadlines,
+//! and the relay (through the router, with `oneshot`).
+//!
+//! The permit tests run twice: with this instance's breakers (time
+//! paused) and with the fleet's breakers in a real Redis (`REDIS_URL`,
+//! started by `make test`; its clock cannot be paused, so those wait a
+//! short real cooldown).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use super::attempt::{Deadlines, open_with_fallback};
+use crate::auth::DevAuth;
+use crate::error::UpstreamError;
+use crate::provider::fake::FakeProvider;
+use crate::provider::{Message, ModelRequest, Providers, Role};
+use crate::redis::RedisLink;
+use crate::state::{AppState, Deps};
+
+const COOLDOWN_MS: u64 = 300;
+
+fn state(extra: &[(&str, &str)], redis: Option<Arc<RedisLink>>) -> (AppState, Arc<FakeProvider>) {
+    let mut m: HashMap<&str, &str> = [
+        ("ANTHROPIC_API_KEY", "unused"),
+        ("AUTH_MODE", "dev"),
+        ("MODEL_ALLOWLIST", "*"),
+        ("UPSTREAM_MAX_RETRIES", "0"),
+        ("UPSTREAM_RETRY_BASE_MS", "50"),
+        ("BREAKER_FAILURES", "1"),
+        ("BREAKER_COOLDOWN_MS", "300"),
+    ]
+    .into_iter()
+    .collect();
+    m.extend(extra.iter().copied());
+    let config = crate::Config::from_source(&m).unwrap();
+    let fake = Arc::new(FakeProvider::named("anthropic"));
+    let providers = Providers::new(vec![fake.clone()]);
+    let deps = Deps {
+        auth: Arc::new(DevAuth),
+        store: None,
+        buffer: None,
+        persister: None,
+        cache: None,
+        live: None,
+        popular: None,
+    };
+    (AppState::new(config, providers, redis, deps), fake)
+}
+
+fn request(model: &str) -> ModelRequest {
+    ModelRequest {
+        model: model.to_owned(),
+        system: None,
+        messages: vec![Message {
+            role: Role::User,
+            content: "hi".into(),
+        }],
+        max_tokens: 16,
+        temperature: None,
+    }
+}
+
+fn deadlines(total: Duration) -> Deadlines {
+    let now = Instant::now();
+    Deadlines {
+        first_token: now + Duration::from_secs(20),
+        total: now + total,
+        idle: Duration::from_secs(30),
+    }
+}
+
+fn redis() -> Arc<RedisLink> {
+    let url = std::env::var("REDIS_URL")
+        .unwrap_or_else(|_| panic!("REDIS_URL is not set: run the tests with `make test`"));
+    Arc::new(RedisLink::new(&url, Duration::from_millis(500)).unwrap())
+}
+
+/// A model name whose circuit no other test shares.
+fn unique(kind: &str) -> String {
+    format!("{kind}#{}", crate::util::new_id())
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_then_answered() {
+    let (s, fake) = state(
+        &[("UPSTREAM_MAX_RETRIES", "2"), ("BREAKER_FAILURES", "5")],
+        None,
+    );
+    let o = open_with_fallback(
+        &s,
+        &request("flaky-2"),
+        &deadlines(Duration::from_secs(60)),
+        None,
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    assert_eq!((o.attempts, fake.calls()), (3, 3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_model_falls_back_to_the_next() {
+    let (s, fake) = state(&[("MODEL_FALLBACKS", "ok")], None);
+    let o = open_with_fallback(
+        &s,
+        &request("status-503"),
+        &deadlines(Duration::from_secs(60)),
+        None,
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    assert_eq!((o.model.as_str(), o.attempts, fake.calls()), ("ok", 2, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_error_is_not_retried_nor_sent_elsewhere() {
+    let (s, fake) = state(
+        &[("UPSTREAM_MAX_RETRIES", "3"), ("MODEL_FALLBACKS", "ok")],
+        None,
+    );
+    let Err((e, attempts)) = open_with_fallback(
+        &s,
+        &request("status-400"),
+        &deadlines(Duration::from_secs(60)),
+        None,
+    )
+    .await
+    else {
+        panic!("a 400 must not be answered");
+    };
+    assert!(
+        matches!(e, UpstreamError::Status { status: 400, .. }),
+        "{e:?}"
+    );
+    assert_eq!((attempts, fake.calls()), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_first_token_times_out_within_the_total_deadline() {
+    let (s, _) = state(&[], None);
+    let Err((e, _)) = open_with_fallback(
+        &s,
+        &request("slow-5000"),
+        &deadlines(Duration::from_secs(1)),
+        None,
+    )
+    .await
+    else {
+        panic!("must time out");
+    };
+    assert_eq!(e.code(), "upstream_timeout");
+}
+
+/// Opens the circuit of `model` and waits out its cooldown, so the next
+/// call is the half-open probe.
+async fn half_open(s: &AppState, model: &str) {
+    let key = format!("anthropic:{model}");
+    s.circuits().record_failure(&key).await;
+    assert!(s.circuits().admit(&key).await.is_none(), "open");
+    tokio::time::sleep(Duration::from_millis(COOLDOWN_MS + 50)).await;
+}
+
+/// After the probe's call: the circuit is not stuck with a probe in flight.
+async fn assert_usable(s: &AppState, model: &str) {
+    let key = format!("anthropic:{model}");
+    // A dropped permit gives its Redis slot back on a task of its own.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let p = s.circuits().admit(&key).await;
+    assert!(
+        p.as_ref().is_some_and(|p| p.is_probe()),
+        "the circuit of {model} must let the next probe through"
+    );
+}
+
+async fn probe_answered_400(redis: Option<Arc<RedisLink>>) {
+    let (s, _) = state(&[], redis);
+    let model = unique("status-400");
+    half_open(&s, &model).await;
+    let r = open_with_fallback(
+        &s,
+        &request(&model),
+        &deadlines(Duration::from_secs(60)),
+        None,
+    )
+    .await;
+    assert!(r.is_err());
+    assert_usable(&s, &model).await;
+}
+
+async fn probe_past_the_total_deadline(redis: Option<Arc<RedisLink>>) {
+    let (s, _) = state(&[], redis);
+    let model = unique("ok");
+    half_open(&s, &model).await;
+    // The probe is admitted with the pre-work, which took the whole budget.
+    let primary = s.circuits().admit(&format!("anthropic:{model}")).await;
+    assert!(primary.as_ref().is_some_and(|p| p.is_probe()));
+    let late = Deadlines {
+        total: Instant::now(),
+        ..deadlines(Duration::ZERO)
+    };
+    let r = open_with_fallback(&s, &request(&model), &late, Some(primary)).await;
+    assert!(r.is_err());
+    assert_usable(&s, &model).await;
+}
+
+async fn probe_whose_client_left(redis: Option<Arc<RedisLink>>) {
+    let (s, _) = state(&[], redis);
+    let model = unique("hang");
+    half_open(&s, &model).await;
+    let (req, limits) = (request(&model), deadlines(Duration::from_secs(60)));
+    let call = open_with_fallback(&s, &req, &limits, None);
+    // The client leaves: the request's future is dropped mid-call.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), call)
+            .await
+            .is_err()
+    );
+    assert_usable(&s, &model).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn local_a_probe_answered_400_leaves_the_circuit_usable() {
+    probe_answered_400(None).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn local_a_probe_past_the_total_deadline_leaves_the_circuit_usable() {
+    probe_past_the_total_deadline(None).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn local_a_probe_whose_client_left_leaves_the_circuit_usable() {
+    probe_whose_client_left(None).await;
+}
+
+#[tokio::test]
+async fn redis_a_probe_answered_400_leaves_the_circuit_usable() {
+    probe_answered_400(Some(redis())).await;
+}
+
+#[tokio::test]
+async fn redis_a_probe_past_the_total_deadline_leaves_the_circuit_usable() {
+    probe_past_the_total_deadline(Some(redis())).await;
+}
+
+#[tokio::test]
+async fn redis_a_probe_whose_client_left_leaves_the_circuit_usable() {
+    probe_whose_client_left(Some(redis())).await;
+}
+
+/// The whole relay through the router: an answer that breaks off after
+/// its first text ends with an `error` event, and the model's circuit
+/// counts the failure.
+#[tokio::test(start_paused = true)]
+async fn an_answer_that_breaks_mid_stream_ends_with_an_error_event() {
+    use tower::ServiceExt;
+    let (s, _) = state(&[], None);
+    let req = Request::post("/chat")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"message":"hi","model":"break"}"#))
+        .unwrap();
+    let resp = crate::api::app(s.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events, ["meta", "delta", "error"], "{text}");
+    assert!(
+        s.circuits().admit("anthropic:break").await.is_none(),
+        "one failure (BREAKER_FAILURES=1) opens the circuit"
+    );
+}
+
+/// A whole answer through the router, with its timings.
+#[tokio::test(start_paused = true)]
+async fn a_whole_answer_is_meta_deltas_done() {
+    use tower::ServiceExt;
+    let (s, _) = state(&[], None);
+    let req = Request::post("/chat")
+        .body(Body::from(r#"{"message":"hi","model":"ok"}"#))
+        .unwrap();
+    let resp = crate::api::app(s).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        events,
+        ["meta", "delta", "delta", "delta", "done"],
+        "{text}"
+    );
+    assert!(text.contains(r#""text":" fake.""#), "{text}");
+}

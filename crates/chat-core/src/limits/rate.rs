@@ -1,0 +1,306 @@
+//! Requests and tokens per minute, per caller: a sliding window shared by
+//! the fleet through Redis (one Lua script, so one round trip, atomic), or
+//! kept per instance when Redis is absent or not answering.
+//!
+//! Keys carry a `{hash tag}` so each script's keys live in one slot, which
+//! cluster-mode Redis (ElastiCache Serverless) requires.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::Script;
+
+use crate::redis::{RedisLink, tag};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+const WINDOW_MS: u64 = 60_000;
+
+/// Requests and tokens per minute, per caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    /// 0 turns the request limit off.
+    pub rpm: u32,
+    /// 0 turns the token limit off.
+    pub tpm: u32,
+}
+
+/// The outcome of a rate-limit check, and what the headers say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Until the current window ends.
+    pub reset: Duration,
+    /// Which limit refused: `requests` or `tokens`.
+    pub exceeded: Option<&'static str>,
+    /// `fleet` (Redis) or `local` (this instance only).
+    pub scope: &'static str,
+}
+
+/// Sliding-window estimate over two fixed one-minute windows: the previous
+/// window's count weighted by how much of it still overlaps the last
+/// minute, plus the current window's. Checks both limits, then counts the
+/// request. KEYS: req cur, req prev, tok cur, tok prev. ARGV: rpm, tpm,
+/// ms into the window, window ms.
+const RATE_LUA: &str = r"
+local rpm = tonumber(ARGV[1])
+local tpm = tonumber(ARGV[2])
+local weight = 1 - tonumber(ARGV[3]) / tonumber(ARGV[4])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
+local tcur = tonumber(redis.call('GET', KEYS[3]) or '0')
+local tprev = tonumber(redis.call('GET', KEYS[4]) or '0')
+local req = prev * weight + cur
+local tok = tprev * weight + tcur
+if rpm > 0 and req + 1 > rpm then return {0, 0, 1} end
+if tpm > 0 and tok >= tpm then return {0, math.max(0, math.floor(rpm - req)), 2} end
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[4]))
+return {1, math.max(0, math.floor(rpm - req - 1)), 0}
+";
+
+/// KEYS: tok cur. ARGV: tokens, window ms.
+const TOKENS_LUA: &str = r"
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
+return 1
+";
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LocalWindow {
+    index: u64,
+    req: u64,
+    prev_req: u64,
+    tok: u64,
+    prev_tok: u64,
+}
+
+impl LocalWindow {
+    fn roll(&mut self, index: u64) {
+        if index == self.index {
+            return;
+        }
+        if index == self.index + 1 {
+            self.prev_req = self.req;
+            self.prev_tok = self.tok;
+        } else {
+            self.prev_req = 0;
+            self.prev_tok = 0;
+        }
+        self.index = index;
+        self.req = 0;
+        self.tok = 0;
+    }
+}
+
+/// The pure sliding-window rule, shared by the local limiter and tests.
+/// Returns (allowed, remaining, exceeded).
+pub fn window_decision(
+    limits: RateLimits,
+    req: u64,
+    prev_req: u64,
+    tok: u64,
+    prev_tok: u64,
+    into_window_ms: u64,
+) -> (bool, u32, Option<&'static str>) {
+    let weight = 1.0 - into_window_ms as f64 / WINDOW_MS as f64;
+    let r = prev_req as f64 * weight + req as f64;
+    let t = prev_tok as f64 * weight + tok as f64;
+    let rpm = f64::from(limits.rpm);
+    if limits.rpm > 0 && r + 1.0 > rpm {
+        return (false, 0, Some("requests"));
+    }
+    let remaining = if limits.rpm > 0 {
+        (rpm - r - 1.0).max(0.0) as u32
+    } else {
+        u32::MAX
+    };
+    if limits.tpm > 0 && t >= f64::from(limits.tpm) {
+        return (false, remaining, Some("tokens"));
+    }
+    (true, remaining, None)
+}
+
+/// Per-caller rate limits, fleet-wide with Redis, per instance without.
+pub struct RateLimiter {
+    redis: Option<Arc<RedisLink>>,
+    limits: RateLimits,
+    local_windows: Mutex<HashMap<String, LocalWindow>>,
+    rate: Script,
+    tokens: Script,
+}
+
+/// Local map size at which old windows are swept out.
+const LOCAL_SWEEP_AT: usize = 10_000;
+
+impl RateLimiter {
+    pub fn new(redis: Option<Arc<RedisLink>>, limits: RateLimits) -> Self {
+        Self {
+            redis,
+            limits,
+            local_windows: Mutex::new(HashMap::new()),
+            rate: Script::new(RATE_LUA),
+            tokens: Script::new(TOKENS_LUA),
+        }
+    }
+
+    pub fn limits(&self) -> RateLimits {
+        self.limits
+    }
+
+    /// Checks and counts one request by `caller`.
+    pub async fn check(&self, caller: &str) -> Decision {
+        let now = now_ms();
+        let index = now / WINDOW_MS;
+        let into = now % WINDOW_MS;
+        let reset = Duration::from_millis(WINDOW_MS - into);
+        let limit = self.limits.rpm;
+        if self.limits.rpm == 0 && self.limits.tpm == 0 {
+            return Decision {
+                allowed: true,
+                limit,
+                remaining: u32::MAX,
+                reset,
+                exceeded: None,
+                scope: "off",
+            };
+        }
+        if let Some(r) = &self.redis {
+            let c = tag(caller);
+            let keys = [
+                format!("rl:{{{c}}}:r:{index}"),
+                format!("rl:{{{c}}}:r:{}", index.saturating_sub(1)),
+                format!("rl:{{{c}}}:t:{index}"),
+                format!("rl:{{{c}}}:t:{}", index.saturating_sub(1)),
+            ];
+            let args = [
+                i64::from(self.limits.rpm),
+                i64::from(self.limits.tpm),
+                into as i64,
+                WINDOW_MS as i64,
+            ];
+            if let Some((allowed, remaining, why)) =
+                r.eval::<(i64, i64, i64)>(&self.rate, &keys, &args).await
+            {
+                return Decision {
+                    allowed: allowed == 1,
+                    limit,
+                    remaining: remaining.clamp(0, i64::from(u32::MAX)) as u32,
+                    reset,
+                    exceeded: match why {
+                        1 => Some("requests"),
+                        2 => Some("tokens"),
+                        _ => None,
+                    },
+                    scope: "fleet",
+                };
+            }
+        }
+        let mut m = self.local_windows.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= LOCAL_SWEEP_AT {
+            m.retain(|_, w| w.index + 1 >= index);
+        }
+        let w = m.entry(caller.to_owned()).or_default();
+        w.roll(index);
+        let (allowed, remaining, exceeded) =
+            window_decision(self.limits, w.req, w.prev_req, w.tok, w.prev_tok, into);
+        if allowed {
+            w.req += 1;
+        }
+        Decision {
+            allowed,
+            limit,
+            remaining,
+            reset,
+            exceeded,
+            scope: "local",
+        }
+    }
+
+    /// Adds the tokens a finished answer used to `caller`'s minute.
+    pub async fn add_tokens(&self, caller: &str, tokens: u32) {
+        if self.limits.tpm == 0 || tokens == 0 {
+            return;
+        }
+        let now = now_ms();
+        let index = now / WINDOW_MS;
+        if let Some(r) = &self.redis {
+            let key = format!("rl:{{{}}}:t:{index}", tag(caller));
+            if r.eval::<i64>(&self.tokens, &[key], &[i64::from(tokens), WINDOW_MS as i64])
+                .await
+                .is_some()
+            {
+                return;
+            }
+        }
+        let mut m = self.local_windows.lock().unwrap_or_else(|p| p.into_inner());
+        let w = m.entry(caller.to_owned()).or_default();
+        w.roll(index);
+        w.tok += u64::from(tokens);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: RateLimits = RateLimits { rpm: 10, tpm: 1000 };
+
+    #[test]
+    fn requests_over_the_limit_are_refused() {
+        assert_eq!(window_decision(LIMITS, 9, 0, 0, 0, 0), (true, 0, None));
+        assert_eq!(
+            window_decision(LIMITS, 10, 0, 0, 0, 0),
+            (false, 0, Some("requests"))
+        );
+        assert_eq!(window_decision(LIMITS, 3, 0, 0, 0, 0).1, 6);
+    }
+
+    #[test]
+    fn the_previous_minute_fades_out() {
+        // 10 requests last minute: at its end they all still count...
+        assert!(!window_decision(LIMITS, 0, 10, 0, 0, 0).0);
+        // ...half-way through this one, half of them do.
+        assert_eq!(
+            window_decision(LIMITS, 0, 10, 0, 0, 30_000),
+            (true, 4, None)
+        );
+    }
+
+    #[test]
+    fn tokens_over_the_limit_are_refused() {
+        assert_eq!(window_decision(LIMITS, 0, 0, 1000, 0, 0).2, Some("tokens"));
+        assert!(window_decision(LIMITS, 0, 0, 999, 0, 0).0);
+    }
+
+    #[test]
+    fn zero_turns_a_limit_off() {
+        let off = RateLimits { rpm: 0, tpm: 0 };
+        assert!(window_decision(off, 1_000_000, 0, 1_000_000, 0, 0).0);
+    }
+
+    #[tokio::test]
+    async fn local_fallback_limits_per_caller() {
+        let f = RateLimiter::new(None, RateLimits { rpm: 3, tpm: 0 });
+        for _ in 0..3 {
+            let d = f.check("ip:1").await;
+            assert!(d.allowed);
+            assert_eq!(d.scope, "local");
+        }
+        let d = f.check("ip:1").await;
+        assert!(!d.allowed);
+        assert_eq!(d.exceeded, Some("requests"));
+        assert!(
+            f.check("ip:2").await.allowed,
+            "another caller has its own limit"
+        );
+    }
+}

@@ -1,0 +1,331 @@
+//! Live answer streams in Redis: what makes answers resumable and lets
+//! identical in-flight requests share one model call.
+//!
+//! Every streamed answer is teed, off the hot path, into a Redis Stream
+//! `live:{turn_id}`: one entry per SSE event the client was sent, with its
+//! `id`, event name and data, kept for `RESUME_RETENTION_SECS`. The stream's
+//! owner (`user:ID`) sits next to it in `live:{turn_id}:owner`.
+//!
+//! - **Resume**: `GET /chat/streams/{turn_id}` with `Last-Event-ID: N`
+//!   replays the events after N from the stream, then follows it live until
+//!   `done` or `error`. No model call.
+//! - **Coalescing**: a cacheable request that misses the cache tries to
+//!   become the *leader* of its cache key: `SET lead:{key} turn_id NX PX
+//!   lease`. The winner calls the model and keeps the lease alive while it
+//!   streams. Everyone else *follows* the leader's stream (`meta.cache =
+//!   "follow"`) instead of calling the model, and gets the same answer as
+//!   their own turn.
+//! - **A leader that dies** stops renewing its lease. A follower that sees
+//!   no new entry for a block period and finds the lease gone (or held by
+//!   someone else) takes over: it becomes the leader itself (and calls the
+//!   model, skipping the text its client already has) or follows whoever
+//!   did. A leader whose request fails before its answer starts writes an
+//!   `abort` entry, and its followers get the same error.
+//!
+//! Keys share their `{hash tag}` with the turn id or cache key, so each
+//! operation stays in one slot (cluster-mode Redis).
+//!
+//! Layout: [`tee`] (copying an answer in), [`reader`] (reading it back,
+//! for resume and followers), [`follower`] (following a leader, taking
+//! over when it dies). Uses: `redis`, `provider` (chunks), `error`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Script;
+use tokio::sync::mpsc;
+
+mod follower;
+mod reader;
+mod tee;
+
+pub use follower::{FollowOpen, Follower, Takeover};
+pub use reader::Reader;
+pub use tee::Tee;
+
+use crate::redis::{RedisLink, tag};
+
+/// Settings of live streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveConfig {
+    /// How long a finished (or abandoned) stream stays resumable.
+    pub retention: Duration,
+    /// A leader's lease on its cache key; renewed every third of it.
+    pub lease: Duration,
+    /// Identical in-flight requests follow one leader.
+    pub coalesce: bool,
+    /// A client that leaves does not stop its answer: it is finished, so
+    /// it can be resumed, followed and cached.
+    pub finish_on_disconnect: bool,
+}
+
+/// One event as sent to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u64,
+    pub event: String,
+    pub data: String,
+}
+
+impl Entry {
+    /// `done`, `error`, `abort` (the leader failed before its answer
+    /// started) or `gone` (its client left and it stopped).
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.event.as_str(), "done" | "error" | "abort" | "gone")
+    }
+}
+
+/// What a request that missed the cache should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lead {
+    /// Call the model; others will follow.
+    Leader,
+    /// Follow the stream of this turn.
+    Follow(String),
+    /// Redis is not answering: call the model, alone.
+    Alone,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LiveError {
+    #[error("live streams are unavailable (redis)")]
+    Unavailable,
+}
+
+/// `SET lock turn NX PX lease`, or who holds it: one round trip.
+const LEAD: &str = r"
+local ok = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+if ok then return ARGV[1] end
+return redis.call('GET', KEYS[1])
+";
+
+/// Renews the lease only while we hold it (a new leader may have it).
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Gives the lease up only if it is ours.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+pub struct Live {
+    link: Arc<RedisLink>,
+    timeout: Duration,
+    pub config: LiveConfig,
+    lead: Script,
+    renew: Script,
+    release: Script,
+}
+
+pub fn stream_key(turn_id: &str) -> String {
+    format!("live:{{{}}}", tag(turn_id))
+}
+
+fn owner_key(turn_id: &str) -> String {
+    format!("live:{{{}}}:owner", tag(turn_id))
+}
+
+pub fn lock_key(cache_key: &str) -> String {
+    format!("lead:{{{}}}", tag(cache_key))
+}
+
+impl Live {
+    pub fn new(link: Arc<RedisLink>, timeout: Duration, config: LiveConfig) -> Self {
+        Self {
+            link,
+            timeout,
+            config,
+            lead: Script::new(LEAD),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+        }
+    }
+
+    /// How long a follower waits for the next entry before it checks that
+    /// the leader is still alive.
+    pub fn block(&self) -> Duration {
+        (self.config.lease / 3).max(Duration::from_millis(100))
+    }
+
+    /// Becomes the leader of `cache_key` as `turn_id`, or learns whom to
+    /// follow.
+    pub async fn lead(&self, cache_key: &str, turn_id: &str) -> Lead {
+        let lease = self.config.lease.as_millis().to_string();
+        let lock = lock_key(cache_key);
+        let holder: Option<Option<String>> = self
+            .link
+            .script(&self.lead, &[&lock], &[turn_id, &lease], self.timeout)
+            .await;
+        match holder {
+            None => Lead::Alone,
+            Some(Some(h)) if h == turn_id => Lead::Leader,
+            Some(Some(h)) => Lead::Follow(h),
+            // The lease ran out between SET and GET: nobody leads; we do not
+            // wait for a second round trip to find out.
+            Some(None) => Lead::Alone,
+        }
+    }
+
+    /// Gives up the lease on `cache_key` if `turn_id` holds it.
+    pub async fn release(&self, cache_key: &str, turn_id: &str) {
+        let lock = lock_key(cache_key);
+        let _: Option<i64> = self
+            .link
+            .script(&self.release, &[&lock], &[turn_id], self.timeout)
+            .await;
+    }
+
+    /// Who holds the lease on `cache_key` now; `Err` when Redis is away.
+    pub async fn holder(&self, cache_key: &str) -> Result<Option<String>, LiveError> {
+        let mut pipe = redis::pipe();
+        pipe.get(lock_key(cache_key));
+        let (h,): (Option<String>,) = self
+            .link
+            .pipe(&pipe, self.timeout)
+            .await
+            .ok_or(LiveError::Unavailable)?;
+        Ok(h)
+    }
+
+    /// Who may resume the stream of `turn_id` (`None`: no such stream).
+    pub async fn owner(&self, turn_id: &str) -> Result<Option<String>, LiveError> {
+        let mut pipe = redis::pipe();
+        pipe.get(owner_key(turn_id));
+        let (o,): (Option<String>,) = self
+            .link
+            .pipe(&pipe, self.timeout)
+            .await
+            .ok_or(LiveError::Unavailable)?;
+        Ok(o)
+    }
+
+    /// Starts teeing the events of `turn_id` into its stream. `lock`: the
+    /// cache key whose lease this answer renews while it holds it.
+    pub fn tee(self: &Arc<Self>, turn_id: &str, owner: &str, lock: Option<String>) -> Tee {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let live = self.clone();
+        let turn_id = turn_id.to_owned();
+        let owner = owner.to_owned();
+        let task = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|h| h.spawn(async move { live.run_tee(turn_id, owner, lock, rx).await }));
+        Tee { tx: Some(tx), task }
+    }
+
+    async fn run_tee(
+        self: Arc<Self>,
+        turn_id: String,
+        owner: String,
+        lock: Option<String>,
+        mut rx: mpsc::UnboundedReceiver<Entry>,
+    ) {
+        let stream = stream_key(&turn_id);
+        let retention = self.config.retention.as_secs().max(1);
+        let lease_ms = self.config.lease.as_millis().to_string();
+        let lock = lock.map(|k| lock_key(&k));
+        let renew_every = self.block();
+        let mut first = true;
+        let mut ended = false;
+        // The first renewal is due one period after the lease was taken.
+        let mut renew_at = tokio::time::Instant::now() + renew_every;
+        while !ended {
+            let mut batch = Vec::new();
+            // Wake for the next event, or (holding a lease) to renew it.
+            let renewing = lock.is_some();
+            tokio::select! {
+                got = rx.recv() => match got {
+                    Some(e) => batch.push(e),
+                    None => ended = true,
+                },
+                _ = tokio::time::sleep_until(renew_at), if renewing => {}
+            }
+            while let Ok(e) = rx.try_recv() {
+                batch.push(e);
+            }
+            let terminal = batch
+                .iter()
+                .find(|e| e.is_terminal())
+                .map(|e| e.event.clone());
+            if !batch.is_empty() {
+                let mut pipe = redis::pipe();
+                for e in &batch {
+                    pipe.cmd("XADD")
+                        .arg(&stream)
+                        .arg("*")
+                        .arg("i")
+                        .arg(e.seq)
+                        .arg("e")
+                        .arg(&e.event)
+                        .arg("d")
+                        .arg(&e.data)
+                        .ignore();
+                }
+                pipe.expire(&stream, retention as i64).ignore();
+                if first {
+                    pipe.set_ex(owner_key(&turn_id), &owner, retention).ignore();
+                    first = false;
+                }
+                // A slow Redis delays only this task, never the client.
+                if self
+                    .link
+                    .pipe::<()>(&pipe, self.timeout.max(Duration::from_millis(250)))
+                    .await
+                    .is_none()
+                {
+                    tracing::debug!(turn_id = %turn_id, "live stream entries not written");
+                }
+            }
+            if let Some(lock) = &lock {
+                match terminal.as_deref() {
+                    // Failures are not shared with later requests. A done
+                    // answer's lease is given up by the relay once the
+                    // cache has it ([`Live::release`]).
+                    Some("error" | "abort" | "gone") => {
+                        let _: Option<i64> = self
+                            .link
+                            .script(&self.release, &[lock], &[&turn_id], self.timeout)
+                            .await;
+                    }
+                    Some(_) => {}
+                    None if tokio::time::Instant::now() >= renew_at => {
+                        let _: Option<i64> = self
+                            .link
+                            .script(&self.renew, &[lock], &[&turn_id, &lease_ms], self.timeout)
+                            .await;
+                        renew_at = tokio::time::Instant::now() + renew_every;
+                    }
+                    None => {}
+                }
+            }
+            if terminal.is_some() {
+                ended = true;
+            }
+        }
+    }
+
+    /// A reader of the stream of `turn_id` from its start, on a connection
+    /// of its own (reads block).
+    pub async fn reader(&self, turn_id: &str) -> Result<Reader, LiveError> {
+        let block = self.block();
+        let conn = self
+            .link
+            .dedicated(block)
+            .await
+            .ok_or(LiveError::Unavailable)?;
+        Ok(Reader {
+            conn,
+            key: stream_key(turn_id),
+            last: "0-0".into(),
+            block,
+            pending: VecDeque::new(),
+        })
+    }
+}

@@ -1,0 +1,449 @@
+//! The wiring: builds every client once per process from the assembled
+//! configuration, and holds them for the handlers ([`AppState`]) or for
+//! the cache-warmer ([`Warmer`]).
+//!
+//! Uses everything below `api` and `chat` (it builds them) and `config`
+//! (with the mains, the only user of it). Nothing below imports it back
+//! except `chat` and `api`, which receive an [`AppState`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+
+use crate::auth::{self, AuthMode, Authenticator, Identity};
+use crate::aws::aws_sdk_config;
+use crate::cache::popular::Popularity;
+use crate::cache::warmer::Warmer;
+use crate::cache::{self, CacheBackend, CacheConfig, ResponseCache};
+use crate::config::{Config, ConfigError, WarmerConfig};
+use crate::error::{ApiError, TimeoutKind, UpstreamError};
+use crate::limits::{Circuits, RateLimiter, RetryBudget};
+use crate::live::Live;
+use crate::persistence::PersistenceConfig;
+use crate::persistence::history::RecentBuffer;
+use crate::persistence::producer::{Persister, Queue};
+use crate::persistence::store::{Store, StoreRole, store_for, store_with_timeouts};
+use crate::provider::anthropic::AnthropicProvider;
+use crate::provider::bedrock::BedrockProvider;
+use crate::provider::health::ModelHealth;
+use crate::provider::openai::OpenAiProvider;
+use crate::provider::{ModelProvider, ProviderSettings, Providers};
+use crate::redis::RedisLink;
+use crate::secrets::{Secret, resolve_api_key};
+use crate::util::{ms, new_id};
+
+/// Shared, read-only after init (plus the health record). Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    config: Config,
+    providers: Providers,
+    /// One record per provider, by name.
+    health: Vec<(&'static str, ModelHealth)>,
+    redis: Option<Arc<RedisLink>>,
+    limiter: RateLimiter,
+    circuits: Circuits,
+    retry_budget: RetryBudget,
+    deps: Deps,
+}
+
+/// Who is calling, and where conversations live.
+pub struct Deps {
+    pub auth: Arc<dyn Authenticator>,
+    /// The table, when persistence is on.
+    pub store: Option<Arc<Store>>,
+    /// The recent-turns buffer, when Redis is configured.
+    pub buffer: Option<Arc<RecentBuffer>>,
+    /// Makes finished turns durable, when persistence is on.
+    pub persister: Option<Arc<Persister>>,
+    /// The response cache, when on.
+    pub cache: Option<Arc<dyn ResponseCache>>,
+    /// Resumable and followable answer streams, with Redis.
+    pub live: Option<Arc<Live>>,
+    /// How often cacheable questions are asked, with Redis.
+    pub popular: Option<Arc<Popularity>>,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        providers: Providers,
+        redis: Option<Arc<RedisLink>>,
+        deps: Deps,
+    ) -> Self {
+        let health = providers
+            .iter()
+            .map(|p| (p.name(), ModelHealth::default()))
+            .collect();
+        // Retries may add at most `ratio` of the request rate; a quiet
+        // function keeps a reserve of ten.
+        let retry_budget = RetryBudget::new(config.resilience.retry_budget_ratio, 10.0);
+        let limiter = RateLimiter::new(redis.clone(), config.rate_limits);
+        let circuits = Circuits::new(redis.clone(), config.resilience.breaker);
+        Self(Arc::new(Inner {
+            config,
+            providers,
+            health,
+            redis,
+            limiter,
+            circuits,
+            retry_budget,
+            deps,
+        }))
+    }
+
+    pub fn deps(&self) -> &Deps {
+        &self.0.deps
+    }
+
+    /// Resolves the caller, before any other work; 401 without valid
+    /// credentials.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
+        self.0
+            .deps
+            .auth
+            .authenticate(headers)
+            .await
+            .map_err(ApiError::from)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    pub fn providers(&self) -> &Providers {
+        &self.0.providers
+    }
+
+    /// The health record of a provider (a shared dummy for unknown names).
+    pub fn health(&self, provider: &str) -> &ModelHealth {
+        health_of(&self.0.health, provider)
+    }
+
+    /// Opens (or re-checks) a connection to every provider in parallel,
+    /// within `budget`, and records what it found in their health. Used for
+    /// the pre-warm at init and by `/health?probe=1`.
+    pub async fn check_providers(&self, budget: Duration) -> Vec<(&'static str, Probe)> {
+        check_providers(self.providers(), &self.0.health, budget).await
+    }
+
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.0.limiter
+    }
+
+    pub fn circuits(&self) -> &Circuits {
+        &self.0.circuits
+    }
+
+    pub fn retry_budget(&self) -> &RetryBudget {
+        &self.0.retry_budget
+    }
+
+    /// Redis as a dependency: `not_configured`, `ok` or `down` (then rate
+    /// limits and breakers are per instance).
+    pub async fn redis_health(&self, probe: bool) -> &'static str {
+        match &self.0.redis {
+            None => "not_configured",
+            Some(r) => r.health(probe).await,
+        }
+    }
+}
+
+fn health_of<'a>(list: &'a [(&'static str, ModelHealth)], provider: &str) -> &'a ModelHealth {
+    static NONE: std::sync::OnceLock<ModelHealth> = std::sync::OnceLock::new();
+    list.iter()
+        .find(|(n, _)| *n == provider)
+        .map(|(_, h)| h)
+        .unwrap_or_else(|| NONE.get_or_init(ModelHealth::default))
+}
+
+async fn check_providers(
+    providers: &Providers,
+    health: &[(&'static str, ModelHealth)],
+    budget: Duration,
+) -> Vec<(&'static str, Probe)> {
+    let checks = providers.iter().map(|p| async move {
+        if !p.can_probe() {
+            return (p.name(), Probe::Skipped);
+        }
+        let h = health_of(health, p.name());
+        let t = Instant::now();
+        let result = match tokio::time::timeout(budget, p.prewarm()).await {
+            Ok(Ok(())) => {
+                h.record_ok();
+                Probe::Ok(ms(t.elapsed()))
+            }
+            Ok(Err(e)) => {
+                h.record_error(&e);
+                Probe::Failed(e.code())
+            }
+            Err(_) => {
+                h.record_error(&UpstreamError::Timeout(TimeoutKind::Connect));
+                Probe::Failed("upstream_timeout")
+            }
+        };
+        (p.name(), result)
+    });
+    futures_util::future::join_all(checks).await
+}
+
+/// What a live check of a provider found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Probe {
+    /// Reachable; latency in ms.
+    Ok(f64),
+    /// Failed with this error code.
+    Failed(&'static str),
+    /// The provider has no call that costs nothing; not checked.
+    Skipped,
+}
+
+/// Per-request facts every handler may need.
+#[derive(Clone, Debug)]
+pub struct RequestCtx {
+    pub id: Arc<str>,
+    pub start: tokio::time::Instant,
+    /// The client's address (`ip:ADDR`): the rate-limit identity of
+    /// requests not yet authenticated.
+    pub caller: Arc<str>,
+}
+
+impl RequestCtx {
+    /// The request's context (set by the middleware; a fresh one otherwise).
+    pub fn of(extensions: &axum::http::Extensions) -> RequestCtx {
+        extensions
+            .get::<RequestCtx>()
+            .cloned()
+            .unwrap_or_else(|| RequestCtx {
+                id: Arc::from(new_id()),
+                start: tokio::time::Instant::now(),
+                caller: Arc::from("ip:unknown"),
+            })
+    }
+}
+
+/// Why the process could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("could not build the HTTP client")]
+    Http(#[from] reqwest::Error),
+}
+
+/// The configured providers, on one pooled HTTP client.
+async fn build_providers(
+    settings: &ProviderSettings,
+    connect_timeout: Duration,
+) -> Result<Providers, InitError> {
+    let client = crate::http::build_client(connect_timeout)?;
+    let mut list: Vec<Arc<dyn ModelProvider>> = Vec::new();
+    if let Some(a) = &settings.anthropic {
+        let key = resolve_api_key(&a.api_key).await?;
+        list.push(Arc::new(AnthropicProvider::new(
+            client.clone(),
+            &a.base_url,
+            key,
+            &a.version,
+        )));
+    }
+    if let Some(o) = &settings.openai {
+        let key = match &o.api_key {
+            Some(src) => Some(resolve_api_key(src).await?),
+            None => None,
+        };
+        list.push(Arc::new(OpenAiProvider::new(
+            client.clone(),
+            &o.base_url,
+            key,
+        )));
+    }
+    if let Some(b) = &settings.bedrock {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &b.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        let sdk = loader.load().await;
+        let mut conf = aws_sdk_bedrockruntime::config::Builder::from(&sdk);
+        if let Some(url) = &b.endpoint_url {
+            conf = conf.endpoint_url(url);
+        }
+        list.push(Arc::new(BedrockProvider::new(
+            aws_sdk_bedrockruntime::Client::from_conf(conf.build()),
+        )));
+    }
+    Ok(Providers::new(list))
+}
+
+/// The shared Redis connection (lazy: a Redis that is down at init is not
+/// fatal).
+fn build_redis(
+    url: Option<&Secret>,
+    timeout: Duration,
+) -> Result<Option<Arc<RedisLink>>, InitError> {
+    let Some(url) = url else { return Ok(None) };
+    let link = RedisLink::new(url.expose(), timeout)
+        .map_err(|e| ConfigError::new("REDIS_URL", format!("not a usable Redis URL: {e}")))?;
+    Ok(Some(Arc::new(link)))
+}
+
+/// The response cache and the popularity tracker, as configured.
+async fn build_cache(
+    config: Option<&CacheConfig>,
+    redis: Option<&Arc<RedisLink>>,
+    redis_timeout: Duration,
+) -> (Option<Arc<dyn ResponseCache>>, Option<Arc<Popularity>>) {
+    let cache: Option<Arc<dyn ResponseCache>> = match (config, redis) {
+        // The shared Redis guard: a failure costs one REDIS_TIMEOUT_MS,
+        // then Redis is skipped (near zero) for 2 s and tried again.
+        (Some(c), Some(r)) if c.backend == CacheBackend::Redis => {
+            Some(Arc::new(cache::RedisCache::new(r.clone(), redis_timeout)))
+        }
+        // Its own client with one short timeout and no retry (a miss is
+        // cheaper than waiting): a slow table costs one timeout, then it is
+        // skipped for 2 s like Redis.
+        (Some(c), _) if c.backend == CacheBackend::DynamoDb => {
+            let limit = c.dynamodb_timeout;
+            let table = c.dynamodb_table.as_deref().unwrap_or_default();
+            let store = store_with_timeouts(table, None, limit, limit).await;
+            Some(Arc::new(cache::DynamoCache::new(Arc::new(store), limit)))
+        }
+        _ => None,
+    };
+    let popular = match (config.and_then(|c| c.popularity), redis) {
+        (Some(p), Some(r)) => Some(Arc::new(Popularity::new(
+            r.clone(),
+            redis_timeout.max(Duration::from_millis(250)),
+            p,
+        ))),
+        _ => None,
+    };
+    (cache, popular)
+}
+
+/// The queue producer (SQS, falling back to direct writes).
+async fn build_persister(
+    p: &PersistenceConfig,
+    store: Arc<Store>,
+    buffer: Option<Arc<RecentBuffer>>,
+) -> Persister {
+    let queue = match &p.queue_url {
+        Some(url) => {
+            // Brief: SQS trouble falls back to a direct write.
+            let sdk = aws_sdk_config(p.queue_timeout * 2 / 5, p.queue_timeout).await;
+            let mut conf = aws_sdk_sqs::config::Builder::from(&sdk);
+            if let Some(endpoint) = &p.sqs_endpoint_url {
+                conf = conf.endpoint_url(endpoint);
+            }
+            Some(Queue {
+                client: aws_sdk_sqs::Client::from_conf(conf.build()),
+                url: url.clone(),
+            })
+        }
+        None => None,
+    };
+    Persister::new(store, queue, buffer)
+}
+
+async fn build_auth(
+    mode: &AuthMode,
+    store: Option<Arc<Store>>,
+) -> Result<Arc<dyn Authenticator>, InitError> {
+    Ok(match mode {
+        AuthMode::Dev => {
+            tracing::warn!(
+                "AUTH_MODE=dev: callers are NOT authenticated (x-dev-user is trusted); local use only"
+            );
+            Arc::new(auth::DevAuth)
+        }
+        AuthMode::ApiKey { hashes } => {
+            let fixed = match hashes {
+                Some(src) => {
+                    let list = resolve_api_key(src).await?;
+                    auth::parse_hash_list(list.expose())
+                        .map_err(|e| ConfigError::new("API_KEY_HASHES_SECRET_ARN", e))?
+                }
+                None => Default::default(),
+            };
+            Arc::new(auth::ApiKeyAuth::new(fixed, store))
+        }
+    })
+}
+
+/// Authentication, storage, the history buffer and the turn producer.
+async fn build_deps(config: &Config, redis: Option<&Arc<RedisLink>>) -> Result<Deps, InitError> {
+    let store = match &config.persistence {
+        Some(p) => Some(Arc::new(
+            store_for(&p.table, p.retention, StoreRole::Request).await,
+        )),
+        None => None,
+    };
+    let (cache, popular) = build_cache(config.cache.as_ref(), redis, config.redis_timeout).await;
+    let live = match (&config.live, redis) {
+        (Some(l), Some(r)) => Some(Arc::new(Live::new(r.clone(), config.redis_timeout, *l))),
+        _ => None,
+    };
+    let buffer = redis.map(|r| Arc::new(RecentBuffer::new(r.clone(), config.history)));
+    let persister = match (&config.persistence, &store) {
+        (Some(p), Some(store)) => Some(Arc::new(
+            build_persister(p, store.clone(), buffer.clone()).await,
+        )),
+        _ => None,
+    };
+    Ok(Deps {
+        auth: build_auth(&config.auth, store.clone()).await?,
+        store,
+        buffer,
+        persister,
+        cache,
+        live,
+        popular,
+    })
+}
+
+/// Builds everything a handler needs, once per process: resolves the API
+/// keys, builds the one pooled client and the configured providers, and
+/// pre-warms their connections in parallel when configured (a failed
+/// pre-warm is logged, not fatal: the first request simply pays for the
+/// connection).
+pub async fn build_state(config: Config) -> Result<AppState, InitError> {
+    let providers = build_providers(&config.providers, config.timeouts.connect).await?;
+    let budget = config.timeouts.connect + Duration::from_secs(2);
+    let prewarm = config.providers.prewarm;
+    let redis = build_redis(config.redis_url.as_ref(), config.redis_timeout)?;
+    let deps = build_deps(&config, redis.as_ref()).await?;
+    let state = AppState::new(config, providers, redis, deps);
+    if prewarm {
+        log_prewarm(state.check_providers(budget).await);
+    }
+    Ok(state)
+}
+
+fn log_prewarm(results: Vec<(&'static str, Probe)>) {
+    for (name, result) in results {
+        match result {
+            Probe::Ok(ms) => tracing::info!(provider = name, ms, "upstream connection pre-warmed"),
+            Probe::Failed(code) => {
+                tracing::warn!(provider = name, error_code = code, "pre-warm failed")
+            }
+            Probe::Skipped => {}
+        }
+    }
+}
+
+/// Builds the cache-warmer's clients once per process.
+pub async fn build_warmer(config: &WarmerConfig) -> Result<Warmer, InitError> {
+    let providers = build_providers(&config.providers, config.timeouts.connect).await?;
+    let redis = build_redis(config.redis_url.as_ref(), config.redis_timeout)?;
+    let (cache, popular) =
+        build_cache(config.cache.as_ref(), redis.as_ref(), config.redis_timeout).await;
+    let ttl = config.cache.as_ref().map(|c| c.policy.ttl);
+    Ok(Warmer {
+        providers,
+        circuits: Circuits::new(redis, config.breaker),
+        cache: cache.zip(ttl),
+        popular,
+    })
+}

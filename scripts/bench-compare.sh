@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Two chat-stream builds side by side, rounds interleaved (A B, A B, ...):
+# added time to first token (model-sim direct vs via chat-stream, a miss
+# every time) and cache hits (the whole answer), at concurrency 1 and 20.
+# chat-stream as make bench's "limits + breakers + live streams in Redis"
+# row (API-key auth, Redis for limits, breakers, cache and live streams),
+# pinned to CPU 0; client, sim and Redis on CPU 1.
+#
+# Use: scripts/bench-compare.sh LABEL_A=PATH_A LABEL_B=PATH_B
+# e.g. the build of an older commit against this one (see BENCHMARKS.md).
+# Knobs: BENCH_REQUESTS (2000 per row), BENCH_ROUNDS (3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=target/release
+VENV=${VENV:-.venv}
+REQ=${BENCH_REQUESTS:-2000}
+ROUNDS=${BENCH_ROUNDS:-3}
+OUT=$(mktemp -d)
+pids=()
+svc=()
+trap 'stop_chat; for p in "${svc[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$OUT"' EXIT
+. scripts/bench-lib.sh
+
+[ $# -eq 2 ] || { echo "usage: $0 LABEL_A=PATH_A LABEL_B=PATH_B" >&2; exit 2; }
+RPORT=$(free_port); SIM_PORT=$(free_port); PORT=$(free_port)
+start_redis "$RPORT"
+start_sim "$SIM_PORT" --ttft-ms 0 --tps 0 --tokens 16
+wait_for "$RPORT"; wait_for "$SIM_PORT"
+
+for _ in $(seq 1 "$ROUNDS"); do
+  for spec in "$@"; do
+    label=${spec%%=*}; bin=${spec#*=}
+    redis-cli -p "$RPORT" flushall >/dev/null
+    env -u TABLE_NAME -u TURN_QUEUE_URL ANTHROPIC_API_KEY=bench ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT" LOG_LEVEL=info \
+      AUTH_MODE=api_key API_KEY_HASHES="$(printf %s bench | sha256sum | cut -d' ' -f1):bench-user" \
+      RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000 REDIS_URL="redis://127.0.0.1:$RPORT" \
+      "${on_chat[@]}" "$bin" --bind-addr "127.0.0.1:$PORT" >>"$OUT/chat-$label.log" 2>&1 &
+    pids+=($!)
+    wait_for "$PORT"
+    for c in 1 20; do
+      "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$SIM_PORT/v1/messages" --api anthropic \
+        --concurrency "$c" --requests "$REQ" --warmup 200 --label direct --json >/dev/null 2>>"$OUT/$label-direct-$c.jsonl"
+      "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat \
+        --concurrency "$c" --requests "$REQ" --warmup 200 --label miss --json >/dev/null 2>>"$OUT/$label-miss-$c.jsonl"
+      "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat --repeat \
+        --concurrency "$c" --requests "$REQ" --warmup 200 --label hit --json >/dev/null 2>>"$OUT/$label-hit-$c.jsonl"
+    done
+    stop_chat
+  done
+done
+
+python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" "$@" <<'PY'
+import os, sys, datetime
+sys.path.insert(0, "scripts")
+from benchstats import load, med
+out, req, rounds, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+labels = [s.split("=", 1)[0] for s in sys.argv[5:]]
+r = lambda label, kind, c: load(os.path.join(out, f"{label}-{kind}-{c}.jsonl"))
+print(f"# bench-compare ({datetime.date.today()}, {cores} cores, {req} requests per row after 200 warm-up, "
+      f"median of {rounds} interleaved rounds)\n")
+print("| build | added TTFT p50 ms, c=1 | added TTFT p50 ms, c=20 | hit, whole answer p50 ms, c=1 | hit p50 ms, c=20 | hits/s, c=20 | errors |")
+print("|---|---|---|---|---|---|---|")
+for l in labels:
+    add = [med(r(l, "miss", c), "ttft_ms", "p50") - med(r(l, "direct", c), "ttft_ms", "p50") for c in (1, 20)]
+    hit1, hit20 = med(r(l, "hit", 1), "total_ms", "p50"), med(r(l, "hit", 20), "total_ms", "p50")
+    errs = sum(x["errors"] for k in ("miss", "hit") for c in (1, 20) for x in r(l, k, c))
+    print(f"| {l} | {add[0]:.3f} | {add[1]:.3f} | {hit1:.3f} | {hit20:.3f} | {med(r(l, 'hit', 20), 'rps'):.0f} | {errs} |")
+PY
