@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BIN=target/release
+BIN=${BIN:-target/release}  # model-sim and chat-bench
 VENV=${VENV:-.venv}
 REQ=${BENCH_REQUESTS:-2000}
 ROUNDS=${BENCH_ROUNDS:-3}

@@ -258,25 +258,33 @@ async fn redis_a_probe_whose_client_left_leaves_the_circuit_usable() {
     probe_whose_client_left(Some(redis())).await;
 }
 
+/// One request through the router (no socket): the event names of its
+/// streamed body, and the body.
+async fn chat(s: &AppState, req: Request<Body>) -> (Vec<String>, String) {
+    use tower::ServiceExt;
+    let resp = crate::api::app(s.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let events = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .map(str::to_owned)
+        .collect();
+    (events, text)
+}
+
 /// The whole relay through the router: an answer that breaks off after
 /// its first text ends with an `error` event, and the model's circuit
 /// counts the failure.
 #[tokio::test(start_paused = true)]
 async fn an_answer_that_breaks_mid_stream_ends_with_an_error_event() {
-    use tower::ServiceExt;
     let (s, _) = state(&[], None);
     let req = Request::post("/chat")
         .header("content-type", "application/json")
         .body(Body::from(r#"{"message":"hi","model":"break"}"#))
         .unwrap();
-    let resp = crate::api::app(s.clone()).oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&body);
-    let events: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("event: "))
-        .collect();
+    let (events, text) = chat(&s, req).await;
     assert_eq!(events, ["meta", "delta", "error"], "{text}");
     assert!(
         s.circuits().admit("anthropic:break").await.is_none(),
@@ -287,19 +295,11 @@ async fn an_answer_that_breaks_mid_stream_ends_with_an_error_event() {
 /// A whole answer through the router, with its timings.
 #[tokio::test(start_paused = true)]
 async fn a_whole_answer_is_meta_deltas_done() {
-    use tower::ServiceExt;
     let (s, _) = state(&[], None);
     let req = Request::post("/chat")
         .body(Body::from(r#"{"message":"hi","model":"ok"}"#))
         .unwrap();
-    let resp = crate::api::app(s).oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&body);
-    let events: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("event: "))
-        .collect();
+    let (events, text) = chat(&s, req).await;
     assert_eq!(
         events,
         ["meta", "delta", "delta", "delta", "done"],
