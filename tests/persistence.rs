@@ -87,6 +87,7 @@ fn record(user: &str, conv: &str, at: u64, answer: &str) -> TurnRecord {
         started_at_ms: at,
         completed_at_ms: at + 10,
         status: TurnStatus::Completed,
+        status_raw: None,
         model: "claude-sim".into(),
         user_message: format!("question at {at}"),
         answer_bytes: answer.len() as u64,

@@ -82,6 +82,7 @@ fn turns(a: &Args, run: &str) -> Vec<TurnRecord> {
                 started_at_ms: t0 + i as u64,
                 completed_at_ms: t0 + i as u64 + 900,
                 status: TurnStatus::Completed,
+                status_raw: None,
                 model: "claude-sim".into(),
                 user_message: format!("benchmark question {i}"),
                 answer_bytes: answer.len() as u64,

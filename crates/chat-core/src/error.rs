@@ -195,17 +195,32 @@ impl UpstreamError {
         }
     }
 
-    /// Message safe to show a client: never the provider's raw body for
-    /// auth failures (it may echo key fragments).
+    /// What a client is told: a fixed sentence per code, never the
+    /// provider's own text (it can name the account or organisation, echo
+    /// key fragments or carry SDK debug output, up to 64 KiB). The details
+    /// go to the log.
     pub fn client_message(&self) -> String {
+        let fixed = match self.code() {
+            "upstream_rejected_request" => "the model provider rejected the request",
+            "upstream_auth_failed" => "the model provider rejected this service's credentials",
+            "model_not_found" => "the model provider does not know this model",
+            "upstream_request_too_large" => "the request is too large for the model",
+            "upstream_rate_limited" => {
+                "the model provider is rate limiting this service; retry later"
+            }
+            "upstream_overloaded" => "the model provider is overloaded; retry later",
+            "upstream_unreachable" => "the model provider could not be reached",
+            "upstream_disconnected" => "the connection to the model provider broke off",
+            "upstream_protocol_error" => "the model provider sent a response we could not read",
+            "upstream_circuit_open" => {
+                "the model is failing repeatedly and is paused for a moment; retry later"
+            }
+            _ => "the model provider failed",
+        };
         match self {
-            UpstreamError::Status {
-                status: 401 | 403, ..
-            } => "the model provider rejected this service's credentials".to_owned(),
-            UpstreamError::Status {
-                status, message, ..
-            } => format!("the model provider answered HTTP {status}: {message}"),
-            other => other.to_string(),
+            // Our own deadline: which one is ours to say.
+            UpstreamError::Timeout(kind) => format!("the model did not answer in time ({kind})"),
+            _ => fixed.to_owned(),
         }
     }
 }
@@ -354,6 +369,40 @@ mod tests {
             retry_after: None,
         };
         assert!(!ApiError::from(&e).message.contains("sk-ant"));
+    }
+
+    #[test]
+    fn provider_text_never_reaches_clients() {
+        // OpenAI's 429 names the organisation; Bedrock's errors carry SDK
+        // debug output; a stream error event carries free text.
+        for e in [
+            UpstreamError::Status {
+                status: 429,
+                kind: "rate_limit_exceeded".into(),
+                message: "Rate limit reached for org-SECRET123 on tokens".into(),
+                retry_after: None,
+            },
+            UpstreamError::Status {
+                status: 500,
+                kind: "x".into(),
+                message: "x".repeat(65_536) + "SECRET123",
+                retry_after: None,
+            },
+            UpstreamError::StreamEvent {
+                kind: "overloaded_error".into(),
+                message: "cluster SECRET123 overloaded".into(),
+            },
+            UpstreamError::Unreachable("dispatch failure: SECRET123 DebugOutput".into()),
+            UpstreamError::Protocol("unexpected SECRET123".into()),
+        ] {
+            let api = ApiError::from(&e);
+            assert!(
+                !api.body_json().contains("SECRET123"),
+                "{}",
+                api.body_json()
+            );
+            assert!(api.message.len() < 100, "{}", api.message);
+        }
     }
 
     #[test]

@@ -85,43 +85,88 @@ pub async fn serve_local(
     Ok(())
 }
 
-/// `chat-stream keys create --user ID [--label TEXT]`: makes an API key,
-/// stores only its SHA-256 in `TABLE_NAME`, and prints the key once.
+const KEYS_USAGE: &str = "usage: chat-stream keys create --user ID [--label TEXT]
+       chat-stream keys list --user ID
+       chat-stream keys disable --user ID --hash SHA256
+       chat-stream keys enable --user ID --hash SHA256
+(TABLE_NAME must be set; a disabled key is refused within a minute, the
+time each instance keeps a looked-up key)";
+
+/// `chat-stream keys create|list|disable|enable`: API keys without editing
+/// items by hand. Only a key's SHA-256 is stored; `create` prints the key
+/// once.
 pub async fn keys_command(args: &[String]) -> ExitCode {
     use std::io::Write;
-    let usage = "usage: chat-stream keys create --user ID [--label TEXT]  (TABLE_NAME must be set)";
-    let (Some("create"), Ok(flags)) = (
+    let usage = |why: &str| {
+        eprintln!("{why}\n{KEYS_USAGE}");
+        ExitCode::from(2)
+    };
+    let (Some(verb), Ok(flags)) = (
         args.first().map(String::as_str),
         flags_to_source(args.iter().skip(1).cloned()),
     ) else {
-        eprintln!("{usage}");
-        return ExitCode::from(2);
+        return usage("a subcommand and --flags are needed");
     };
     let Some(user) = flags.get("USER").filter(|u| crate::auth::valid_user_id(u)) else {
-        eprintln!("--user must be 1-64 of A-Z a-z 0-9 - _ . @\n{usage}");
-        return ExitCode::from(2);
+        return usage("--user must be 1-64 of A-Z a-z 0-9 - _ . @");
     };
     let Some(table) = std::env::var("TABLE_NAME").ok().filter(|t| !t.is_empty()) else {
-        eprintln!("TABLE_NAME is not set\n{usage}");
-        return ExitCode::from(2);
+        return usage("TABLE_NAME is not set");
     };
-    let label = flags.get("LABEL").cloned().unwrap_or_default();
     let store = crate::persistence::store::store_for(
         &table,
         None,
         crate::persistence::store::StoreRole::Request,
     )
     .await;
-    let key = crate::auth::new_api_key();
-    let hash = crate::auth::hash_key(&key);
-    if let Err(e) = store
-        .put_api_key(&hash, user, &label, crate::util::now_ms())
-        .await
-    {
-        return crate::logging::fail("chat-stream", &e);
-    }
     let mut out = std::io::stdout();
-    let _ = writeln!(out, "{key}");
-    eprintln!("API key for user {user} stored as sha256 {hash}; it is shown only once.");
+    let hash = || {
+        flags
+            .get("HASH")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(|h| h.to_ascii_lowercase())
+    };
+    match verb {
+        "create" => {
+            let label = flags.get("LABEL").cloned().unwrap_or_default();
+            let key = crate::auth::new_api_key();
+            let hash = crate::auth::hash_key(&key);
+            if let Err(e) = store
+                .put_api_key(&hash, user, &label, crate::util::now_ms())
+                .await
+            {
+                return crate::logging::fail("chat-stream", &e);
+            }
+            let _ = writeln!(out, "{key}");
+            eprintln!("API key for user {user} stored as sha256 {hash}; it is shown only once.");
+        }
+        "list" => match store.list_api_keys(user).await {
+            Ok(keys) => {
+                for (hash, label, created, disabled) in keys {
+                    let state = if disabled { "disabled" } else { "enabled" };
+                    let when = crate::util::rfc3339(created);
+                    let _ = writeln!(out, "{hash}\t{state}\t{when}\t{label}");
+                }
+            }
+            Err(e) => return crate::logging::fail("chat-stream", &e),
+        },
+        "disable" | "enable" => {
+            let Some(hash) = hash() else {
+                return usage("--hash must be the key's SHA-256 (64 hex digits; see keys list)");
+            };
+            match store
+                .set_api_key_disabled(&hash, user, verb == "disable")
+                .await
+            {
+                Ok(true) => eprintln!("key {hash} of user {user}: {verb}d"),
+                Ok(false) => {
+                    eprintln!("no key {hash} of user {user}");
+                    return ExitCode::from(1);
+                }
+                Err(e) => return crate::logging::fail("chat-stream", &e),
+            }
+        }
+        other => return usage(&format!("unknown subcommand {other:?}")),
+    }
     ExitCode::SUCCESS
 }

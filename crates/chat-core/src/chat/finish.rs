@@ -47,6 +47,7 @@ impl TurnDraft {
             started_at_ms: self.started_at_ms,
             completed_at_ms: now_ms(),
             status: a.status,
+            status_raw: None,
             model: a.model,
             user_message: self.user_message,
             answer_bytes: a.text.len() as u64,

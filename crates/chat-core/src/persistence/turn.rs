@@ -40,6 +40,11 @@ pub enum TurnStatus {
     /// The model failed after the stream started; `answer` is what had been
     /// relayed, `error_code` says why.
     Failed,
+    /// A status this build does not know (a newer producer during a rolling
+    /// deploy): stored as sent (see [`TurnRecord::status_raw`]), never
+    /// taken for a completed answer.
+    #[serde(other)]
+    Other,
 }
 
 impl TurnStatus {
@@ -48,6 +53,7 @@ impl TurnStatus {
             TurnStatus::Completed => "completed",
             TurnStatus::Interrupted => "interrupted",
             TurnStatus::Failed => "failed",
+            TurnStatus::Other => "other",
         }
     }
 
@@ -56,7 +62,7 @@ impl TurnStatus {
             "completed" => Some(TurnStatus::Completed),
             "interrupted" => Some(TurnStatus::Interrupted),
             "failed" => Some(TurnStatus::Failed),
-            _ => None,
+            _ => Some(TurnStatus::Other),
         }
     }
 }
@@ -75,6 +81,10 @@ pub struct TurnRecord {
     pub started_at_ms: u64,
     pub completed_at_ms: u64,
     pub status: TurnStatus,
+    /// The status as the producer wrote it, when this build does not know
+    /// it (`status` is then `Other`): what the table stores.
+    #[serde(skip)]
+    pub status_raw: Option<String>,
     /// The model that answered.
     pub model: String,
     pub user_message: String,
@@ -108,6 +118,11 @@ pub enum PoisonError {
 }
 
 impl TurnRecord {
+    /// The status word to store.
+    pub fn status_word(&self) -> &str {
+        self.status_raw.as_deref().unwrap_or(self.status.as_str())
+    }
+
     pub fn encode(&self) -> String {
         // Serialising plain strings and numbers cannot fail; an empty body
         // would be reported as poison by the worker rather than lost silently.
@@ -125,8 +140,25 @@ impl TurnRecord {
         if v != u64::from(TURN_SCHEMA_VERSION) {
             return Err(PoisonError::UnknownVersion(v));
         }
-        let rec: TurnRecord =
+        // Fields this build does not know are ignored, and a status it does
+        // not know is kept as sent: a newer producer's turns are stored, not
+        // sent to the DLQ, during a rolling deploy.
+        let raw_status = value
+            .get("status")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned);
+        let mut rec: TurnRecord =
             serde_json::from_value(value).map_err(|e| PoisonError::Invalid(e.to_string()))?;
+        if rec.status == TurnStatus::Other {
+            rec.status_raw = raw_status.filter(|s| {
+                !s.is_empty()
+                    && s.len() <= 32
+                    && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            });
+            if rec.status_raw.is_none() {
+                return Err(PoisonError::Invalid("status is not a status word".into()));
+            }
+        }
         rec.check().map_err(PoisonError::Invalid)?;
         Ok(rec)
     }
@@ -169,6 +201,7 @@ mod tests {
             started_at_ms: 1_700_000_000_000,
             completed_at_ms: 1_700_000_001_000,
             status: TurnStatus::Completed,
+            status_raw: None,
             model: "m".into(),
             user_message: "hi".into(),
             answer: Some("hello".into()),
@@ -179,6 +212,23 @@ mod tests {
             output_tokens: 2,
             error_code: None,
         }
+    }
+
+    #[test]
+    fn a_newer_producers_status_and_fields_are_kept_not_poison() {
+        let mut v: serde_json::Value = serde_json::from_str(&sample().encode()).unwrap();
+        v["status"] = "stopped".into();
+        v["a_field_from_the_future"] = serde_json::json!({"x": 1});
+        let rec = TurnRecord::decode(&v.to_string()).unwrap();
+        assert_eq!(rec.status, TurnStatus::Other);
+        assert_eq!(rec.status_word(), "stopped");
+        v["status"] = "NOT A STATUS!".into();
+        assert!(matches!(
+            TurnRecord::decode(&v.to_string()),
+            Err(PoisonError::Invalid(_))
+        ));
+        v["status"] = 5.into();
+        assert!(TurnRecord::decode(&v.to_string()).is_err());
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! answered with a proper status code; errors after that arrive inside the
 //! stream. Each provider's wire format is parsed by a pure function that is
 //! unit-tested on literal provider events.
+//!
+//! One file per provider (`anthropic`, `openai`, `bedrock`), plus
+//! `routing` (which model answers), `health` (what we last saw of each)
+//! and `fake` (the in-crate fake for unit tests). Each provider owns its
+//! settings type here. Uses: `error`, `sse`, `secrets`, `http`.
 
 pub mod anthropic;
 pub mod bedrock;

@@ -30,6 +30,10 @@ pub fn api_key_pk(hash_hex: &str) -> String {
     format!("APIKEY#{hash_hex}")
 }
 pub const GSI1: &str = "GSI1";
+/// A user's index entry of one of their API keys (by hash).
+pub fn user_key_sk(hash_hex: &str) -> String {
+    format!("APIKEY#{hash_hex}")
+}
 
 /// A page position, opaque to clients: the LastEvaluatedKey as base64url
 /// JSON. Decoding checks it belongs to the partition being read, so a

@@ -20,6 +20,11 @@
 //! changes, so a redelivered turn cancels its transaction, is recognised
 //! by the cancellation reason, and is dropped before the rest is retried:
 //! the counters move exactly once per turn.
+//!
+//! Files: `keys` (key shapes, cursors), `items` (what is read back),
+//! `reads` (conversations, turns), `records` (API keys, usage, cache
+//! entries), `writes` (turns in transactions, answer parts). Uses:
+//! `persistence::turn`, `util`.
 
 mod items;
 mod keys;
