@@ -184,7 +184,8 @@ pub fn truthy(v: &AttributeValue) -> bool {
     match v {
         AttributeValue::Bool(b) => *b,
         AttributeValue::Null(_) => false,
-        AttributeValue::N(n) => n.trim().parse::<f64>().map_or(true, |x| x != 0.0),
+        // An unreadable number counts as set.
+        AttributeValue::N(n) => n.trim().parse::<f64>().ok().is_none_or(|x| x != 0.0),
         AttributeValue::S(t) => !matches!(
             t.trim().to_ascii_lowercase().as_str(),
             "" | "false" | "0" | "no" | "off"
