@@ -321,3 +321,153 @@ async fn a_long_answer_with_live_streams_on_costs_little_cpu() {
     // spinning task alone would use about 3 s.
     assert!(used < 1.5, "{used} CPU seconds for a 3 s answer");
 }
+
+/// Writes a live stream by hand, as a tee whose middle batch was lost:
+/// ids 1, 2, then 4 and 5.
+async fn stream_with_a_gap(redis: &RedisServer, turn: &str, owner: &str) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("live:{{{turn}}}");
+    for (i, e, d) in [
+        (
+            1,
+            "meta",
+            json!({"model": MODEL, "conversation_id": "c", "turn_id": turn}).to_string(),
+        ),
+        (2, "delta", json!({"text": "Hello"}).to_string()),
+        (4, "delta", json!({"text": " after the hole"}).to_string()),
+        (5, "done", json!({"stop_reason": "end_turn"}).to_string()),
+    ] {
+        let _: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("i")
+            .arg(i)
+            .arg("e")
+            .arg(e)
+            .arg("d")
+            .arg(d)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("SET")
+        .arg(format!("live:{{{turn}}}:owner"))
+        .arg(owner)
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_resume_through_a_gap_ends_with_stream_lost_not_spliced_text() {
+    let redis = RedisServer::start().await;
+    let sim = sim(0, 0.0, 8).await;
+    let server = server(&sim, &redis.url(), &[]).await;
+    let turn = "0123456789abcdef0123456789abcdef";
+    stream_with_a_gap(&redis, turn, "user:gia").await;
+    let resp = reqwest::Client::new()
+        .get(server.url(&format!("/chat/streams/{turn}")))
+        .header("x-dev-user", "gia")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (events, _) = read_sse(resp, LIMIT).await;
+    assert_eq!(kinds(&events), ["meta", "delta", "error"]);
+    assert_eq!(events[2].data["code"], "stream_lost");
+    assert!(!answer_text(&events).contains("after the hole"));
+}
+
+#[tokio::test]
+async fn a_follower_that_meets_a_gap_ends_with_stream_lost_and_caches_nothing() {
+    let redis = RedisServer::start().await;
+    let sim = sim(0, 0.0, 8).await;
+    let server = server(&sim, &redis.url(), &[("COALESCE_LEASE_MS", "3000")]).await;
+    // A leader (another instance) holds the question's lease and streams
+    // into a stream with a hole.
+    let key = chat_core::cache::cache_key(&chat_core::cache::KeyInput {
+        scope: "user:gus",
+        provider: "anthropic",
+        model: MODEL,
+        system: None,
+        messages: &[chat_core::provider::Message {
+            role: chat_core::provider::Role::User,
+            content: "gap question".into(),
+        }],
+        max_tokens: 64,
+        temperature: Some(0.0),
+    });
+    let leader = "fedcba9876543210fedcba9876543210";
+    stream_with_a_gap(&redis, leader, "user:gus").await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("lead:{{{key}}}"))
+        .arg(leader)
+        .arg("PX")
+        .arg(3000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let calls = sim.calls();
+    let resp = server.post_chat(Some("gus"), &q("gap question")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-cache"], "follow");
+    let (events, _) = read_sse(resp, LIMIT).await;
+    assert_eq!(kinds(&events), ["meta", "delta", "error"], "{events:?}");
+    assert_eq!(events[2].data["code"], "stream_lost");
+    assert_eq!(sim.calls(), calls, "nothing spliced from a model call");
+    // Not cached: once the lease is gone, the same question calls the model.
+    let _: () = redis::cmd("DEL")
+        .arg(format!("lead:{{{key}}}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = server.post_chat(Some("gus"), &q("gap question")).await;
+    assert_eq!(again.headers()["x-cache"], "miss");
+}
+
+#[tokio::test]
+async fn a_long_answer_stays_resumable_while_it_streams() {
+    let redis = RedisServer::start().await;
+    // 90 tokens at 30/s: three seconds of answer.
+    let sim = sim(0, 30.0, 90).await;
+    let server = server(&sim, &redis.url(), &[("RESUME_RETENTION_SECS", "10")]).await;
+    let resp = server
+        .post_chat(
+            Some("lia"),
+            &json!({"message": "long", "max_tokens": 128, "model": MODEL}),
+        )
+        .await;
+    let mut stream = body_stream(resp);
+    let (first, _) = read_deltas(&mut stream, 1).await;
+    let turn = first[0].data["stream_id"].as_str().unwrap().to_owned();
+    // Most of the answer later, the owner key must have been refreshed
+    // with the stream: its TTL is close to the full retention, as the
+    // stream's is.
+    let _ = read_deltas(&mut stream, 75).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let owner_ttl: i64 = redis::cmd("TTL")
+        .arg(format!("live:{{{turn}}}:owner"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let stream_ttl: i64 = redis::cmd("TTL")
+        .arg(format!("live:{{{turn}}}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        owner_ttl >= 9,
+        "owner TTL {owner_ttl}, stream TTL {stream_ttl}"
+    );
+    assert!(
+        owner_ttl >= stream_ttl - 1,
+        "owner TTL {owner_ttl}, stream TTL {stream_ttl}"
+    );
+}

@@ -80,6 +80,9 @@ pub enum UpstreamError {
     Truncated,
     #[error("upstream sent data we could not understand: {0}")]
     Protocol(String),
+    /// The answer we followed lost events on its way through Redis.
+    #[error("the followed answer's live stream lost events")]
+    StreamLost,
     /// Every model we could try has its circuit open.
     #[error("the model's circuit breaker is open after repeated failures")]
     CircuitOpen,
@@ -99,6 +102,7 @@ const UPSTREAM_CODES: &[&str] = &[
     "upstream_disconnected",
     "upstream_protocol_error",
     "upstream_circuit_open",
+    "stream_lost",
 ];
 
 /// The code `s` names when it is one of ours (as read back from another
@@ -135,6 +139,7 @@ impl UpstreamError {
             UpstreamError::Transport(_) | UpstreamError::Truncated => "upstream_disconnected",
             UpstreamError::Protocol(_) => "upstream_protocol_error",
             UpstreamError::CircuitOpen => "upstream_circuit_open",
+            UpstreamError::StreamLost => "stream_lost",
         }
     }
 
@@ -164,6 +169,7 @@ impl UpstreamError {
             | UpstreamError::Unreachable(_)
             | UpstreamError::Transport(_)
             | UpstreamError::Truncated
+            | UpstreamError::StreamLost
             | UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -183,6 +189,7 @@ impl UpstreamError {
             | UpstreamError::Timeout(_)
             | UpstreamError::Transport(_)
             | UpstreamError::Truncated
+            | UpstreamError::StreamLost
             | UpstreamError::CircuitOpen => true,
             UpstreamError::Protocol(_) => false,
         }
@@ -212,6 +219,7 @@ impl UpstreamError {
             "upstream_unreachable" => "the model provider could not be reached",
             "upstream_disconnected" => "the connection to the model provider broke off",
             "upstream_protocol_error" => "the model provider sent a response we could not read",
+            "stream_lost" => "the answer stopped before it was complete; ask again",
             "upstream_circuit_open" => {
                 "the model is failing repeatedly and is paused for a moment; retry later"
             }

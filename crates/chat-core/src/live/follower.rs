@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 
-use super::{Entry, Lead, Live, Reader};
+use super::{Entry, Lead, Live, LiveError, Reader};
 use crate::error::UpstreamError;
 use crate::provider::{Chunk, ChunkStream};
 
@@ -249,6 +249,9 @@ impl Follower {
                     continue;
                 }
                 Ok(None) => self.check_leader(false).await,
+                // Our client has text up to the hole; nothing may be
+                // spliced on: the answer ends here, not completed.
+                Err(LiveError::Gap) => return Some(Err(UpstreamError::StreamLost)),
                 Err(_) => Check::Alone,
             };
             match step {

@@ -89,6 +89,10 @@ pub enum Lead {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LiveError {
+    /// Event ids jumped: entries were lost (a batch the tee could not
+    /// write). What follows cannot be trusted to complete the answer.
+    #[error("the live stream has a gap in its event ids")]
+    Gap,
     #[error("live streams are unavailable (redis)")]
     Unavailable,
 }
@@ -232,7 +236,6 @@ impl Live {
         let lease_ms = self.config.lease.as_millis().to_string();
         let lock = lock.map(|k| lock_key(&k));
         let renew_every = self.block();
-        let mut first = true;
         let mut ended = false;
         // The first renewal is due one period after the lease was taken.
         let mut renew_at = tokio::time::Instant::now() + renew_every;
@@ -268,19 +271,17 @@ impl Live {
                         .arg(&e.data)
                         .ignore();
                 }
+                // The owner lives exactly as long as the stream: both are
+                // refreshed with every batch, so a long answer stays
+                // resumable while it streams.
                 pipe.expire(&stream, retention as i64).ignore();
-                if first {
-                    pipe.set_ex(owner_key(&turn_id), &owner, retention).ignore();
-                    first = false;
-                }
-                // A slow Redis delays only this task, never the client.
-                if self
-                    .link
-                    .pipe::<()>(&pipe, self.timeout.max(Duration::from_millis(250)))
-                    .await
-                    .is_none()
-                {
-                    tracing::debug!(turn_id = %turn_id, "live stream entries not written");
+                pipe.set_ex(owner_key(&turn_id), &owner, retention).ignore();
+                // A slow Redis delays only this task, never the client. A
+                // batch that is not written leaves a gap in the event ids,
+                // which readers detect (see [`Reader`]).
+                let limit = self.timeout.max(Duration::from_millis(250));
+                if self.link.pipe::<()>(&pipe, limit).await.is_none() {
+                    tracing::warn!(turn_id = %turn_id, events = batch.len(), "live stream entries not written");
                 }
             }
             if let Some(lock) = &lock {
@@ -326,6 +327,7 @@ impl Live {
             last: "0-0".into(),
             block,
             pending: VecDeque::new(),
+            expect: 1,
         })
     }
 }

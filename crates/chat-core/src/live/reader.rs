@@ -12,12 +12,41 @@ pub struct Reader {
     pub(super) last: String,
     pub(super) block: Duration,
     pub(super) pending: VecDeque<Entry>,
+    /// The id the next numbered entry must have.
+    pub(super) expect: u64,
+}
+
+/// Checks that numbered entries come in order without a hole (`abort`,
+/// which carries id 0, is outside the numbering); a repeated id is
+/// passed over.
+pub(super) fn in_order(expect: &mut u64, seq: u64) -> Result<bool, LiveError> {
+    if seq == 0 {
+        return Ok(true);
+    }
+    if seq > *expect {
+        return Err(LiveError::Gap);
+    }
+    let fresh = seq == *expect;
+    *expect = (*expect).max(seq + 1);
+    Ok(fresh)
 }
 
 impl Reader {
     /// The next entry; `Ok(None)` when none arrived within the block
     /// period.
+    /// `Err(Gap)` when entries were lost.
     pub async fn next(&mut self) -> Result<Option<Entry>, LiveError> {
+        loop {
+            let Some(e) = self.fetch().await? else {
+                return Ok(None);
+            };
+            if in_order(&mut self.expect, e.seq)? {
+                return Ok(Some(e));
+            }
+        }
+    }
+
+    async fn fetch(&mut self) -> Result<Option<Entry>, LiveError> {
         if let Some(e) = self.pending.pop_front() {
             return Ok(Some(e));
         }
@@ -99,6 +128,24 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_hole_in_the_event_ids_is_a_gap() {
+        let mut expect = 1;
+        assert_eq!(in_order(&mut expect, 1), Ok(true));
+        assert_eq!(in_order(&mut expect, 2), Ok(true));
+        assert_eq!(
+            in_order(&mut expect, 2),
+            Ok(false),
+            "a repeat is passed over"
+        );
+        assert_eq!(
+            in_order(&mut expect, 0),
+            Ok(true),
+            "abort is outside the numbering"
+        );
+        assert_eq!(in_order(&mut expect, 4), Err(LiveError::Gap));
     }
 
     #[test]
