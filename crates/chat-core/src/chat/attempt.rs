@@ -65,8 +65,8 @@ pub(super) struct Source {
     pub opened: Opened,
     /// Copies every event into the answer's live stream (resume, followers).
     pub tee: Option<Tee>,
-    /// A follower's flag: it called the model itself after all.
-    pub took_over: Option<Arc<AtomicBool>>,
+    /// A follower's flag: its answer is wholly its own after all.
+    pub own_answer: Option<Arc<AtomicBool>>,
     /// The cache key this answer leads or follows under.
     pub coalesce_key: Option<String>,
 }
@@ -97,7 +97,7 @@ pub(super) async fn open(
     let mut tee = live
         .as_ref()
         .map(|l| l.tee(turn_id, owner, coalesce_key.clone()));
-    let mut took_over = None;
+    let mut own_answer = None;
     let opened = match (lead, &live, &coalesce_key) {
         (Lead::Follow(leader), Some(live), Some(k)) => {
             // A follower makes no model call of its own (unless its
@@ -113,7 +113,7 @@ pub(super) async fn open(
                 leader,
                 model_req,
                 deadlines,
-                &mut took_over,
+                &mut own_answer,
             )
             .await
         }
@@ -125,7 +125,7 @@ pub(super) async fn open(
         Ok(opened) => Ok(Source {
             opened,
             tee,
-            took_over,
+            own_answer,
             coalesce_key,
         }),
         Err(Failed::Aborted(status, body, e)) => {
@@ -158,7 +158,7 @@ async fn follow(
     leader: String,
     model_req: &ModelRequest,
     deadlines: Deadlines,
-    took_over: &mut Option<Arc<AtomicBool>>,
+    own_answer: &mut Option<Arc<AtomicBool>>,
 ) -> Result<Opened, Failed> {
     let takeover = takeover_call(state, model_req, deadlines);
     let t0 = Instant::now();
@@ -177,7 +177,7 @@ async fn follow(
             model,
             first,
         } => {
-            *took_over = Some(follower.called_model());
+            *own_answer = Some(follower.own_answer());
             Ok(Opened {
                 provider: state
                     .providers()

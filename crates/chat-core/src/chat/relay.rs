@@ -50,7 +50,7 @@ pub(super) fn respond(
     let Source {
         opened,
         tee,
-        took_over,
+        own_answer,
         coalesce_key,
     } = source;
     let Opened {
@@ -133,7 +133,7 @@ pub(super) fn respond(
         popular: planned.popular,
         tee,
         following,
-        took_over,
+        own_answer,
         lease: match (&live, coalesce_key) {
             (Some(l), Some(k)) => Some((l.clone(), k, turn_id.clone())),
             _ => None,
@@ -206,8 +206,8 @@ pub(super) struct Relay {
     tee: Option<Tee>,
     /// The answer comes from another request's model call.
     following: bool,
-    /// A follower's flag: it called the model itself after all.
-    took_over: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// A follower's flag: its answer is wholly its own after all.
+    own_answer: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The coalescing lease this answer may hold (live, cache key, turn):
     /// given up once the answer is cached.
     lease: Option<Lease>,
@@ -400,7 +400,7 @@ impl Relay {
         // Only complete answers are cached, by whoever called the model.
         let own_answer = !self.following
             || self
-                .took_over
+                .own_answer
                 .as_ref()
                 .is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed));
         let cache = self

@@ -51,9 +51,11 @@ pub struct Follower {
     skip: usize,
     queued: VecDeque<Chunk>,
     takeovers: u32,
-    /// Set once this follower calls the model itself: its answer is then
-    /// its own, and worth caching.
-    called_model: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when this follower calls the model itself before its client has
+    /// any text: the answer is then wholly its own, and worth caching. A
+    /// takeover mid-answer splices the rest onto the leader's text: that
+    /// answer is not cached (two samples joined are not one answer).
+    own_answer: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Follower {
@@ -80,7 +82,7 @@ impl Follower {
             skip: 0,
             queued: VecDeque::new(),
             takeovers: 0,
-            called_model: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            own_answer: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let mut model = String::new();
         loop {
@@ -205,8 +207,10 @@ impl Follower {
         self.reader = None;
         let stream = (self.takeover)().await?;
         self.own = Some(stream);
-        self.called_model
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if self.sent == 0 {
+            self.own_answer
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.skip = self.sent;
         Ok(())
     }
@@ -266,11 +270,13 @@ impl Follower {
         }
     }
 
-    /// The follower as a model stream.
-    /// Becomes true if this follower ends up calling the model itself.
-    pub fn called_model(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.called_model.clone()
+    /// Becomes true if this follower's answer turns out to be wholly its
+    /// own (see the field).
+    pub fn own_answer(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.own_answer.clone()
     }
+
+    /// The follower as a model stream.
 
     pub fn into_stream(self: Box<Self>) -> ChunkStream {
         futures_util::stream::unfold(*self, |mut f| async move {
