@@ -48,6 +48,10 @@ pub struct Timeouts {
     pub first_token: Duration,
     pub idle: Duration,
     pub total: Duration,
+    /// `CLIENT_SEND_TIMEOUT_MS` (default 10000): the longest one frame may
+    /// wait for a client that stopped reading (socket open, nothing read).
+    /// Then the client is detached as if it had left.
+    pub client_send: Duration,
 }
 
 /// Where each phase of one request ended, relative to its start.

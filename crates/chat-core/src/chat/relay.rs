@@ -443,8 +443,11 @@ impl Relay {
 /// client leaves: with `finish` (live streams on), the answer runs to its
 /// end, so it can be resumed, followed and cached, and the turn is stored
 /// complete; without, the relay is dropped, which stops the model call and
-/// records the turn as interrupted.
+/// records the turn as interrupted. A client that stops reading but keeps
+/// its socket open counts as gone once one frame has waited
+/// `CLIENT_SEND_TIMEOUT_MS`: nothing else bounds a send to the body.
 async fn produce(mut relay: Relay, tx: tokio::sync::mpsc::Sender<Bytes>, finish: bool) {
+    let send_limit = relay.state.config().timeouts.client_send;
     let mut client = Some(tx);
     loop {
         let (frame, left) = {
@@ -473,7 +476,14 @@ async fn produce(mut relay: Relay, tx: tokio::sync::mpsc::Sender<Bytes>, finish:
         }
         let Some(frame) = frame else { return };
         if let Some(tx) = &client {
-            if tx.send(frame).await.is_err() {
+            let sent = match tokio::time::timeout(send_limit, tx.send(frame)).await {
+                Ok(r) => r.is_ok(),
+                Err(_) => {
+                    tracing::info!(seq = relay.seq, "client stopped reading; detached");
+                    false
+                }
+            };
+            if !sent {
                 if !finish {
                     return;
                 }

@@ -307,3 +307,28 @@ async fn a_whole_answer_is_meta_deltas_done() {
     );
     assert!(text.contains(r#""text":" fake.""#), "{text}");
 }
+
+/// A client that keeps its socket open but stops reading must not pin the
+/// answer: once a frame has waited `CLIENT_SEND_TIMEOUT_MS` it is detached
+/// as if it had left (live streams off here: the model call stops).
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_detached_and_the_model_call_stops() {
+    use tower::ServiceExt;
+    let (s, fake) = state(&[("CLIENT_SEND_TIMEOUT_MS", "2000")], None);
+    let req = Request::post("/chat")
+        .body(Body::from(r#"{"message":"hi","model":"many-100000"}"#))
+        .unwrap();
+    let resp = crate::api::app(s).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    assert!(body.frame().await.is_some(), "the first frame arrives");
+    assert_eq!(fake.open_streams(), 1, "the answer is streaming");
+    // Nothing more is read, and the body is kept (the socket stays open).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fake.open_streams(),
+        0,
+        "the model call must stop once the client is detached"
+    );
+    drop(body);
+}

@@ -95,6 +95,7 @@ pub(crate) fn request<S: ConfigSource + ?Sized>(
         first_token: r.ms("UPSTREAM_FIRST_TOKEN_TIMEOUT_MS", 20_000)?,
         idle: r.ms("UPSTREAM_IDLE_TIMEOUT_MS", 30_000)?,
         total: r.ms("UPSTREAM_TOTAL_TIMEOUT_MS", 240_000)?,
+        client_send: r.ms("CLIENT_SEND_TIMEOUT_MS", 10_000)?,
     };
     let max_tokens = r.ranged("MAX_TOKENS_LIMIT", 8192u32, 1, 128_000)?;
     let default_max_tokens =

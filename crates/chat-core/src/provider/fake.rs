@@ -11,11 +11,13 @@
 //! - `slow-MS`: waits MS milliseconds (on tokio's clock, so paused tests
 //!   do not sleep) before its first text;
 //! - `break`: sends one delta, then fails mid-stream;
-//! - `hang`: accepts the request, then never sends anything.
+//! - `hang`: accepts the request, then never sends anything;
+//! - `many-N`: answers with N deltas, as fast as they are read.
 //!
 //! It counts its calls, so tests can see what reached the model. A fake
 //! that can be set up only in code: no setting selects it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -32,6 +34,8 @@ use crate::error::UpstreamError;
 pub struct FakeProvider {
     name: &'static str,
     calls: AtomicU32,
+    /// Answer streams not yet dropped: a model call still running.
+    open: Arc<AtomicU32>,
 }
 
 impl FakeProvider {
@@ -39,7 +43,13 @@ impl FakeProvider {
         Self {
             name,
             calls: AtomicU32::new(0),
+            open: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// Model calls whose answer stream is still held by someone.
+    pub fn open_streams(&self) -> u32 {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Calls of `stream` so far.
@@ -80,12 +90,34 @@ impl ModelProvider for FakeProvider {
         // `#anything` after the name is ignored: tests use it to keep their
         // models' circuits apart.
         let model = model.split('#').next().unwrap_or(model).to_owned();
+        let open = self.open.clone();
         Box::pin(async move {
             let model = model.as_str();
+            let counted = |stream: ChunkStream| -> ChunkStream {
+                let guard = OpenGuard::new(open);
+                stream
+                    .map(move |c| {
+                        let _held = &guard;
+                        c
+                    })
+                    .boxed()
+            };
             let (kind, arg) = model.split_once('-').unwrap_or((model, ""));
             let num = arg.parse::<u64>().unwrap_or(0);
             match kind {
                 "ok" => Ok(stream::iter(answer(model)).boxed()),
+                "many" => {
+                    let deltas = (0..num).map(|i| Ok(Chunk::Delta(format!("w{i} "))));
+                    let end = [
+                        Ok(Chunk::Stop {
+                            stop_reason: Some("end_turn".to_owned()),
+                            input_tokens: Some(3),
+                            output_tokens: Some(num as u32),
+                        }),
+                        Ok(Chunk::End),
+                    ];
+                    Ok(counted(stream::iter(deltas.chain(end)).boxed()))
+                }
                 "status" => Err(status(num as u16)),
                 "flaky" if u64::from(n) < num => Err(status(503)),
                 "flaky" => Ok(stream::iter(answer(model)).boxed()),
@@ -113,5 +145,21 @@ impl ModelProvider for FakeProvider {
 
     fn prewarm(&self) -> BoxFuture<'_, Result<(), UpstreamError>> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// Counts an answer stream as open until it is dropped.
+struct OpenGuard(Arc<AtomicU32>);
+
+impl OpenGuard {
+    fn new(open: Arc<AtomicU32>) -> Self {
+        open.fetch_add(1, Ordering::SeqCst);
+        Self(open)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
