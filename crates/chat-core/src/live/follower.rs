@@ -277,7 +277,6 @@ impl Follower {
     }
 
     /// The follower as a model stream.
-
     pub fn into_stream(self: Box<Self>) -> ChunkStream {
         futures_util::stream::unfold(*self, |mut f| async move {
             f.next_chunk().await.map(|c| (c, f))
