@@ -43,7 +43,7 @@ struct Inner {
     /// One record per provider, by name.
     health: Vec<(&'static str, ModelHealth)>,
     redis: Option<Arc<RedisLink>>,
-    limiter: RateLimiter,
+    limiter: Arc<RateLimiter>,
     circuits: Circuits,
     retry_budget: RetryBudget,
     deps: Deps,
@@ -80,7 +80,7 @@ impl AppState {
         // Retries may add at most `ratio` of the request rate; a quiet
         // function keeps a reserve of ten.
         let retry_budget = RetryBudget::new(config.resilience.retry_budget_ratio, 10.0);
-        let limiter = RateLimiter::new(redis.clone(), config.rate_limits);
+        let limiter = Arc::new(RateLimiter::new(redis.clone(), config.rate_limits));
         let circuits = Circuits::new(redis.clone(), config.resilience.breaker);
         Self(Arc::new(Inner {
             config,
@@ -129,7 +129,7 @@ impl AppState {
         check_providers(self.providers(), &self.0.health, budget).await
     }
 
-    pub fn limiter(&self) -> &RateLimiter {
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
         &self.0.limiter
     }
 

@@ -13,7 +13,7 @@ use super::request::ChatRequest;
 use crate::auth::Identity;
 use crate::cache::{CacheControl, CachedAnswer, KeyInput, Plan, cache_doc, key_of_doc};
 use crate::error::ApiError;
-use crate::limits::{Decision, Permit};
+use crate::limits::{Decision, Permit, Reservation};
 use crate::persistence::history::{self, HistoryError, PastTurn};
 use crate::provider::routing::{ModelRef, Reason};
 use crate::provider::{Message, Role};
@@ -40,8 +40,8 @@ pub(super) struct Planned {
     pub cache_put: Option<CachePut>,
     pub popular: Option<PopularJob>,
     pub rate_headers: Vec<(&'static str, String)>,
-    /// The rate-limit identity, whose tokens the answer counts against.
-    pub caller: Arc<str>,
+    /// The tokens reserved for the answer, settled when it ends.
+    pub tokens: Option<Reservation>,
     pub started_at_ms: u64,
     pub validate: Duration,
     pub limits: Duration,
@@ -119,8 +119,13 @@ pub(super) async fn prepare(
         (messages, key, doc, hit, t.elapsed())
     };
     let primary_key = model_ref.key();
-    let (rate, primary, (messages, key, doc, hit, history_time)) = tokio::join!(
-        state.limiter().check(&caller),
+    // The answer's tokens are reserved now (its max_tokens plus an estimate
+    // of the new input; the history is not known yet), so requests in
+    // flight count against the limit before they end.
+    let input_estimate = (req.message.len() + req.system.as_deref().map_or(0, str::len)) / 4;
+    let reserve = max_tokens.saturating_add(u32::try_from(input_estimate).unwrap_or(u32::MAX));
+    let ((rate, tokens), primary, (messages, key, doc, hit, history_time)) = tokio::join!(
+        state.limiter().check(&caller, reserve),
         state.circuits().admit(&primary_key),
         history
     );
@@ -160,7 +165,7 @@ pub(super) async fn prepare(
         cache_put,
         popular,
         rate_headers,
-        caller,
+        tokens,
         started_at_ms,
         validate,
         limits,

@@ -27,6 +27,7 @@ use super::{LogDeferred, Timings, sse_response};
 use crate::auth::Identity;
 use crate::cache::CachedAnswer;
 use crate::error::{ApiError, UpstreamError};
+use crate::limits::Reservation;
 use crate::live::Tee;
 use crate::persistence::turn::TurnStatus;
 use crate::provider::{Chunk, ChunkStream};
@@ -114,7 +115,7 @@ pub(super) fn respond(
     let relay = Relay {
         provider,
         model_key,
-        caller: planned.caller,
+        tokens: planned.tokens,
         state,
         upstream,
         pending: Some(first),
@@ -179,8 +180,9 @@ pub(super) struct Relay {
     provider: &'static str,
     /// The answering model's breaker key: a mid-stream failure counts too.
     model_key: String,
-    /// Rate-limit identity: the answer's tokens count against it.
-    caller: Arc<str>,
+    /// The tokens reserved for this answer: settled to the real usage on
+    /// every exit (complete, failed, client gone).
+    tokens: Option<Reservation>,
     state: AppState,
     upstream: ChunkStream,
     /// The first chunk after `Start`, read before the headers went out.
@@ -290,8 +292,9 @@ impl Relay {
                 Chunk::End => {
                     // Count the tokens before the final event, while the
                     // invocation is surely still running.
-                    let used = self.input_tokens.unwrap_or(0) + self.output_tokens.unwrap_or(0);
-                    self.state.limiter().add_tokens(&self.caller, used).await;
+                    if let Some(r) = self.tokens.take() {
+                        r.settle(self.used_tokens()).await;
+                    }
                     return Some(self.complete());
                 }
             }
@@ -316,8 +319,21 @@ impl Relay {
         frame
     }
 
+    /// The tokens this answer used: the provider's counts, or (for an
+    /// answer cut short before it reported them) the input it reported and
+    /// an estimate of the text so far. Never wraps.
+    fn used_tokens(&self) -> u32 {
+        let output = self
+            .output_tokens
+            .unwrap_or_else(|| u32::try_from(self.text_chars / 4).unwrap_or(u32::MAX));
+        self.input_tokens.unwrap_or(0).saturating_add(output)
+    }
+
     async fn fail(&mut self, e: UpstreamError) -> Bytes {
         self.finished = true;
+        if let Some(r) = self.tokens.take() {
+            r.settle(self.used_tokens()).await;
+        }
         if !self.following {
             // A follower's failure is its leader's, already counted.
             self.state.health(self.provider).record_error(&e);
@@ -369,6 +385,9 @@ impl Drop for Relay {
     /// the environment may freeze before it is sent, and it is then sent
     /// when the environment next runs).
     fn drop(&mut self) {
+        if let Some(r) = self.tokens.take() {
+            r.settle_soon(self.used_tokens());
+        }
         if self.log.is_some() {
             if let Some(t) = &self.tee {
                 // Followers take over at once; a resume gets an error.

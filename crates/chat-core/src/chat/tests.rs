@@ -332,3 +332,69 @@ async fn a_client_that_stops_reading_is_detached_and_the_model_call_stops() {
     );
     drop(body);
 }
+
+fn post(body: String, user: &str) -> Request<Body> {
+    Request::post("/chat")
+        .header("x-dev-user", user)
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// Answers in flight hold their tokens (max_tokens + input estimate) from
+/// admission, so parallel requests cannot overshoot the token limit; an
+/// answer that ends gives back what it did not use, and one that fails
+/// before it starts gives back everything.
+async fn tokens_reserved_at_admission(redis: Option<Arc<RedisLink>>) {
+    use tower::ServiceExt;
+    let (s, _) = state(
+        &[("RATE_LIMIT_RPM", "0"), ("RATE_LIMIT_TPM", "1000")],
+        redis,
+    );
+    let user = crate::util::new_id();
+    let body = |model: &str| format!(r#"{{"message":"hi","model":"{model}","max_tokens":600}}"#);
+    for _ in 0..5 {
+        let r = crate::api::app(s.clone())
+            .oneshot(post(body("status-400"), &user))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            400,
+            "a failed request's reservation is given back"
+        );
+    }
+    for _ in 0..5 {
+        let r = crate::api::app(s.clone())
+            .oneshot(post(body("ok"), &user))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "a finished answer keeps only what it used");
+        let _ = r.into_body().collect().await.unwrap();
+    }
+    // Two answers in flight (the model has not answered yet).
+    for _ in 0..2 {
+        let app = crate::api::app(s.clone());
+        let req = post(body("slow-60000"), &user);
+        tokio::spawn(async move { app.oneshot(req).await });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = crate::api::app(s.clone())
+        .oneshot(post(body("ok"), &user))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        429,
+        "the answers in flight hold 1200 of 1000 tokens"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn local_tokens_are_reserved_at_admission_and_settled() {
+    tokens_reserved_at_admission(None).await;
+}
+
+#[tokio::test]
+async fn redis_tokens_are_reserved_at_admission_and_settled() {
+    tokens_reserved_at_admission(Some(redis())).await;
+}

@@ -16,5 +16,5 @@ pub mod retry;
 
 pub use breaker::{Admission, BreakerConfig, BreakerState, Breakers};
 pub use circuit::{Circuits, Permit};
-pub use rate::{Decision, RateLimiter, RateLimits};
+pub use rate::{Decision, RateLimiter, RateLimits, Reservation};
 pub use retry::{RetryBudget, RetryPolicy};

@@ -48,8 +48,8 @@ pub struct Decision {
 /// Sliding-window estimate over two fixed one-minute windows: the previous
 /// window's count weighted by how much of it still overlaps the last
 /// minute, plus the current window's. Checks both limits, then counts the
-/// request. KEYS: req cur, req prev, tok cur, tok prev. ARGV: rpm, tpm,
-/// ms into the window, window ms.
+/// request and reserves its tokens. KEYS: req cur, req prev, tok cur, tok
+/// prev. ARGV: rpm, tpm, ms into the window, window ms, tokens to reserve.
 const RATE_LUA: &str = r"
 local rpm = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
@@ -64,10 +64,15 @@ if rpm > 0 and req + 1 > rpm then return {0, 0, 1} end
 if tpm > 0 and tok >= tpm then return {0, math.max(0, math.floor(rpm - req)), 2} end
 redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[4]))
+if tonumber(ARGV[5]) > 0 then
+  redis.call('INCRBY', KEYS[3], ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
+end
 return {1, math.max(0, math.floor(rpm - req - 1)), 0}
 ";
 
-/// KEYS: tok cur. ARGV: tokens, window ms.
+/// KEYS: tok of the reservation's window. ARGV: tokens (negative gives
+/// back), window ms.
 const TOKENS_LUA: &str = r"
 redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
@@ -156,15 +161,38 @@ impl RateLimiter {
         self.limits
     }
 
-    /// Checks and counts one request by `caller`.
-    pub async fn check(&self, caller: &str) -> Decision {
+    /// Checks and counts one request by `caller`, and reserves `reserve`
+    /// tokens (its `max_tokens` plus an estimate of its input) against the
+    /// token limit, so requests in flight count before their answers end.
+    /// The reservation is settled to the real usage when the answer ends,
+    /// on every exit path (see [`Reservation`]).
+    pub async fn check(
+        self: &Arc<Self>,
+        caller: &str,
+        reserve: u32,
+    ) -> (Decision, Option<Reservation>) {
+        let d = self.decide(caller, reserve).await;
+        let reservation =
+            (d.0.allowed && reserve > 0 && self.limits.tpm > 0).then(|| Reservation {
+                limiter: self.clone(),
+                caller: caller.to_owned(),
+                reserved: reserve,
+                index: d.1,
+                fleet: d.0.scope == "fleet",
+                settled: false,
+            });
+        (d.0, reservation)
+    }
+
+    async fn decide(&self, caller: &str, reserve: u32) -> (Decision, u64) {
+        let reserve = if self.limits.tpm == 0 { 0 } else { reserve };
         let now = now_ms();
         let index = now / WINDOW_MS;
         let into = now % WINDOW_MS;
         let reset = Duration::from_millis(WINDOW_MS - into);
         let limit = self.limits.rpm;
         if self.limits.rpm == 0 && self.limits.tpm == 0 {
-            return Decision {
+            let d = Decision {
                 allowed: true,
                 limit,
                 remaining: u32::MAX,
@@ -172,6 +200,7 @@ impl RateLimiter {
                 exceeded: None,
                 scope: "off",
             };
+            return (d, index);
         }
         if let Some(r) = &self.redis {
             let c = tag(caller);
@@ -186,11 +215,12 @@ impl RateLimiter {
                 i64::from(self.limits.tpm),
                 into as i64,
                 WINDOW_MS as i64,
+                i64::from(reserve),
             ];
             if let Some((allowed, remaining, why)) =
                 r.eval::<(i64, i64, i64)>(&self.rate, &keys, &args).await
             {
-                return Decision {
+                let d = Decision {
                     allowed: allowed == 1,
                     limit,
                     remaining: remaining.clamp(0, i64::from(u32::MAX)) as u32,
@@ -202,6 +232,7 @@ impl RateLimiter {
                     },
                     scope: "fleet",
                 };
+                return (d, index);
             }
         }
         let mut m = self.local_windows.lock().unwrap_or_else(|p| p.into_inner());
@@ -214,37 +245,108 @@ impl RateLimiter {
             window_decision(self.limits, w.req, w.prev_req, w.tok, w.prev_tok, into);
         if allowed {
             w.req += 1;
+            w.tok = w.tok.saturating_add(u64::from(reserve));
         }
-        Decision {
+        let d = Decision {
             allowed,
             limit,
             remaining,
             reset,
             exceeded,
             scope: "local",
-        }
+        };
+        (d, index)
     }
 
-    /// Adds the tokens a finished answer used to `caller`'s minute.
-    pub async fn add_tokens(&self, caller: &str, tokens: u32) {
-        if self.limits.tpm == 0 || tokens == 0 {
+    /// Moves `caller`'s token count of window `index` by `delta` (a
+    /// reservation settled to the real usage), where it was reserved.
+    async fn adjust(&self, caller: &str, index: u64, delta: i64, fleet: bool) {
+        if delta == 0 {
             return;
         }
-        let now = now_ms();
-        let index = now / WINDOW_MS;
-        if let Some(r) = &self.redis {
-            let key = format!("rl:{{{}}}:t:{index}", tag(caller));
-            if r.eval::<i64>(&self.tokens, &[key], &[i64::from(tokens), WINDOW_MS as i64])
-                .await
-                .is_some()
-            {
-                return;
+        if fleet {
+            if let Some(r) = &self.redis {
+                let key = format!("rl:{{{}}}:t:{index}", tag(caller));
+                let _ = r
+                    .eval::<i64>(&self.tokens, &[key], &[delta, WINDOW_MS as i64])
+                    .await;
             }
+            return;
         }
+        self.adjust_local(caller, index, delta);
+    }
+
+    fn adjust_local(&self, caller: &str, index: u64, delta: i64) {
         let mut m = self.local_windows.lock().unwrap_or_else(|p| p.into_inner());
-        let w = m.entry(caller.to_owned()).or_default();
-        w.roll(index);
-        w.tok += u64::from(tokens);
+        let Some(w) = m.get_mut(caller) else { return };
+        let slot = if w.index == index {
+            &mut w.tok
+        } else if w.index == index + 1 {
+            &mut w.prev_tok
+        } else {
+            return;
+        };
+        *slot = slot.saturating_add_signed(delta);
+    }
+}
+
+/// Tokens reserved for one request. Settle it with the tokens the answer
+/// really used; dropped unsettled (an error before the answer, a client
+/// that left) it settles in the background with no usage, so no exit path
+/// leaves tokens reserved. Counts expire with their window in any case.
+#[must_use = "settle the reservation with the tokens used"]
+pub struct Reservation {
+    limiter: Arc<RateLimiter>,
+    caller: String,
+    reserved: u32,
+    index: u64,
+    /// Reserved in Redis (else in this instance's window).
+    fleet: bool,
+    settled: bool,
+}
+
+impl Reservation {
+    /// Replaces the reservation by `used` tokens.
+    pub async fn settle(mut self, used: u32) {
+        self.settled = true;
+        let delta = i64::from(used) - i64::from(self.reserved);
+        self.limiter
+            .adjust(&self.caller, self.index, delta, self.fleet)
+            .await;
+    }
+
+    /// [`settle`](Self::settle) from where nothing can be awaited.
+    pub fn settle_soon(mut self, used: u32) {
+        self.settled = true;
+        let delta = i64::from(used) - i64::from(self.reserved);
+        if !self.fleet {
+            self.limiter.adjust_local(&self.caller, self.index, delta);
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let limiter = self.limiter.clone();
+            let caller = std::mem::take(&mut self.caller);
+            let index = self.index;
+            rt.spawn(async move { limiter.adjust(&caller, index, delta, true).await });
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let r = Reservation {
+            limiter: self.limiter.clone(),
+            caller: std::mem::take(&mut self.caller),
+            reserved: self.reserved,
+            index: self.index,
+            fleet: self.fleet,
+            settled: false,
+        };
+        self.settled = true;
+        r.settle_soon(0);
     }
 }
 
@@ -281,6 +383,30 @@ mod tests {
         assert!(window_decision(LIMITS, 0, 0, 999, 0, 0).0);
     }
 
+    #[tokio::test]
+    async fn reservations_count_at_once_and_settle_to_the_real_usage() {
+        let f = Arc::new(RateLimiter::new(None, RateLimits { rpm: 0, tpm: 1000 }));
+        // Two answers in flight reserve 600 each: a third is refused.
+        let (a, ra) = f.check("u", 600).await;
+        let (b, rb) = f.check("u", 600).await;
+        assert!(a.allowed && b.allowed);
+        let (c, rc) = f.check("u", 600).await;
+        assert_eq!((c.allowed, c.exceeded), (false, Some("tokens")));
+        assert!(rc.is_none());
+        // They used 10 each: the window holds 20, so more fit.
+        ra.unwrap().settle(10).await;
+        rb.unwrap().settle(10).await;
+        let (d, rd) = f.check("u", 600).await;
+        assert!(d.allowed);
+        // Dropped unsettled (an error before the answer): given back.
+        drop(rd);
+        for _ in 0..3 {
+            let (e, re) = f.check("u", 300).await;
+            assert!(e.allowed);
+            re.unwrap().settle(0).await;
+        }
+    }
+
     #[test]
     fn zero_turns_a_limit_off() {
         let off = RateLimits { rpm: 0, tpm: 0 };
@@ -289,17 +415,17 @@ mod tests {
 
     #[tokio::test]
     async fn local_fallback_limits_per_caller() {
-        let f = RateLimiter::new(None, RateLimits { rpm: 3, tpm: 0 });
+        let f = Arc::new(RateLimiter::new(None, RateLimits { rpm: 3, tpm: 0 }));
         for _ in 0..3 {
-            let d = f.check("ip:1").await;
+            let d = f.check("ip:1", 0).await.0;
             assert!(d.allowed);
             assert_eq!(d.scope, "local");
         }
-        let d = f.check("ip:1").await;
+        let d = f.check("ip:1", 0).await.0;
         assert!(!d.allowed);
         assert_eq!(d.exceeded, Some("requests"));
         assert!(
-            f.check("ip:2").await.allowed,
+            f.check("ip:2", 0).await.0.allowed,
             "another caller has its own limit"
         );
     }
