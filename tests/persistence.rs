@@ -768,3 +768,34 @@ async fn history_merges_the_table_and_a_partial_buffer_in_order() {
         ]
     );
 }
+
+#[tokio::test]
+async fn turns_written_out_of_order_move_the_summary_only_forward_with_the_first_title() {
+    let aws = LocalAws::create(&[]).await;
+    let store = aws.store().await;
+    let owner = user();
+    let t0 = 1_700_000_000_000u64;
+    let first = record(&owner, "conv-order", t0, "a");
+    let second = record(&owner, "conv-order", t0 + 60_000, "b");
+    let third = record(&owner, "conv-order", t0 + 120_000, "c");
+    // The newest arrives first, the oldest last (a standard queue, two
+    // writers, a redelivery): one call each.
+    for r in [&third, &first, &second] {
+        let out = store.write_turns(std::slice::from_ref(r)).await;
+        assert!(
+            matches!(out[0], chat_core::persistence::store::WriteOutcome::Written),
+            "{out:?}"
+        );
+    }
+    let meta = store.get_conversation("conv-order").await.unwrap().unwrap();
+    assert_eq!(meta.updated_at_ms, third.completed_at_ms, "never backwards");
+    assert_eq!(meta.created_at_ms, first.started_at_ms);
+    assert_eq!(
+        meta.title, first.user_message,
+        "the title of the earliest turn"
+    );
+    assert_eq!(meta.message_count, 6);
+    // The list order follows updated_at too.
+    let (list, _) = store.list_conversations(&owner, 10, None).await.unwrap();
+    assert_eq!(list[0].updated_at_ms, third.completed_at_ms);
+}

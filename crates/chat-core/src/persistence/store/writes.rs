@@ -151,6 +151,7 @@ impl Store {
             }
             pending.push(i);
         }
+        let mut written_convs: Vec<Vec<usize>> = Vec::new();
         let mut round = 0;
         while !pending.is_empty() && round < WRITE_ROUNDS {
             if round > 0 {
@@ -167,6 +168,7 @@ impl Store {
                         for &i in &txn.turns {
                             outcomes[i] = Some(WriteOutcome::Written);
                         }
+                        written_convs.extend(txn.convs.iter().map(|(_, t)| t.clone()));
                     }
                     TxnResult::Cancelled(decided) => {
                         for (i, o) in decided {
@@ -189,12 +191,82 @@ impl Store {
                 }
             }
         }
+        let settles = written_convs.iter().map(|t| self.settle_meta(&recs, t));
+        futures_util::future::join_all(settles).await;
         outcomes
             .into_iter()
             .map(|o| {
                 o.unwrap_or_else(|| WriteOutcome::Failed("still conflicting after retries".into()))
             })
             .collect()
+    }
+
+    /// After a transaction wrote `turns` of one conversation: moves its
+    /// `updated_at` (and list position, and expiry) only forward, and its
+    /// `created_at` and title only back to an earlier turn, whatever order
+    /// the turns arrive in. Two conditional updates, run at once; a failed
+    /// condition means the item already says something newer (or older).
+    /// A failure here is logged: the turns are written, and the next turn
+    /// of the conversation moves the summary again.
+    async fn settle_meta(&self, recs: &[TurnRecord], turns: &[usize]) {
+        let group = || turns.iter().map(|&i| &recs[i]);
+        let (Some(first), Some(updated)) = (
+            group().min_by_key(|r| r.started_at_ms),
+            group().map(|r| r.completed_at_ms).max(),
+        ) else {
+            return;
+        };
+        let pk = conv_pk(&first.conversation_id);
+        let forward = {
+            let mut set = "#updated = :updated, #g1sk = :g1sk".to_owned();
+            let mut b = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("PK", s(pk.clone()))
+                .key("SK", s(META_SK))
+                .condition_expression("#updated < :updated")
+                .expression_attribute_names("#updated", "updated_at")
+                .expression_attribute_names("#g1sk", "GSI1SK")
+                .expression_attribute_values(":updated", n(updated))
+                .expression_attribute_values(
+                    ":g1sk",
+                    s(format!("{updated:013}#{}", first.conversation_id)),
+                );
+            if let Some(e) = self.expires_at(updated) {
+                set.push_str(", #exp = :exp");
+                b = b
+                    .expression_attribute_names("#exp", "expires_at")
+                    .expression_attribute_values(":exp", n(e));
+            }
+            b.update_expression(format!("SET {set}")).send()
+        };
+        let title: String = first.user_message.chars().take(80).collect();
+        let back = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", s(pk))
+            .key("SK", s(META_SK))
+            .condition_expression("#created > :created")
+            .update_expression("SET #created = :created, #title = :title")
+            .expression_attribute_names("#created", "created_at")
+            .expression_attribute_names("#title", "title")
+            .expression_attribute_values(":created", n(first.started_at_ms))
+            .expression_attribute_values(":title", s(title));
+        self.count();
+        self.count();
+        let (a, b) = tokio::join!(forward, back.send());
+        for r in [a.map(|_| ()), b.map(|_| ())] {
+            if let Err(e) = r {
+                let condition = e
+                    .as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception());
+                if !condition {
+                    tracing::warn!(error = %dynamo_err("UpdateItem", e), "conversation summary not moved");
+                }
+            }
+        }
     }
 
     async fn run_txn(&self, recs: &[TurnRecord], txn: &Txn) -> TxnResult {
@@ -327,10 +399,14 @@ impl Store {
             .max()
             .unwrap_or(first.completed_at_ms);
         let title: String = first.user_message.chars().take(80).collect();
+        // Turns arrive out of order (a standard queue, several writers,
+        // redelivery, the direct-write fallback): here every time-ordered
+        // field is only set when missing; [`Store::settle_meta`] then moves
+        // it forward (updated) or back (created, title) with a condition.
         let mut set =
             "#owner = if_not_exists(#owner, :owner), #title = if_not_exists(#title, :title), \
-             #created = if_not_exists(#created, :created), #updated = :updated, \
-             #g1pk = :g1pk, #g1sk = :g1sk, #type = :type"
+             #created = if_not_exists(#created, :created), #updated = if_not_exists(#updated, :updated), \
+             #g1pk = :g1pk, #g1sk = if_not_exists(#g1sk, :g1sk), #type = :type"
                 .to_owned();
         let mut b = Update::builder()
             .table_name(&self.table)
@@ -359,7 +435,7 @@ impl Store {
             .expression_attribute_values(":mc", n(2 * turns.len()))
             .expression_attribute_values(":tc", n(turns.len()));
         if let Some(e) = self.expires_at(updated) {
-            set.push_str(", #exp = :exp");
+            set.push_str(", #exp = if_not_exists(#exp, :exp)");
             b = b
                 .expression_attribute_names("#exp", "expires_at")
                 .expression_attribute_values(":exp", n(e));
