@@ -78,6 +78,14 @@ async fn drain(aws: &LocalAws, store: &Store) -> usize {
     n
 }
 
+fn spool(dir: &std::path::Path) -> chat_core::persistence::spool::Spool {
+    chat_core::persistence::spool::Spool::new(chat_core::persistence::spool::SpoolConfig {
+        dir: dir.to_owned(),
+        max_bytes: 1024 * 1024,
+        log_record: false,
+    })
+}
+
 fn record(user: &str, conv: &str, at: u64, answer: &str) -> TurnRecord {
     TurnRecord {
         v: TURN_SCHEMA_VERSION,
@@ -348,6 +356,7 @@ async fn a_one_megabyte_answer_round_trips_through_the_queue() {
                 buffer_ttl: Duration::from_secs(60),
             },
         ))),
+        spool(&std::env::temp_dir().join(format!("spool-{}", uuid::Uuid::new_v4().simple()))),
     );
     let erin = user();
     let conv = format!("c{}", uuid::Uuid::new_v4().simple());
@@ -798,4 +807,55 @@ async fn turns_written_out_of_order_move_the_summary_only_forward_with_the_first
     // The list order follows updated_at too.
     let (list, _) = store.list_conversations(&owner, 10, None).await.unwrap();
     assert_eq!(list[0].updated_at_ms, third.completed_at_ms);
+}
+
+#[tokio::test]
+async fn a_turn_nobody_takes_is_spooled_and_sent_by_the_next_invocation() {
+    let aws = LocalAws::create(&[]).await;
+    let dir = std::env::temp_dir().join(format!("spool-{}", uuid::Uuid::new_v4().simple()));
+    let owner = user();
+    let conv = format!("c{}", uuid::Uuid::new_v4().simple());
+    // No queue, and a table that does not exist: nothing takes the turn.
+    let broken = Persister::new(
+        std::sync::Arc::new(
+            chat_core::store_for("no-such-table", None, chat_core::StoreRole::Request).await,
+        ),
+        None,
+        None,
+        spool(&dir),
+    );
+    let lost = record(&owner, &conv, now_ms(), "the lost answer");
+    assert_eq!(broken.persist(lost.clone(), true).await, PersistPath::Lost);
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(files.len(), 1, "spooled under /tmp");
+    // The environment's next process (same /tmp) sends it with its own
+    // first turn.
+    let store = std::sync::Arc::new(aws.store().await);
+    let next = Persister::new(store.clone(), None, None, spool(&dir));
+    let later = record(&owner, &conv, now_ms() + 1, "the next answer");
+    assert_eq!(next.persist(later, false).await, PersistPath::Direct);
+    let (turns, _) = store.turns_page(&conv, 10, None).await.unwrap();
+    let answers: Vec<&str> = turns.iter().map(|t| t.answer.as_str()).collect();
+    assert!(answers.contains(&"the lost answer"), "{answers:?}");
+    assert!(answers.contains(&"the next answer"), "{answers:?}");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "the spool is empty"
+    );
+    // A full spool keeps nothing (and says so).
+    let tiny = Persister::new(
+        std::sync::Arc::new(
+            chat_core::store_for("no-such-table", None, chat_core::StoreRole::Request).await,
+        ),
+        None,
+        None,
+        chat_core::persistence::spool::Spool::new(chat_core::persistence::spool::SpoolConfig {
+            dir: dir.clone(),
+            max_bytes: 10,
+            log_record: false,
+        }),
+    );
+    assert_eq!(tiny.persist(lost, true).await, PersistPath::Lost);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
 }

@@ -344,7 +344,8 @@ async fn build_persister(
         }
         None => None,
     };
-    Persister::new(store, queue, buffer)
+    let spool = crate::persistence::spool::Spool::new(p.spool.clone());
+    Persister::new(store, queue, buffer, spool)
 }
 
 async fn build_auth(

@@ -65,6 +65,19 @@ pub(crate) fn persistence<S: ConfigSource + ?Sized>(
                 sqs_endpoint_url,
                 queue_timeout: r.ms("TURN_QUEUE_TIMEOUT_MS", 2_000)?,
                 retention: (days > 0).then(|| Duration::from_secs(days * 86_400)),
+                spool: crate::persistence::spool::SpoolConfig {
+                    dir: r
+                        .string("TURN_SPOOL_DIR")
+                        .unwrap_or_else(|| "/tmp/turn-spool".to_owned())
+                        .into(),
+                    max_bytes: r.ranged(
+                        "TURN_SPOOL_MAX_BYTES",
+                        64 * 1024 * 1024u64,
+                        0,
+                        10 * 1024 * 1024 * 1024,
+                    )?,
+                    log_record: r.bool("TURN_LOST_LOG_RECORD", false)?,
+                },
             })
         }
     })

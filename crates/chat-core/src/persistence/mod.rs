@@ -4,6 +4,8 @@
 //!   producer and db-writer.
 //! - [`producer`]: chat-stream's side: sends the turn through SQS (or
 //!   writes it directly when SQS fails) and updates the recent buffer.
+//! - [`spool`]: turns neither SQS nor DynamoDB took, kept under `/tmp`
+//!   for the next invocation.
 //! - [`history`]: a conversation's past turns for the next request, from
 //!   the recent buffer (Redis) or the table.
 //! - [`store`]: every DynamoDB access (Query/GetItem/BatchGetItem and
@@ -15,6 +17,7 @@
 
 pub mod history;
 pub mod producer;
+pub mod spool;
 pub mod store;
 pub mod turn;
 pub mod writer;
@@ -36,4 +39,6 @@ pub struct PersistenceConfig {
     /// `RETENTION_DAYS`; items expire (DynamoDB TTL) this long after their
     /// last update. Unset or 0: kept.
     pub retention: Option<Duration>,
+    /// Where turns go when neither SQS nor DynamoDB takes them.
+    pub spool: spool::SpoolConfig,
 }

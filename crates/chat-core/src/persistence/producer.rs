@@ -17,14 +17,16 @@
 //!    message that did get through is a no-op later).
 //! 3. The buffer write failing: write to DynamoDB directly as well, so the
 //!    next turn can read it (see [`crate::history`]).
-//! 4. Both failing: the record is logged whole at error level (`turn_lost`)
-//!    so it can be replayed from the logs.
+//! 4. Both failing: the record is spooled under `/tmp` (bounded) and sent
+//!    again at the start of the environment's next turn; the log says
+//!    `turn_lost` with ids and sizes (see [`crate::persistence::spool`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
 
 use crate::persistence::history::{BufferedTurn, RecentBuffer};
+use crate::persistence::spool::Spool;
 use crate::persistence::store::{Store, WriteOutcome};
 use crate::persistence::turn::{SQS_MESSAGE_MAX_BYTES, TurnRecord, TurnStatus};
 
@@ -38,7 +40,8 @@ pub enum PersistPath {
     Direct,
     /// Queued and also written directly (the buffer missed it).
     QueuedAndDirect,
-    /// Neither worked: logged whole for replay.
+    /// Neither worked: spooled for the next invocation (or, with the spool
+    /// full, lost).
     Lost,
 }
 
@@ -65,16 +68,38 @@ pub struct Persister {
     /// Sends to SQS that failed in a row (0 after a success).
     queue_failures: AtomicU32,
     queue_used: AtomicBool,
+    spool: Spool,
 }
 
 impl Persister {
-    pub fn new(store: Arc<Store>, queue: Option<Queue>, buffer: Option<Arc<RecentBuffer>>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        queue: Option<Queue>,
+        buffer: Option<Arc<RecentBuffer>>,
+        spool: Spool,
+    ) -> Self {
         Self {
             store,
             queue,
             buffer,
             queue_failures: AtomicU32::new(0),
             queue_used: AtomicBool::new(false),
+            spool,
+        }
+    }
+
+    /// Sends the turns an earlier invocation could not store. Runs first
+    /// in [`persist`](Self::persist), so inside an invocation, after its
+    /// client has the final event.
+    async fn replay_spool(&self) {
+        for (path, rec) in self.spool.take().await {
+            let stored = self.enqueue(&rec).await.is_ok() || self.write_direct(&rec).await;
+            if stored {
+                tracing::info!(turn_id = %rec.turn_id, "spooled turn stored");
+                self.spool.done(&path).await;
+            } else {
+                self.spool.again();
+            }
         }
     }
 
@@ -96,6 +121,9 @@ impl Persister {
     /// Makes the turn durable; see the module docs for the order.
     /// `new_conversation`: this turn started the conversation.
     pub async fn persist(&self, rec: TurnRecord, new_conversation: bool) -> PersistPath {
+        if self.spool.pending() {
+            self.replay_spool().await;
+        }
         let started = Instant::now();
         let buffered = async {
             match (&self.buffer, rec.status, &rec.answer) {
@@ -134,11 +162,7 @@ impl Persister {
         };
         let ms = started.elapsed().as_secs_f64() * 1e3;
         if path == PersistPath::Lost {
-            tracing::error!(
-                turn_id = %rec.turn_id,
-                record = %rec.encode(),
-                "turn_lost: neither SQS nor DynamoDB took the turn; replay this record"
-            );
+            self.spool.keep(&rec).await;
         } else {
             tracing::debug!(turn_id = %rec.turn_id, path = path.as_str(), persist_ms = ms, "turn persisted");
         }
