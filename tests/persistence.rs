@@ -859,3 +859,24 @@ async fn a_turn_nobody_takes_is_spooled_and_sent_by_the_next_invocation() {
     assert_eq!(tiny.persist(lost, true).await, PersistPath::Lost);
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn a_newer_producers_turn_is_stored_not_sent_to_the_dlq() {
+    let aws = LocalAws::create(&[]).await;
+    let store = aws.store().await;
+    let conv = format!("c{}", uuid::Uuid::new_v4().simple());
+    let rec = record(&user(), &conv, now_ms(), "an answer from the future");
+    let mut v: Value = serde_json::from_str(&rec.encode()).unwrap();
+    v["status"] = "stopped".into();
+    v["field_added_later"] = json!({"any": ["thing"]});
+    let (resp, _) = handle_batch(&store, &sqs_event(&[("m1", v.to_string())])).await;
+    assert!(resp.batch_item_failures.is_empty(), "stored, not poison");
+    let (turns, _) = store.turns_page(&conv, 10, None).await.unwrap();
+    assert_eq!(turns.len(), 1);
+    assert_eq!(turns[0].answer, "an answer from the future");
+    assert_eq!(
+        turns[0].status,
+        TurnStatus::Other,
+        "an unknown status is not 'completed'"
+    );
+}
