@@ -17,7 +17,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: help run test lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: help run test test-template lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -55,7 +55,7 @@ lint: $(TOOLS)
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	sam validate --lint --region $(REGION)
 
-test: lint
+test: lint test-template
 	@env=$$(scripts/services.sh start) || { echo "the local services did not start (see above); no tests run" >&2; exit 1; }; \
 	eval "$$env"; \
 	if cargo nextest --version >/dev/null 2>&1; then \
@@ -63,6 +63,11 @@ test: lint
 	else \
 		cargo test --workspace --locked --no-fail-fast; \
 	fi
+
+# template.yaml rendered by the SAM translator for the parameter sets we
+# ship, cfn-lint on every render, and what a working deploy needs.
+test-template: $(TOOLS)
+	$(VENV)/bin/pytest tests/template -q -p no:cacheprovider
 
 # --- build and deploy -------------------------------------------------------
 
@@ -76,9 +81,13 @@ build: $(TOOLS) rust-arm64
 sam-build: $(TOOLS) rust-arm64
 	sam build --config-env $(ENV)
 
+# PARAMS is merged with the environment's parameter_overrides from
+# samconfig.toml (sam itself would replace them), and CodeSha256 (the
+# bootstraps and the parameters) makes a parameter change publish a new
+# version behind the live alias.
 deploy: sam-build
 	sam deploy --config-env $(ENV) --region $(REGION) \
-		$(if $(PARAMS),--parameter-overrides $(PARAMS),)
+		--parameter-overrides $$($(VENV)/bin/python scripts/deploy_params.py $(ENV) '$(PARAMS)' .aws-sam/build)
 
 # --- benchmarks -------------------------------------------------------------
 

@@ -11,6 +11,11 @@
 
 mod chat;
 mod conversations;
+
+/// The CORS lists of the API: the template's Function URL uses the same
+/// (a template test compares them; a test here checks every header the
+/// API sends a browser is exposed).
+pub const CORS_JSON: &str = include_str!("cors.json");
 mod health;
 mod streams;
 

@@ -398,3 +398,45 @@ async fn local_tokens_are_reserved_at_admission_and_settled() {
 async fn redis_tokens_are_reserved_at_admission_and_settled() {
     tokens_reserved_at_admission(Some(redis())).await;
 }
+
+/// Every header an answer sends that a browser script may want is in the
+/// CORS expose list the Function URL uses (api/cors.json), so a header
+/// added later cannot be forgotten there.
+#[tokio::test(start_paused = true)]
+async fn every_header_the_api_sends_is_exposed_to_browsers() {
+    use tower::ServiceExt;
+    let cors: serde_json::Value = serde_json::from_str(crate::api::CORS_JSON).unwrap();
+    let exposed: Vec<&str> = cors["expose_headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // Rate limits on, so the x-ratelimit-* headers are sent too.
+    let (s, _) = state(&[("RATE_LIMIT_RPM", "100")], None);
+    let mut names = std::collections::BTreeSet::new();
+    for body in [
+        r#"{"message":"hi","model":"ok"}"#,
+        r#"{"message":"hi","model":"status-429"}"#,
+    ] {
+        let resp = crate::api::app(s.clone())
+            .oneshot(Request::post("/chat").body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        names.extend(resp.headers().keys().map(|k| k.as_str().to_owned()));
+    }
+    // What browsers read without CORS (safelisted) or never need.
+    let plain = [
+        "content-type",
+        "cache-control",
+        "content-length",
+        "x-accel-buffering",
+    ];
+    for n in &names {
+        assert!(
+            exposed.contains(&n.as_str()) || plain.contains(&n.as_str()),
+            "{n} is sent but not in api/cors.json expose_headers"
+        );
+    }
+    assert!(names.contains("x-ratelimit-remaining") && names.contains("retry-after"));
+}
