@@ -17,14 +17,15 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: help run test test-template lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
 	@echo "make test     lint (fmt, clippy, sam validate --lint) and all tests"
 	@echo "make build    arm64 Lambda bootstraps in target/lambda/ (cargo lambda)"
 	@echo "make bench    latency benchmarks; see BENCHMARKS.md"
-	@echo "make deploy   sam build + sam deploy (ENV=default|prod, PARAMS='Key=Value ...')"
+	@echo "make deploy   sam build + sam deploy (ENV=default|prod, PARAMS='Key=Value ...' merged with samconfig)"
+	@echo "make smoke    check a deployed stack: URL=<ChatUrl> KEY=<api key> [ORIGIN=<allowed origin>]"
 
 # --- tools ------------------------------------------------------------------
 
@@ -63,6 +64,16 @@ test: lint test-template
 	else \
 		cargo test --workspace --locked --no-fail-fast; \
 	fi
+	$(MAKE) --no-print-directory test-artifact
+
+# The arm64 bootstraps that SAM uploads, from `make build`, run under
+# qemu-user against the local Lambda Runtime API: the same answers as the
+# x86 build (the tests marked ignored in the plain run).
+test-artifact: build
+	scripts/ensure-qemu.sh
+	@env=$$(scripts/services.sh start) || { echo "the local services did not start (see above)" >&2; exit 1; }; \
+	eval "$$env"; \
+	cargo nextest run --locked -p chat-stream -p db-writer --run-ignored only -E 'test(/arm64/)' 
 
 # template.yaml rendered by the SAM translator for the parameter sets we
 # ship, cfn-lint on every render, and what a working deploy needs.
@@ -89,7 +100,19 @@ deploy: sam-build
 	sam deploy --config-env $(ENV) --region $(REGION) \
 		--parameter-overrides $$($(VENV)/bin/python scripts/deploy_params.py $(ENV) '$(PARAMS)' .aws-sam/build)
 
+# The check to run right after a deploy: make smoke URL=<ChatUrl> KEY=<api key> [ORIGIN=<allowed origin>]
+smoke:
+	@test -n "$(URL)" || { echo "usage: make smoke URL=https://....lambda-url.REGION.on.aws/ KEY=... [ORIGIN=https://your.app]"; exit 2; }
+	python3 scripts/smoke.py URL='$(URL)' KEY='$(KEY)' ORIGIN='$(ORIGIN)'
+
 # --- benchmarks -------------------------------------------------------------
+
+# Cold start of each function, native release builds and (make build) the
+# arm64 bootstraps under qemu: scripts/bench-coldstart.sh
+bench-coldstart: $(TOOLS) build
+	cargo build --release -p chat-stream -p db-writer -p cache-warmer -p model-sim
+	scripts/ensure-qemu.sh
+	scripts/bench-coldstart.sh
 
 bench: $(TOOLS)
 	cargo build --release -p chat-stream -p model-sim -p chat-bench

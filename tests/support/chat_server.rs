@@ -36,19 +36,22 @@ impl ChatServer {
         }
         let config = chat_core::Config::from_source(&map).expect("test config");
         chat_core::logging::init(config.log_level);
+        let origins = config.cors_allow_origins.clone();
         let state = chat_core::build_state(config).await.expect("state");
+        // As chat-stream's local server mode does.
+        let router = if origins.is_empty() {
+            chat_core::app(state)
+        } else {
+            chat_core::app(state).layer(chat_core::api::local_cors(&origins))
+        };
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(chat_core::server::serve(
-            listener,
-            chat_core::app(state),
-            async {
-                let _ = rx.await;
-            },
-        ));
+        tokio::spawn(chat_core::server::serve(listener, router, async {
+            let _ = rx.await;
+        }));
         ChatServer {
             addr,
             stop: Some(tx),

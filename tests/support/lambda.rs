@@ -245,3 +245,32 @@ async fn error(
 async fn init_error(body: Bytes) -> Response {
     panic!("function init failed: {}", String::from_utf8_lossy(&body));
 }
+
+/// Where `make build` leaves the arm64 bootstraps that SAM uploads.
+pub fn arm64_bootstrap(function: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/lambda")
+        .join(function)
+        .join("bootstrap");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make build` (make test-artifact does)",
+        path.display()
+    );
+    path
+}
+
+/// A command that runs a Lambda function's binary: `x86` (the build cargo
+/// made for the tests), or with `arm64` the bootstrap `make build` made,
+/// under qemu-user with Debian's arm64 libc as its sysroot (the bootstrap
+/// is linked against glibc, as Lambda's provided.al2023 runs it).
+pub fn function_command(x86: &str, function: &str, arm64: bool) -> tokio::process::Command {
+    if !arm64 {
+        return tokio::process::Command::new(x86);
+    }
+    let mut c = tokio::process::Command::new("qemu-aarch64");
+    c.arg("-L")
+        .arg("/usr/aarch64-linux-gnu")
+        .arg(arm64_bootstrap(function));
+    c
+}

@@ -56,11 +56,16 @@ where
     F: FnOnce(S) -> Fut,
     Fut: Future<Output = Result<(), BoxError>>,
 {
+    let t = std::time::Instant::now();
     let settings = match flags_to_source(args).and_then(|f| S::read(&Layered(f, EnvSource))) {
         Ok(s) => s,
         Err(e) => return crate::logging::fail(bin, &e),
     };
     crate::logging::init(settings.log_level());
+    tracing::info!(
+        settings_ms = crate::util::ms(t.elapsed()),
+        "{bin} settings read"
+    );
     match body(settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => crate::logging::fail(bin, &*e),

@@ -410,15 +410,27 @@ async fn build_deps(config: &Config, redis: Option<&Arc<RedisLink>>) -> Result<D
 /// pre-warm is logged, not fatal: the first request simply pays for the
 /// connection).
 pub async fn build_state(config: Config) -> Result<AppState, InitError> {
+    let t = Instant::now();
     let providers = build_providers(&config.providers, config.timeouts.connect).await?;
+    let providers_ms = ms(t.elapsed());
     let budget = config.timeouts.connect + Duration::from_secs(2);
     let prewarm = config.providers.prewarm;
+    let t = Instant::now();
     let redis = build_redis(config.redis_url.as_ref(), config.redis_timeout)?;
     let deps = build_deps(&config, redis.as_ref()).await?;
+    let clients_ms = ms(t.elapsed());
     let state = AppState::new(config, providers, redis, deps);
+    let t = Instant::now();
     if prewarm {
         log_prewarm(state.check_providers(budget).await);
     }
+    // What init costs, by step (the cold start's share that is ours).
+    tracing::info!(
+        providers_ms,
+        clients_ms,
+        prewarm_ms = ms(t.elapsed()),
+        "chat-stream initialised"
+    );
     Ok(state)
 }
 
@@ -436,10 +448,18 @@ fn log_prewarm(results: Vec<(&'static str, Probe)>) {
 
 /// Builds the cache-warmer's clients once per process.
 pub async fn build_warmer(config: &WarmerConfig) -> Result<Warmer, InitError> {
+    let t = Instant::now();
     let providers = build_providers(&config.providers, config.timeouts.connect).await?;
+    let providers_ms = ms(t.elapsed());
+    let t = Instant::now();
     let redis = build_redis(config.redis_url.as_ref(), config.redis_timeout)?;
     let (cache, popular) =
         build_cache(config.cache.as_ref(), redis.as_ref(), config.redis_timeout).await;
+    tracing::info!(
+        providers_ms,
+        clients_ms = ms(t.elapsed()),
+        "cache-warmer initialised"
+    );
     let ttl = config.cache.as_ref().map(|c| c.policy.ttl);
     Ok(Warmer {
         providers,

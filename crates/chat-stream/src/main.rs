@@ -18,11 +18,17 @@ async fn main() -> ExitCode {
         return runner::keys_command(&args[1..]).await;
     }
     runner::run("chat-stream", args, |config: Config| async move {
-        let bind_addr = config.bind_addr;
+        let (bind_addr, origins) = (config.bind_addr, config.cors_allow_origins.clone());
         let router = app(build_state(config).await?);
         if in_lambda() {
             lambda_http::run_with_streaming_response(router).await
         } else {
+            // The template's Function URL CORS policy, when origins are set.
+            let router = if origins.is_empty() {
+                router
+            } else {
+                router.layer(chat_core::api::local_cors(&origins))
+            };
             serve_local(router, bind_addr, "chat-stream").await
         }
     })

@@ -6,20 +6,18 @@
 //! the same handler. The logic is in `chat_core::persistence::writer`.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use chat_core::config::WriterConfig;
-use chat_core::persistence::writer::{handle_batch, poll_local};
+use chat_core::persistence::writer::{build_store, handle_batch, poll_local};
 use chat_core::runner::{self, in_lambda};
-use chat_core::{StoreRole, store_for};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = std::env::args().skip(1).collect();
     runner::run("db-writer", args, |config: WriterConfig| async move {
-        let store = Arc::new(store_for(&config.table, config.retention, StoreRole::Writer).await);
+        let store = build_store(&config).await;
         if !in_lambda() {
             return poll_local(&store, &config).await;
         }

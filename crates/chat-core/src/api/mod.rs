@@ -158,3 +158,40 @@ mod tests {
         assert_eq!(client_ip(&h, peer), "203.0.113.7");
     }
 }
+
+/// The template's Function URL CORS policy, for the local server mode, so
+/// a page behaves the same locally and deployed (`CORS_ALLOW_ORIGINS`, the
+/// lists in `cors.json`). In Lambda the Function URL answers preflights and
+/// adds the headers; the function adds none (duplicates break browsers).
+pub fn local_cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let lists: serde_json::Value = serde_json::from_str(CORS_JSON).unwrap_or_default();
+    let names = |k: &str| -> Vec<HeaderName> {
+        lists[k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str()?.parse().ok())
+            .collect()
+    };
+    let methods: Vec<Method> = lists["allow_methods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str()?.parse().ok())
+        .collect();
+    let origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods(methods)
+        .allow_headers(names("allow_headers"))
+        .expose_headers(names("expose_headers"))
+        .max_age(std::time::Duration::from_secs(
+            lists["max_age"].as_u64().unwrap_or(3600),
+        ))
+}

@@ -46,6 +46,10 @@ use source::Reader;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub bind_addr: SocketAddr,
+    /// `CORS_ALLOW_ORIGINS` (comma list, `*` for any; default none): the
+    /// local server's CORS policy, as the template's `CorsAllowOrigins`
+    /// gives the Function URL. Not applied in Lambda.
+    pub cors_allow_origins: Vec<String>,
     pub log_level: tracing::Level,
     pub providers: ProviderSettings,
     pub routing: crate::provider::routing::Routing,
@@ -90,7 +94,17 @@ impl Config {
         let (redis_url, redis_timeout) = stores::redis(&r)?;
         let persistence = stores::persistence(&r)?;
         let cache = stores::cache(&r, redis_url.as_ref(), persistence.as_ref())?;
+        let cors_allow_origins = r
+            .string("CORS_ALLOW_ORIGINS")
+            .map(|v| {
+                v.split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(Config {
+            cors_allow_origins,
             bind_addr,
             log_level: log_level(&r)?,
             routing,

@@ -255,3 +255,20 @@ pub async fn poll_local(
     poll_loop(store, &sqs, &cfg, crate::server::shutdown_signal()).await;
     Ok(())
 }
+
+/// db-writer's table client, built once at init (with its time in the
+/// log, the cold start's share that is ours).
+pub async fn build_store(config: &WriterConfig) -> std::sync::Arc<Store> {
+    let t = std::time::Instant::now();
+    let store = crate::persistence::store::store_for(
+        &config.table,
+        config.retention,
+        crate::persistence::store::StoreRole::Writer,
+    )
+    .await;
+    tracing::info!(
+        clients_ms = crate::util::ms(t.elapsed()),
+        "db-writer initialised"
+    );
+    std::sync::Arc::new(store)
+}
