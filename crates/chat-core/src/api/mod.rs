@@ -139,26 +139,6 @@ async fn method_not_allowed() -> Response {
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_ip_is_the_last_forwarded_entry_then_the_peer() {
-        let peer = Some(std::net::SocketAddr::from(([10, 0, 0, 9], 5000)));
-        let mut h = HeaderMap::new();
-        assert_eq!(client_ip(&h, peer), "10.0.0.9");
-        assert_eq!(client_ip(&h, None), "unknown");
-        // A client can send its own X-Forwarded-For; the entry the front end
-        // appended last is the one to trust.
-        h.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("1.1.1.1, 203.0.113.7"),
-        );
-        assert_eq!(client_ip(&h, peer), "203.0.113.7");
-    }
-}
-
 /// The template's Function URL CORS policy, for the local server mode, so
 /// a page behaves the same locally and deployed (`CORS_ALLOW_ORIGINS`, the
 /// lists in `cors.json`). In Lambda the Function URL answers preflights and
@@ -194,4 +174,24 @@ pub fn local_cors(origins: &[String]) -> tower_http::cors::CorsLayer {
         .max_age(std::time::Duration::from_secs(
             lists["max_age"].as_u64().unwrap_or(3600),
         ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ip_is_the_last_forwarded_entry_then_the_peer() {
+        let peer = Some(std::net::SocketAddr::from(([10, 0, 0, 9], 5000)));
+        let mut h = HeaderMap::new();
+        assert_eq!(client_ip(&h, peer), "10.0.0.9");
+        assert_eq!(client_ip(&h, None), "unknown");
+        // A client can send its own X-Forwarded-For; the entry the front end
+        // appended last is the one to trust.
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 203.0.113.7"),
+        );
+        assert_eq!(client_ip(&h, peer), "203.0.113.7");
+    }
 }
