@@ -43,7 +43,7 @@ async fn round_trip_and_expire(cache: &dyn ResponseCache) {
 #[tokio::test]
 async fn entries_round_trip_and_expire() {
     let redis = RedisServer::start().await;
-    let link = Arc::new(RedisLink::new(&redis.url(), Duration::from_millis(500)).unwrap());
+    let link = Arc::new(RedisLink::new(&redis.url(), Duration::from_millis(500), false).unwrap());
     // Redis expires the entry itself (SET EX).
     round_trip_and_expire(&RedisCache::new(link, Duration::from_millis(500))).await;
 }
@@ -53,7 +53,7 @@ async fn a_dead_redis_is_an_error_at_once() {
     let mut redis = RedisServer::start().await;
     let url = redis.url();
     redis.stop();
-    let link = Arc::new(RedisLink::new(&url, Duration::from_millis(50)).unwrap());
+    let link = Arc::new(RedisLink::new(&url, Duration::from_millis(50), false).unwrap());
     let cache = RedisCache::new(link, Duration::from_millis(50));
     let t = Instant::now();
     assert_eq!(cache.get("k").await, Err(CacheError::Unavailable));
@@ -210,6 +210,7 @@ async fn rediss_urls_speak_tls() {
         RedisLink::new(
             &format!("redis://127.0.0.1:{port}/"),
             Duration::from_millis(500),
+            false,
         )
         .unwrap(),
     );

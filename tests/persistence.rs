@@ -348,7 +348,7 @@ async fn a_one_megabyte_answer_round_trips_through_the_queue() {
         }),
         Some(std::sync::Arc::new(RecentBuffer::new(
             std::sync::Arc::new(
-                RedisLink::new(&require_redis_url(), Duration::from_millis(500)).unwrap(),
+                RedisLink::new(&require_redis_url(), Duration::from_millis(500), false).unwrap(),
             ),
             HistoryLimits {
                 max_turns: 20,
@@ -736,7 +736,7 @@ async fn history_merges_the_table_and_a_partial_buffer_in_order() {
     // The buffer loses the conversation (eviction, expiry, a Redis
     // restart): the table alone answers, then the buffer holds only the
     // newest turn and the two are merged.
-    let link = RedisLink::new(&require_redis_url(), Duration::from_millis(500)).unwrap();
+    let link = RedisLink::new(&require_redis_url(), Duration::from_millis(500), false).unwrap();
     let mut del = redis::pipe();
     del.del(format!("hist:{{{conv}}}"));
     assert!(

@@ -36,7 +36,7 @@ SETS = {
     "samconfig-default": samconfig_params("default"),
     "samconfig-prod": samconfig_params("prod"),
     "redis-in-vpc": {"CacheBackend": "redis", **VPC},
-    "redis-by-url": {"CacheBackend": "redis", "RedisUrl": "rediss://cache.example:6379"},
+    "redis-by-url": {"CacheBackend": "redis", "RedisUrl": "rediss://cache.example:6379", "RedisClusterMode": "true"},
     "no-cache": {"CacheBackend": "none", "ProvisionedConcurrency": "2", "ReservedConcurrency": "10"},
     "dynamodb-in-vpc": {"CacheBackend": "dynamodb", **VPC, "AlarmTopicArn": "arn:aws:sns:us-east-1:123456789012:alarms"},
     "iam-auth": {
@@ -204,6 +204,15 @@ def test_make_deploy_merges_params_with_the_environment_and_hashes_them(tmp_path
     assert one != deploy_params.code_sha(tmp_path, merged.replace("MemorySize=1024", "MemorySize=2048"))
     (boot / "bootstrap").write_bytes(b"binary two")
     assert one != deploy_params.code_sha(tmp_path, merged)
+
+
+def test_the_created_serverless_cache_is_talked_to_as_a_cluster():
+    def cluster(name):
+        t, p = RENDERS[name], values(RENDERS[name], SETS[name])
+        return ev(resolved(name)["ChatStreamFunction"]["Properties"]["Environment"]["Variables"]["REDIS_CLUSTER"], t, p)
+    assert cluster("redis-in-vpc") == "true"
+    assert cluster("redis-by-url") == "true"
+    assert cluster("samconfig-default") == "false"
 
 
 def test_reserved_concurrency_is_a_parameter():

@@ -18,7 +18,7 @@ use e2e::{FakeRuntimeApi, RedisServer, event_file, sim};
 async fn a_scheduled_event_refreshes_a_popular_entry_and_reports_it() {
     let redis = RedisServer::start().await;
     let sim = sim(5, 2000.0, 12).await;
-    let link = Arc::new(RedisLink::new(&redis.url(), Duration::from_secs(1)).unwrap());
+    let link = Arc::new(RedisLink::new(&redis.url(), Duration::from_secs(1), false).unwrap());
     // What chat-stream records when a question is asked.
     let messages = [Message {
         role: Role::User,

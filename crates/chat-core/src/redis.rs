@@ -3,21 +3,82 @@
 //! Redis costs one timeout, not one per request, and every caller falls
 //! back to what it does without Redis.
 //!
+//! Two kinds of server: a single endpoint (a `ConnectionManager`), or a
+//! cluster (`REDIS_CLUSTER=true`: the `redis` crate's cluster client,
+//! which follows MOVED and ASK and routes each command by its key's
+//! slot). Every multi-key operation here keeps its keys in one slot with a
+//! `{hash tag}`, so both kinds run the same scripts and pipelines.
+//!
 //! A leaf: uses nothing else in the crate.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 /// A Redis connection that is skipped for a while after it fails, so a
 /// dead Redis costs one timeout, not one per request.
 pub struct RedisLink {
-    client: redis::Client,
-    conn: ConnectionManager,
+    backend: Backend,
     timeout: Duration,
     skip_until: Mutex<Option<Instant>>,
+}
+
+enum Backend {
+    Single {
+        client: redis::Client,
+        conn: ConnectionManager,
+    },
+    Cluster {
+        client: ClusterClient,
+        /// Made on first use (a cluster client connects asynchronously);
+        /// a failed attempt is tried again on the next call.
+        conn: tokio::sync::OnceCell<ClusterConnection>,
+    },
+}
+
+/// A connection: the shared one, or one of a caller's own.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Own(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Own(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Own(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Own(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// How long Redis is skipped after a failure before it is tried again.
@@ -25,7 +86,23 @@ const REDIS_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 impl RedisLink {
     /// Connects lazily: a Redis that is down at init is not fatal.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+    /// `cluster`: the server is a cluster (or a cluster-mode endpoint).
+    pub fn new(url: &str, timeout: Duration, cluster: bool) -> Result<Self, redis::RedisError> {
+        if cluster {
+            let client = ClusterClient::builder(vec![url])
+                .connection_timeout(timeout.max(Duration::from_millis(200)))
+                .response_timeout(timeout)
+                .retries(1)
+                .build()?;
+            return Ok(Self {
+                backend: Backend::Cluster {
+                    client,
+                    conn: tokio::sync::OnceCell::new(),
+                },
+                timeout,
+                skip_until: Mutex::new(None),
+            });
+        }
         Self::with_client(redis::Client::open(url)?, timeout)
     }
 
@@ -40,11 +117,24 @@ impl RedisLink {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         Ok(Self {
-            conn: ConnectionManager::new_lazy_with_config(client.clone(), cfg)?,
-            client,
+            backend: Backend::Single {
+                conn: ConnectionManager::new_lazy_with_config(client.clone(), cfg)?,
+                client,
+            },
             timeout,
             skip_until: Mutex::new(None),
         })
+    }
+
+    /// The shared connection.
+    async fn conn(&self) -> redis::RedisResult<Conn> {
+        match &self.backend {
+            Backend::Single { conn, .. } => Ok(Conn::Single(conn.clone())),
+            Backend::Cluster { client, conn } => conn
+                .get_or_try_init(|| client.get_async_connection())
+                .await
+                .map(|c| Conn::Cluster(c.clone())),
+        }
     }
 
     fn skipping(&self) -> bool {
@@ -92,9 +182,10 @@ impl RedisLink {
         if !probe {
             return if self.skipping() { "down" } else { "ok" };
         }
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut conn);
+        let ping = async {
+            let mut conn = self.conn().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
         match self
             .guarded(self.timeout.max(Duration::from_millis(500)), ping)
             .await
@@ -114,24 +205,41 @@ impl RedisLink {
         if self.skipping() {
             return None;
         }
-        let mut conn = self.conn.clone();
-        self.guarded(timeout, pipe.query_async::<T>(&mut conn))
-            .await
+        let call = async {
+            let mut conn = self.conn().await?;
+            pipe.query_async::<T>(&mut conn).await
+        };
+        self.guarded(timeout, call).await
     }
 
     /// A connection of the caller's own, for blocking reads (`XREAD
     /// BLOCK`) that must not hold up the shared connection. Its responses
     /// may take `block` plus the usual timeout.
-    pub async fn dedicated(&self, block: Duration) -> Option<redis::aio::MultiplexedConnection> {
+    pub async fn dedicated(&self, block: Duration) -> Option<Conn> {
         if self.skipping() {
             return None;
         }
+        let connect_limit = self.timeout.max(Duration::from_millis(200));
         let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
-            .set_response_timeout(Some(block + self.timeout.max(Duration::from_millis(200))));
-        let connect = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg);
+            .set_connection_timeout(Some(connect_limit))
+            .set_response_timeout(Some(block + connect_limit));
+        let connect = async {
+            match &self.backend {
+                Backend::Single { client, .. } => client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+                    .map(Conn::Own),
+                Backend::Cluster { client, .. } => {
+                    let cfg = redis::cluster::ClusterConfig::new()
+                        .set_connection_timeout(connect_limit)
+                        .set_response_timeout(block + connect_limit);
+                    client
+                        .get_async_connection_with_config(cfg)
+                        .await
+                        .map(Conn::Cluster)
+                }
+            }
+        };
         self.guarded(self.timeout.max(Duration::from_millis(500)), connect)
             .await
     }
@@ -155,9 +263,11 @@ impl RedisLink {
         for a in args {
             inv.arg(*a);
         }
-        let mut conn = self.conn.clone();
-        self.guarded(timeout, inv.invoke_async::<T>(&mut conn))
-            .await
+        let call = async {
+            let mut conn = self.conn().await?;
+            inv.invoke_async::<T>(&mut conn).await
+        };
+        self.guarded(timeout, call).await
     }
 
     /// Runs a script; `None` when Redis is skipped, slow or failing.
@@ -177,9 +287,11 @@ impl RedisLink {
         for a in args {
             inv.arg(*a);
         }
-        let mut conn = self.conn.clone();
-        self.guarded(self.timeout, inv.invoke_async::<T>(&mut conn))
-            .await
+        let call = async {
+            let mut conn = self.conn().await?;
+            inv.invoke_async::<T>(&mut conn).await
+        };
+        self.guarded(self.timeout, call).await
     }
 }
 

@@ -282,9 +282,10 @@ async fn build_providers(
 fn build_redis(
     url: Option<&Secret>,
     timeout: Duration,
+    cluster: bool,
 ) -> Result<Option<Arc<RedisLink>>, InitError> {
     let Some(url) = url else { return Ok(None) };
-    let link = RedisLink::new(url.expose(), timeout)
+    let link = RedisLink::new(url.expose(), timeout, cluster)
         .map_err(|e| ConfigError::new("REDIS_URL", format!("not a usable Redis URL: {e}")))?;
     Ok(Some(Arc::new(link)))
 }
@@ -416,7 +417,11 @@ pub async fn build_state(config: Config) -> Result<AppState, InitError> {
     let budget = config.timeouts.connect + Duration::from_secs(2);
     let prewarm = config.providers.prewarm;
     let t = Instant::now();
-    let redis = build_redis(config.redis_url.as_ref(), config.redis_timeout)?;
+    let redis = build_redis(
+        config.redis_url.as_ref(),
+        config.redis_timeout,
+        config.redis_cluster,
+    )?;
     let deps = build_deps(&config, redis.as_ref()).await?;
     let clients_ms = ms(t.elapsed());
     let state = AppState::new(config, providers, redis, deps);
@@ -452,7 +457,11 @@ pub async fn build_warmer(config: &WarmerConfig) -> Result<Warmer, InitError> {
     let providers = build_providers(&config.providers, config.timeouts.connect).await?;
     let providers_ms = ms(t.elapsed());
     let t = Instant::now();
-    let redis = build_redis(config.redis_url.as_ref(), config.redis_timeout)?;
+    let redis = build_redis(
+        config.redis_url.as_ref(),
+        config.redis_timeout,
+        config.redis_cluster,
+    )?;
     let (cache, popular) =
         build_cache(config.cache.as_ref(), redis.as_ref(), config.redis_timeout).await;
     tracing::info!(

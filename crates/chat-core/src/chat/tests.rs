@@ -81,7 +81,7 @@ fn deadlines(total: Duration) -> Deadlines {
 fn redis() -> Arc<RedisLink> {
     let url = std::env::var("REDIS_URL")
         .unwrap_or_else(|_| panic!("REDIS_URL is not set: run the tests with `make test`"));
-    Arc::new(RedisLink::new(&url, Duration::from_millis(500)).unwrap())
+    Arc::new(RedisLink::new(&url, Duration::from_millis(500), false).unwrap())
 }
 
 /// A model name whose circuit no other test shares.

@@ -60,6 +60,9 @@ pub struct Config {
     /// instances. May hold a password, so it is a secret.
     pub redis_url: Option<Secret>,
     pub redis_timeout: Duration,
+    /// `REDIS_CLUSTER` (default false): the server is a cluster, or a
+    /// cluster-mode endpoint such as ElastiCache Serverless.
+    pub redis_cluster: bool,
     pub rate_limits: crate::limits::RateLimits,
     pub auth: AuthMode,
     /// The response cache, when on (`CACHE_ENABLED`, default on with
@@ -91,7 +94,7 @@ impl Config {
         let providers = providers::providers(&r)?;
         let (timeouts, limits) = providers::request(&r)?;
         let (routing, resilience) = providers::models(&r, &providers)?;
-        let (redis_url, redis_timeout) = stores::redis(&r)?;
+        let (redis_url, redis_timeout, redis_cluster) = stores::redis(&r)?;
         let persistence = stores::persistence(&r)?;
         let cache = stores::cache(&r, redis_url.as_ref(), persistence.as_ref())?;
         let cors_allow_origins = r
@@ -120,6 +123,7 @@ impl Config {
             persistence,
             redis_url,
             redis_timeout,
+            redis_cluster,
         })
     }
 }

@@ -10,10 +10,10 @@ use crate::error::ConfigError;
 use crate::persistence::PersistenceConfig;
 use crate::secrets::{ApiKeySource, Secret};
 
-/// `REDIS_URL`, `REDIS_TIMEOUT_MS`.
+/// `REDIS_URL`, `REDIS_TIMEOUT_MS`, `REDIS_CLUSTER`.
 pub(crate) fn redis<S: ConfigSource + ?Sized>(
     r: &Reader<'_, S>,
-) -> Result<(Option<Secret>, Duration), ConfigError> {
+) -> Result<(Option<Secret>, Duration, bool), ConfigError> {
     let redis_url = r.string("REDIS_URL");
     if let Some(u) = &redis_url {
         if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
@@ -24,7 +24,8 @@ pub(crate) fn redis<S: ConfigSource + ?Sized>(
         }
     }
     let redis_timeout = r.ms("REDIS_TIMEOUT_MS", 50)?;
-    Ok((redis_url.map(Secret::new), redis_timeout))
+    let cluster = r.bool("REDIS_CLUSTER", false)?;
+    Ok((redis_url.map(Secret::new), redis_timeout, cluster))
 }
 
 /// `RATE_LIMIT_RPM`, `RATE_LIMIT_TPM`.

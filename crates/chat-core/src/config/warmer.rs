@@ -20,6 +20,7 @@ pub struct WarmerConfig {
     pub timeouts: Timeouts,
     pub redis_url: Option<Secret>,
     pub redis_timeout: Duration,
+    pub redis_cluster: bool,
     pub breaker: BreakerConfig,
     pub cache: Option<CacheConfig>,
     pub budget: WarmBudget,
@@ -32,7 +33,7 @@ impl WarmerConfig {
         let r = Reader(src);
         let providers = super::providers::providers(&r)?;
         let (timeouts, _) = super::providers::request(&r)?;
-        let (redis_url, redis_timeout) = super::stores::redis(&r)?;
+        let (redis_url, redis_timeout, redis_cluster) = super::stores::redis(&r)?;
         let persistence = super::stores::persistence(&r)?;
         let cache = super::stores::cache(&r, redis_url.as_ref(), persistence.as_ref())?;
         let ttl = cache
@@ -53,6 +54,7 @@ impl WarmerConfig {
             timeouts,
             redis_url,
             redis_timeout,
+            redis_cluster,
             cache,
             every,
         })

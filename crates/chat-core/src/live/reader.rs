@@ -7,7 +7,7 @@ use super::{Entry, LiveError};
 
 /// Reads a stream's entries in order, blocking up to a period for new ones.
 pub struct Reader {
-    pub(super) conn: redis::aio::MultiplexedConnection,
+    pub(super) conn: crate::redis::Conn,
     pub(super) key: String,
     pub(super) last: String,
     pub(super) block: Duration,
