@@ -341,3 +341,16 @@ def test_rules_refuse_inconsistent_parameters_before_anything_is_created():
     assert rules_pass({"DbWriterBatchingWindowSeconds": "0", "DbWriterBatchSize": "10"}) == []
     assert rules_pass({"DbWriterTimeoutSeconds": "60", "TurnQueueVisibilityTimeout": "180"}) == ["VisibilityCoversTheWriter"]
     assert rules_pass({"DbWriterTimeoutSeconds": "60", "TurnQueueVisibilityTimeout": "360"}) == []
+
+
+def test_the_sam_local_env_file_sets_only_declared_variables():
+    """`sam local invoke --env-vars` overrides only variables the template
+    declares; anything else in the file would be silently ignored."""
+    env = json.loads((ROOT / "events/sam-local-env.json").read_text())
+    declared = resolved("samconfig-default")["ChatStreamFunction"]["Properties"]["Environment"]["Variables"]
+    for function, variables in env.items():
+        assert function == "ChatStreamFunction"
+        missing = set(variables) - set(declared)
+        assert not missing, f"not declared in template.yaml: {missing}"
+    # Declared empty: ignored in AWS, where the secret ARNs are used.
+    assert declared["ANTHROPIC_API_KEY"] == "" and declared["API_KEY_HASHES"] == ""
