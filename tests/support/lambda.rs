@@ -118,6 +118,29 @@ impl FakeRuntimeApi {
         self.addr.to_string()
     }
 
+    /// Points `cmd` at this runtime with the environment Lambda gives a
+    /// function (and nothing else of the test's own).
+    pub fn environment<'c>(
+        &self,
+        cmd: &'c mut tokio::process::Command,
+        function: &str,
+        memory_mb: u32,
+    ) -> &'c mut tokio::process::Command {
+        cmd.env_clear()
+            .env("AWS_LAMBDA_RUNTIME_API", self.endpoint())
+            .env("AWS_LAMBDA_FUNCTION_NAME", function)
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory_mb.to_string())
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env(
+                "AWS_LAMBDA_LOG_GROUP_NAME",
+                format!("/aws/lambda/{function}"),
+            )
+            .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
+            .env("AWS_REGION", "us-east-1")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+    }
+
     /// Queues one event and waits (up to `limit`) for the function's answer.
     pub async fn invoke(&self, event: Value, limit: Duration) -> Invocation {
         let n = self

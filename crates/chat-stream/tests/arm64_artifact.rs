@@ -5,7 +5,6 @@
 //! `make test-artifact` (part of `make test`) builds and runs it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use e2e::{FakeRuntimeApi, answer_text, event_file, function_command};
@@ -15,13 +14,9 @@ use model_sim::Sim;
 /// file.
 async fn answers(sim: &Sim, arm64: bool) -> Vec<(u16, Vec<String>, String)> {
     let runtime = FakeRuntimeApi::start().await;
-    let _child = function_command(env!("CARGO_BIN_EXE_chat-stream"), "chat-stream", arm64)
-        .env_clear()
-        .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
-        .env("AWS_LAMBDA_FUNCTION_NAME", "chat-stream")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_REGION", "us-east-1")
+    let mut cmd = function_command(env!("CARGO_BIN_EXE_chat-stream"), "chat-stream", arm64);
+    let _child = runtime
+        .environment(&mut cmd, "chat-stream", 1024)
         .env("ANTHROPIC_BASE_URL", sim.url())
         .env("ANTHROPIC_API_KEY", "test-key")
         .env(
@@ -29,8 +24,6 @@ async fn answers(sim: &Sim, arm64: bool) -> Vec<(u16, Vec<String>, String)> {
             "92d6376288da154534b93448f4e79fc1e9bd83f3cf398ad65f74212a4626523c:example-user",
         )
         .env("LOG_LEVEL", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("start the function");
     let mut out = Vec::new();

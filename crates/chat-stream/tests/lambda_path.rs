@@ -4,7 +4,6 @@
 //! relay to the caller.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use e2e::{FakeRuntimeApi, answer_text, event_file};
@@ -24,16 +23,10 @@ async fn start_function(runtime: &FakeRuntimeApi, sim: &Sim) -> Child {
 }
 
 async fn start_function_with(runtime: &FakeRuntimeApi, sim: &Sim, extra: &[(&str, &str)]) -> Child {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-stream"))
-        .env_clear()
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-stream"));
+    let child = runtime
+        .environment(&mut cmd, "chat-stream", 1024)
         .envs(extra.iter().copied())
-        .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
-        .env("AWS_LAMBDA_FUNCTION_NAME", "chat-stream")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/chat-stream")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
-        .env("AWS_REGION", "us-east-1")
         .env("ANTHROPIC_BASE_URL", sim.url())
         .env("ANTHROPIC_API_KEY", "test-key")
         // The events carry `Authorization: Bearer ck_local_example_key_do_not_use_in_production`.
@@ -42,8 +35,6 @@ async fn start_function_with(runtime: &FakeRuntimeApi, sim: &Sim, extra: &[(&str
             "92d6376288da154534b93448f4e79fc1e9bd83f3cf398ad65f74212a4626523c:example-user",
         )
         .env("LOG_LEVEL", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("start chat-stream");
     Child(child)

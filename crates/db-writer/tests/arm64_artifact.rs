@@ -4,7 +4,6 @@
 //! build. Ignored in the plain test run; `make test-artifact` runs it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use e2e::{FakeRuntimeApi, LocalAws, event_file, function_command, require_aws_endpoint};
@@ -13,20 +12,14 @@ async fn failures(arm64: bool) -> Vec<Vec<String>> {
     let endpoint = require_aws_endpoint();
     let aws = LocalAws::create(&[]).await;
     let runtime = FakeRuntimeApi::start().await;
-    let _child = function_command(env!("CARGO_BIN_EXE_db-writer"), "db-writer", arm64)
-        .env_clear()
-        .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
-        .env("AWS_LAMBDA_FUNCTION_NAME", "db-writer")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_REGION", "us-east-1")
+    let mut cmd = function_command(env!("CARGO_BIN_EXE_db-writer"), "db-writer", arm64);
+    let _child = runtime
+        .environment(&mut cmd, "db-writer", 256)
         .env("AWS_ENDPOINT_URL", endpoint)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("TABLE_NAME", &aws.table)
         .env("LOG_LEVEL", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("start db-writer");
     let mut out = Vec::new();

@@ -3,7 +3,6 @@
 //! from template.yaml. Run through `make test` (it starts moto).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use e2e::{FakeRuntimeApi, LocalAws, event_file, require_aws_endpoint};
@@ -33,20 +32,14 @@ async fn sqs_events_are_written_idempotently_with_partial_failures() {
     let endpoint = require_aws_endpoint();
     let aws = LocalAws::create(&[]).await;
     let runtime = FakeRuntimeApi::start().await;
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_db-writer"))
-        .env_clear()
-        .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
-        .env("AWS_LAMBDA_FUNCTION_NAME", "db-writer")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_REGION", "us-east-1")
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_db-writer"));
+    let child = runtime
+        .environment(&mut cmd, "db-writer", 256)
         .env("AWS_ENDPOINT_URL", endpoint)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("TABLE_NAME", &aws.table)
         .env("LOG_LEVEL", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("start db-writer");
     let _child = Child(child);
