@@ -30,6 +30,7 @@ mod items;
 mod keys;
 mod reads;
 mod records;
+mod summary;
 mod writes;
 
 pub use items::{ConversationMeta, StoredTurn, WriteOutcome};
