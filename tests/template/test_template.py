@@ -354,3 +354,16 @@ def test_the_sam_local_env_file_sets_only_declared_variables():
         assert not missing, f"not declared in template.yaml: {missing}"
     # Declared empty: ignored in AWS, where the secret ARNs are used.
     assert declared["ANTHROPIC_API_KEY"] == "" and declared["API_KEY_HASHES"] == ""
+
+
+def test_no_resource_name_grows_with_the_stack_name():
+    """Names with a length limit must not be built from the stack's name
+    (CloudFormation Rules cannot measure it): only log groups are, and
+    their limit (512) leaves room for any stack name (128)."""
+    for name in SETS:
+        for k, r in resolved(name).items():
+            for prop in ("ServerlessCacheName", "FunctionName", "QueueName", "TableName", "RoleName"):
+                v = r["Properties"].get(prop)
+                if v is None or (prop == "FunctionName" and r["Type"] != "AWS::Lambda::Function"):
+                    continue
+                assert "AWS::StackName" not in json.dumps(v), f"{k}.{prop} grows with the stack name"
