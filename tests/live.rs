@@ -399,6 +399,7 @@ async fn a_follower_that_meets_a_gap_ends_with_stream_lost_and_caches_nothing() 
         }],
         max_tokens: 64,
         temperature: Some(0.0),
+        stop: &[],
     });
     let leader = "fedcba9876543210fedcba9876543210";
     stream_with_a_gap(&redis, leader, "user:gus").await;

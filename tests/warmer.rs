@@ -51,6 +51,7 @@ fn key_of(user: &str, question: &str) -> String {
         messages: &messages,
         max_tokens: 64,
         temperature: Some(0.0),
+        stop: &[],
     })
 }
 

@@ -32,6 +32,7 @@ async fn a_scheduled_event_refreshes_a_popular_entry_and_reports_it() {
         messages: &messages,
         max_tokens: 32,
         temperature: Some(0.0),
+        stop: &[],
     });
     let key = key_of_doc(&doc);
     let popular = Popularity::new(

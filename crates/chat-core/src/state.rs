@@ -208,6 +208,8 @@ pub struct RequestCtx {
     /// The client's address (`ip:ADDR`): the rate-limit identity of
     /// requests not yet authenticated.
     pub caller: Arc<str>,
+    /// The route's path, for the log line a stream writes when it ends.
+    pub path: Arc<str>,
 }
 
 impl RequestCtx {
@@ -220,6 +222,7 @@ impl RequestCtx {
                 id: Arc::from(new_id()),
                 start: tokio::time::Instant::now(),
                 caller: Arc::from("ip:unknown"),
+                path: Arc::from("/chat"),
             })
     }
 }

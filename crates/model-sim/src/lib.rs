@@ -12,6 +12,7 @@
 
 pub mod eventstream;
 pub mod knobs;
+mod stop;
 pub mod text;
 
 use std::collections::VecDeque;
@@ -320,6 +321,8 @@ struct Parsed {
     knobs: Knobs,
     seed: u64,
     input_tokens: u32,
+    /// Stop sequences: the answer ends before the first one it contains.
+    stop: Vec<String>,
 }
 
 fn parse_request(
@@ -401,6 +404,7 @@ fn parse_request(
         knobs,
         seed,
         input_tokens: u32::try_from(chars / 4).unwrap_or(u32::MAX).max(1),
+        stop: stop::sequences(wire, body)?,
     })
 }
 
@@ -470,20 +474,26 @@ async fn chat_completions(
     handle(Wire::OpenAi, st, headers, body).await
 }
 
+/// The token of an `Authorization: Bearer` header (scheme case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 async fn handle(wire: Wire, st: Arc<SimState>, headers: HeaderMap, body: Bytes) -> Response {
     let n = st.stats.calls.fetch_add(1, Ordering::SeqCst) + 1;
     let request_id = format!("req_sim_{n:012}");
     let key = match wire {
         Wire::Bedrock => "",
+        // The Messages API takes `x-api-key` or, as today's official SDKs
+        // may send it, `Authorization: Bearer`.
         Wire::Anthropic => headers
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
+            .or_else(|| bearer(&headers))
             .unwrap_or(""),
-        Wire::OpenAi => headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or(""),
+        Wire::OpenAi => bearer(&headers).unwrap_or(""),
     };
     let key_ok = match (&st.config.api_key, wire) {
         // Bedrock uses SigV4 from the caller's AWS credentials: the request
@@ -572,12 +582,14 @@ async fn handle(wire: Wire, st: Arc<SimState>, headers: HeaderMap, body: Bytes) 
     }
     let n_tokens = p.knobs.output_tokens.min(p.max_tokens);
     let capped = p.knobs.output_tokens > p.max_tokens;
-    let tokens = text::tokens(p.seed, n_tokens);
+    let mut tokens = text::tokens(p.seed, n_tokens);
+    let stopped = stop::apply(&mut tokens, &p.stop);
     let msg_id = format!("{:016x}", p.seed ^ n);
     let answer = Answer {
         wire,
         tokens,
-        capped,
+        capped: capped && !stopped,
+        stopped,
         msg_id,
     };
     if p.stream {
@@ -593,11 +605,20 @@ struct Answer {
     tokens: Vec<String>,
     /// Cut short by `max_tokens`.
     capped: bool,
+    /// Ended before a stop sequence.
+    stopped: bool,
     msg_id: String,
 }
 
 impl Answer {
     fn stop_reason(&self) -> &'static str {
+        if self.stopped {
+            return match self.wire {
+                Wire::Anthropic => "stop_sequence",
+                Wire::OpenAi => "stop",
+                Wire::Bedrock => "stop_sequence",
+            };
+        }
         match (self.wire, self.capped) {
             (Wire::Anthropic, false) => "end_turn",
             (Wire::Anthropic, true) => "max_tokens",

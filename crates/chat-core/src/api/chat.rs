@@ -12,7 +12,7 @@ use crate::chat::request::{body_too_large, parse_chat_request};
 use crate::error::ApiError;
 use crate::state::{AppState, RequestCtx};
 
-fn is_json_content_type(headers: &HeaderMap) -> bool {
+pub(super) fn is_json_content_type(headers: &HeaderMap) -> bool {
     match headers.get(header::CONTENT_TYPE) {
         None => true, // be lenient with clients that send none
         Some(v) => v
@@ -70,7 +70,7 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
     crate::chat::start(state, ctx, identity, chat_req, cache_control).await
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let inner = e.into_inner();
         if inner.is::<http_body_util::LengthLimitError>() {

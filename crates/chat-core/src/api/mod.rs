@@ -1,6 +1,7 @@
 //! The HTTP API as one axum [`Router`], served by Lambda (Function URL,
 //! response streaming) and by the local server alike: one file per route
-//! ([`chat`], [`conversations`], [`streams`], [`health`]), the middleware
+//! ([`chat`], [`conversations`], [`streams`], [`health`], and the
+//! OpenAI-compatible [`openai`]), the middleware
 //! and the mapping of errors to responses here.
 //!
 //! Every response passes [`request_context`]: it assigns the request id,
@@ -17,6 +18,7 @@ mod conversations;
 /// API sends a browser is exposed).
 pub const CORS_JSON: &str = include_str!("cors.json");
 mod health;
+pub mod openai;
 mod streams;
 
 use std::sync::Arc;
@@ -59,6 +61,8 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/conversations", get(conversations::list))
         .route("/conversations/{id}", get(conversations::show))
+        .route("/v1/chat/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_context))
@@ -78,7 +82,7 @@ async fn request_context(mut req: Request, next: Next) -> Response {
     let start = tokio::time::Instant::now();
     let id = incoming_request_id(req.headers()).unwrap_or_else(|| Arc::from(new_id()));
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let path: Arc<str> = Arc::from(req.uri().path());
     let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -88,6 +92,7 @@ async fn request_context(mut req: Request, next: Next) -> Response {
         id: id.clone(),
         start,
         caller,
+        path: path.clone(),
     });
 
     let mut resp = next.run(req).await;
@@ -127,7 +132,7 @@ async fn not_found() -> Response {
     error_response(ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; see POST /chat, GET /conversations, GET /conversations/{id} and GET /health",
+        "no such route; see POST /chat, GET /conversations, GET /conversations/{id}, GET /health, POST /v1/chat/completions and GET /v1/models",
     ))
 }
 

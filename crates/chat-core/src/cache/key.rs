@@ -20,6 +20,10 @@ pub struct KeyInput<'a> {
     pub messages: &'a [Message],
     pub max_tokens: u32,
     pub temperature: Option<f32>,
+    /// Left out of the document when empty, so keys made before stop
+    /// sequences existed stay the same.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub stop: &'a [String],
 }
 
 /// The same inputs, owned: what the cache-warmer reads back from the
@@ -33,6 +37,8 @@ pub struct KeySpec {
     pub messages: Vec<Message>,
     pub max_tokens: u32,
     pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -58,6 +64,7 @@ impl KeySpec {
             messages: &self.messages,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
+            stop: &self.stop,
         }
     }
 }
@@ -107,6 +114,7 @@ mod tests {
             messages: m,
             max_tokens: 100,
             temperature: temp,
+            stop: &[],
         })
     }
 
@@ -121,6 +129,30 @@ mod tests {
         assert_ne!(base, key("u1", "m", &msgs(&["hi", "a", "hi"]), Some(0.0)));
         assert_ne!(base, key("u1", "m", &m, Some(0.5)));
         assert_ne!(base, key("u1", "m", &m, None));
+        let stop = ["END".to_owned()];
+        let with_stop = cache_key(&KeyInput {
+            scope: "u1",
+            provider: "anthropic",
+            model: "m",
+            system: Some("be brief"),
+            messages: &m,
+            max_tokens: 100,
+            temperature: Some(0.0),
+            stop: &stop,
+        });
+        assert_ne!(base, with_stop);
+        // No stop sequences: the document is the one made before they existed.
+        let doc = cache_doc(&KeyInput {
+            scope: "u1",
+            provider: "anthropic",
+            model: "m",
+            system: None,
+            messages: &m,
+            max_tokens: 1,
+            temperature: None,
+            stop: &[],
+        });
+        assert!(!doc.contains("stop"), "{doc}");
     }
 
     #[test]
@@ -134,6 +166,7 @@ mod tests {
             messages: &m,
             max_tokens: 64,
             temperature: Some(0.0),
+            stop: &[],
         };
         let doc = cache_doc(&input);
         let spec = KeySpec::from_doc(&doc).unwrap();

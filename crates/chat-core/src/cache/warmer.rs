@@ -204,6 +204,7 @@ pub async fn warm(w: &Warmer, budget: &WarmBudget) -> Result<WarmReport, WarmErr
                 messages: spec.messages.clone(),
                 max_tokens: spec.max_tokens,
                 temperature: spec.temperature,
+                stop: spec.stop.clone(),
             };
             let call = async {
                 let mut stream = provider.stream(&req).await?;

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::finish::{Answer, Finish, TurnDraft};
 use super::plan::Planned;
 use super::request::ChatRequest;
-use super::{Timings, sse_response};
+use super::{Timings, answer_ids, sse_response};
 use crate::auth::Identity;
 use crate::cache::CachedAnswer;
 use crate::persistence::turn::TurnStatus;
@@ -67,7 +67,10 @@ pub(super) fn respond(
         })
         .to_string(),
     );
-    let persist = state.deps().persister.clone().map(|persister| {
+    let mut headers = answer_ids(req.persist, &conversation_id, &turn_id);
+    headers.extend(planned.rate_headers);
+    let persister = state.deps().persister.clone().filter(|_| req.persist);
+    let persist = persister.map(|persister| {
         TurnDraft {
             persister,
             conversation_id,
@@ -112,6 +115,6 @@ pub(super) fn respond(
         Body::from_stream(frames.chain(end)),
         "hit",
         &server_timing,
-        planned.rate_headers,
+        headers,
     )
 }

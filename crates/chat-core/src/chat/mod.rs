@@ -109,6 +109,7 @@ pub async fn start(
         messages: std::mem::take(&mut planned.messages),
         max_tokens: planned.max_tokens,
         temperature: req.temperature,
+        stop: std::mem::take(&mut req.stop),
     };
     let deadlines = Deadlines {
         first_token: ctx.start + config.timeouts.first_token,
@@ -117,7 +118,7 @@ pub async fn start(
     };
     let turn_id = new_id();
     let owner = format!("user:{}", identity.user_id);
-    let source = attempt::open(
+    let opened = attempt::open(
         &state,
         &ctx,
         &model_req,
@@ -128,10 +129,37 @@ pub async fn start(
         &turn_id,
         &owner,
     )
-    .await?;
+    .await;
+    let source = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing was answered: the reserved tokens go back before the
+            // client hears so, not on a task after it (a retry at once
+            // would find them still held).
+            if let Some(r) = planned.tokens.take() {
+                r.settle(0).await;
+            }
+            return Err(e);
+        }
+    };
     Ok(relay::respond(
         state, &ctx, &identity, req, planned, source, turn_id, deadlines,
     ))
+}
+
+/// The answer's ids as headers, so a client that reads headers first
+/// (the OpenAI SDKs) can resume or stop it: `x-stream-id` always,
+/// `x-conversation-id` when the turn is stored.
+pub(crate) fn answer_ids(
+    stored: bool,
+    conversation_id: &str,
+    turn_id: &str,
+) -> Vec<(&'static str, String)> {
+    let mut h = vec![("x-stream-id", turn_id.to_owned())];
+    if stored {
+        h.push(("x-conversation-id", conversation_id.to_owned()));
+    }
+    h
 }
 
 /// The headers every SSE answer carries.

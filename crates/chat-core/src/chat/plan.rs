@@ -84,16 +84,19 @@ pub(super) async fn prepare(
     // History, then the cache lookup (its key includes the history).
     let history = async {
         let t = tokio::time::Instant::now();
-        let messages = load_history(state, req.conversation_id.as_deref(), identity)
-            .await
-            .map(|past| {
-                let mut m = history::to_messages(&past);
-                m.push(Message {
-                    role: Role::User,
-                    content: req.message.clone(),
-                });
-                m
+        let earlier = match &req.context {
+            Some(given) => Ok(given.clone()),
+            None => load_history(state, req.conversation_id.as_deref(), identity)
+                .await
+                .map(|past| history::to_messages(&past)),
+        };
+        let messages = earlier.map(|mut m| {
+            m.push(Message {
+                role: Role::User,
+                content: req.message.clone(),
             });
+            m
+        });
         let doc = match &messages {
             Ok(m) if plan.lookup || plan.store => Some(cache_doc(&KeyInput {
                 scope: &scope,
@@ -103,6 +106,7 @@ pub(super) async fn prepare(
                 messages: m,
                 max_tokens,
                 temperature: req.temperature,
+                stop: &req.stop,
             })),
             _ => None,
         };

@@ -27,7 +27,7 @@ use super::attempt::{Deadlines, Opened, Source};
 use super::finish::{Answer, CachePut, Finish, Lease, PopularJob, TurnDraft};
 use super::plan::Planned;
 use super::request::ChatRequest;
-use super::{LogDeferred, Timings, sse_response};
+use super::{LogDeferred, Timings, answer_ids, sse_response};
 use crate::auth::Identity;
 use crate::cache::CachedAnswer;
 use crate::error::{ApiError, UpstreamError};
@@ -80,7 +80,10 @@ pub(super) fn respond(
     };
     let ttft = matches!(first, Chunk::Delta(_)).then(|| ctx.start.elapsed());
     let conversation_id = req.conversation_id.clone().unwrap_or_else(new_id);
-    let draft = state.deps().persister.clone().map(|persister| TurnDraft {
+    let mut headers = answer_ids(req.persist, &conversation_id, &turn_id);
+    headers.extend(planned.rate_headers);
+    let persister = state.deps().persister.clone().filter(|_| req.persist);
+    let draft = persister.map(|persister| TurnDraft {
         persister,
         conversation_id: conversation_id.clone(),
         turn_id: turn_id.clone(),
@@ -150,6 +153,7 @@ pub(super) fn respond(
             route: planned.route.as_str(),
             attempts,
             request_id: ctx.id.to_string(),
+            path: ctx.path.clone(),
             model,
             conversation_id,
             turn_id,
@@ -160,12 +164,7 @@ pub(super) fn respond(
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     });
-    let mut resp = sse_response(
-        Body::from_stream(body),
-        x_cache,
-        &server_timing,
-        planned.rate_headers,
-    );
+    let mut resp = sse_response(Body::from_stream(body), x_cache, &server_timing, headers);
     resp.headers_mut()
         .insert("x-upstream-attempts", HeaderValue::from(attempts));
     resp.extensions_mut().insert(LogDeferred);
@@ -173,6 +172,7 @@ pub(super) fn respond(
 }
 
 struct LogCtx {
+    path: std::sync::Arc<str>,
     route: &'static str,
     attempts: u32,
     request_id: String,
@@ -360,7 +360,7 @@ impl Relay {
         tracing::info!(
             request_id = %log.request_id,
             method = "POST",
-            path = "/chat",
+            path = %log.path,
             status = 200u16,
             outcome,
             error_code,

@@ -5,8 +5,8 @@ use axum::http::StatusCode;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::provider::Message;
 
-/// A validated `POST /chat` body.
 /// Request limits enforced before any upstream work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -17,14 +17,26 @@ pub struct Limits {
     pub default_max_tokens: u32,
 }
 
+/// One turn's input: a validated `POST /chat` body, or what the
+/// OpenAI-compatible route made of its request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
     pub conversation_id: Option<String>,
+    /// The new user message.
     pub message: String,
     pub model: Option<String>,
     pub system: Option<String>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    /// A stateless request's earlier messages, given by the client (the
+    /// OpenAI route without `x-conversation-id`): used instead of a stored
+    /// history. `None` for `/chat`.
+    pub context: Option<Vec<Message>>,
+    /// Whether the turn is stored (always for `/chat`; for a stateless
+    /// request only with `x-persist: true`).
+    pub persist: bool,
+    /// Stop sequences (OpenAI `stop`).
+    pub stop: Vec<String>,
 }
 
 pub const FIELDS: [&str; 6] = [
@@ -201,6 +213,9 @@ pub fn parse_chat_request(body: &[u8], limits: &Limits) -> Result<ChatRequest, A
         system: system.map(str::to_owned),
         max_tokens,
         temperature,
+        context: None,
+        persist: true,
+        stop: Vec::new(),
     })
 }
 

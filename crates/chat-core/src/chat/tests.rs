@@ -66,6 +66,7 @@ fn request(model: &str) -> ModelRequest {
         }],
         max_tokens: 16,
         temperature: None,
+        stop: Vec::new(),
     }
 }
 

@@ -51,6 +51,9 @@ impl AnthropicProvider {
         if let Some(t) = req.temperature {
             body["temperature"] = json!(t);
         }
+        if !req.stop.is_empty() {
+            body["stop_sequences"] = json!(req.stop);
+        }
         body
     }
 }
@@ -430,10 +433,12 @@ mod tests {
             }],
             max_tokens: 10,
             temperature: None,
+            stop: vec!["END".into()],
         };
         let b = AnthropicProvider::request_body(&req);
         assert_eq!(b["stream"], true);
         assert_eq!(b["system"], "be brief");
+        assert_eq!(b["stop_sequences"], json!(["END"]));
         assert_eq!(b["messages"][0]["role"], "user");
         assert!(b.get("temperature").is_none());
     }

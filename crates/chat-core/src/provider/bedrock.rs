@@ -170,6 +170,9 @@ impl ModelProvider for BedrockProvider {
             if let Some(t) = req.temperature {
                 inference = inference.temperature(t);
             }
+            if !req.stop.is_empty() {
+                inference = inference.set_stop_sequences(Some(req.stop.clone()));
+            }
             let out = call
                 .inference_config(inference.build())
                 .send()

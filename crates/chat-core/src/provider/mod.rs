@@ -53,6 +53,8 @@ pub struct ModelRequest {
     pub messages: Vec<Message>,
     pub max_tokens: u32,
     pub temperature: Option<f32>,
+    /// Stop sequences (OpenAI `stop`): the answer ends before the first.
+    pub stop: Vec<String>,
 }
 
 /// One provider-neutral piece of an answer.

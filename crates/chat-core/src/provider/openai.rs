@@ -58,6 +58,9 @@ impl OpenAiProvider {
         if let Some(t) = req.temperature {
             body["temperature"] = json!(t);
         }
+        if !req.stop.is_empty() {
+            body["stop"] = json!(req.stop);
+        }
         body
     }
 
@@ -360,11 +363,13 @@ mod tests {
             }],
             max_tokens: 5,
             temperature: Some(0.5),
+            stop: vec!["END".into()],
         };
         let b = OpenAiProvider::request_body(&req);
         assert_eq!(b["messages"][0]["role"], "system");
         assert_eq!(b["messages"][1]["content"], "hi");
         assert_eq!(b["stream_options"]["include_usage"], true);
         assert_eq!(b["temperature"], 0.5);
+        assert_eq!(b["stop"], json!(["END"]));
     }
 }
