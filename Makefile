@@ -8,6 +8,8 @@ SHELL := /bin/bash
 
 VENV     := $(CURDIR)/.venv
 TOOLS    := $(VENV)/.installed
+# The npm packages of the JavaScript client tests, exactly as locked.
+NODE_DEPS := tests/clients/node_modules/.installed
 export PATH := $(VENV)/bin:$(PATH)
 export SAM_CLI_TELEMETRY := 0
 export CARGO_TERM_COLOR ?= never
@@ -17,7 +19,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -36,6 +38,13 @@ $(TOOLS): requirements-dev.txt
 	@touch $@
 
 tools: $(TOOLS)
+
+$(NODE_DEPS): tests/clients/package-lock.json
+	scripts/ensure-node.sh
+	cd tests/clients && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+node-deps: $(NODE_DEPS)
 
 rust-arm64:
 	@rustup target list --installed | grep -qx $(ARM) || rustup target add $(ARM)
@@ -56,7 +65,7 @@ lint: $(TOOLS)
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	sam validate --lint --region $(REGION)
 
-test: lint test-template
+test: lint test-template $(NODE_DEPS)
 	@env=$$(scripts/services.sh start) || { echo "the local services did not start (see above); no tests run" >&2; exit 1; }; \
 	eval "$$env"; \
 	if cargo nextest --version >/dev/null 2>&1; then \
