@@ -72,6 +72,9 @@ run() {
       --concurrency "$c" --requests "$REQ" --warmup 200 --label direct --json >/dev/null 2>>"$OUT/$name-direct-$c.jsonl"
     "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat \
       --concurrency "$c" --requests "$REQ" --warmup 200 --label chat --json >/dev/null 2>>"$OUT/$name-chat-$c.jsonl"
+    # The OpenAI-compatible route: the same turn, re-framed.
+    "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/v1/chat/completions" --api openai \
+      --concurrency "$c" --requests "$REQ" --warmup 200 --label openai --json >/dev/null 2>>"$OUT/$name-openai-$c.jsonl"
   done
   stop_all
 }
@@ -135,6 +138,22 @@ def layout(name, title):
 
 layout("shared", "shared: all processes on all cores")
 layout("pinned", "pinned: chat-stream on CPU 0, client and sim on CPU 1")
+
+print("### The OpenAI-compatible route next to /chat (same chat-stream, same rounds)\n")
+print("Both rows call the same turn; `/v1/chat/completions` (streamed) adds re-framing each event as a "
+      "`chat.completion.chunk`. Added = median via the route minus median direct.\n")
+print("| layout | concurrency | /chat TTFT p50 ms | /v1 TTFT p50 ms | /chat added p50 ms | /v1 added p50 ms | /v1 minus /chat ms | /v1 errors |")
+print("|---|---|---|---|---|---|---|---|")
+for name in ("shared", "pinned", "pinned-redis"):
+    if runs(name, "openai", 1) is None:
+        continue
+    for c in (1, 20):
+        d = med(runs(name, "direct", c), "ttft_ms", "p50")
+        ch = med(runs(name, "chat", c), "ttft_ms", "p50")
+        oa = med(runs(name, "openai", c), "ttft_ms", "p50")
+        errs = sum(r["errors"] for r in runs(name, "openai", c))
+        print(f"| {name} | {c} | {ch:.3f} | {oa:.3f} | {ch - d:.3f} | {oa - d:.3f} | {oa - ch:+.3f} | {errs} |")
+print()
 
 if runs("pinned-off", "chat", 1) is not None:
     print("### Rate limiter + circuit breaker overhead (pinned layout)\n")

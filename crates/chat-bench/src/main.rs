@@ -45,6 +45,8 @@ struct Args {
 enum Api {
     Chat,
     Anthropic,
+    /// `POST /v1/chat/completions`, streamed: the first chunk with text.
+    OpenAi,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -82,7 +84,8 @@ fn parse_args() -> Result<Args, String> {
                 a.api = match v.as_str() {
                     "chat" => Api::Chat,
                     "anthropic" => Api::Anthropic,
-                    _ => return Err(format!("--api: {v:?} is not chat or anthropic")),
+                    "openai" => Api::OpenAi,
+                    _ => return Err(format!("--api: {v:?} is not chat, anthropic or openai")),
                 }
             }
             "--concurrency" => a.concurrency = num(&v)?.max(1),
@@ -166,6 +169,15 @@ async fn one(
                    "messages": [{"role": "user", "content": message}]}),
             b"event: content_block_delta\n",
         ),
+        Api::OpenAi => {
+            let mut body = json!({"model": "claude-sonnet-4-5", "max_tokens": a.max_tokens,
+                                  "stream": true, "messages": [{"role": "user", "content": message}]});
+            if a.repeat {
+                body["temperature"] = json!(0);
+            }
+            // A content delta that is not the empty one of the role chunk.
+            (body, b"\"delta\":{\"content\":\"")
+        }
     };
     let start = Instant::now();
     let resp = client
@@ -195,7 +207,7 @@ async fn one(
         if sample.ttft.is_none() {
             buf.extend_from_slice(&chunk);
             // The first delta counts once its whole event has arrived.
-            if let Some(p) = buf.windows(marker.len()).position(|w| w == marker) {
+            if let Some(p) = first_delta(&buf, marker, a.api) {
                 if buf[p..].windows(2).any(|w| w == b"\n\n") {
                     sample.ttft = Some(start.elapsed());
                     sample.conversation_id = conversation_id_in(&buf);
@@ -209,6 +221,20 @@ async fn one(
         return Err("stream ended without a delta".into());
     }
     Ok(sample)
+}
+
+/// Where the first delta with text starts in `buf`.
+fn first_delta(buf: &[u8], marker: &[u8], api: Api) -> Option<usize> {
+    let mut from = 0;
+    while let Some(p) = buf[from..].windows(marker.len()).position(|w| w == marker) {
+        let at = from + p;
+        // OpenAI's first chunk carries the role and an empty content.
+        if api != Api::OpenAi || buf.get(at + marker.len()).is_some_and(|b| *b != b'"') {
+            return Some(at);
+        }
+        from = at + marker.len();
+    }
+    None
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
