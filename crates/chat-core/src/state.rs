@@ -356,6 +356,28 @@ async fn build_auth(
     mode: &AuthMode,
     store: Option<Arc<Store>>,
 ) -> Result<Arc<dyn Authenticator>, InitError> {
+    async fn keys(
+        hashes: &Option<crate::secrets::ApiKeySource>,
+        store: Option<Arc<Store>>,
+    ) -> Result<auth::ApiKeyAuth, InitError> {
+        let fixed = match hashes {
+            Some(src) => {
+                let list = resolve_api_key(src).await?;
+                auth::parse_hash_list(list.expose())
+                    .map_err(|e| ConfigError::new("API_KEY_HASHES_SECRET_ARN", e))?
+            }
+            None => Default::default(),
+        };
+        Ok(auth::ApiKeyAuth::new(fixed, store))
+    }
+    async fn tokens(config: &auth::JwtConfig) -> Result<Arc<auth::jwt::JwtAuth>, InitError> {
+        let http = crate::http::build_client(Duration::from_secs(2))?;
+        let jwt = Arc::new(auth::jwt::JwtAuth::new(config.clone(), http));
+        // At init, so the first request does not wait for it; a failure is
+        // logged and the first token tries again.
+        jwt.prefetch().await;
+        Ok(jwt)
+    }
     Ok(match mode {
         AuthMode::Dev => {
             tracing::warn!(
@@ -363,17 +385,12 @@ async fn build_auth(
             );
             Arc::new(auth::DevAuth)
         }
-        AuthMode::ApiKey { hashes } => {
-            let fixed = match hashes {
-                Some(src) => {
-                    let list = resolve_api_key(src).await?;
-                    auth::parse_hash_list(list.expose())
-                        .map_err(|e| ConfigError::new("API_KEY_HASHES_SECRET_ARN", e))?
-                }
-                None => Default::default(),
-            };
-            Arc::new(auth::ApiKeyAuth::new(fixed, store))
-        }
+        AuthMode::ApiKey { hashes } => Arc::new(keys(hashes, store).await?),
+        AuthMode::Jwt(config) => tokens(config).await?,
+        AuthMode::ApiKeyOrJwt { hashes, jwt } => Arc::new(auth::EitherAuth {
+            keys: keys(hashes, store).await?,
+            jwt: tokens(jwt).await?,
+        }),
     })
 }
 

@@ -16,6 +16,7 @@
 //! `providers` (models, routing, retries, deadlines, request limits),
 //! `stores` (Redis, table, auth, history, cache, live streams).
 
+mod auth;
 mod providers;
 pub mod source;
 mod stores;
@@ -115,7 +116,7 @@ impl Config {
             limits,
             resilience,
             rate_limits: stores::rate_limits(&r)?,
-            auth: stores::auth(&r, persistence.as_ref())?,
+            auth: auth::auth(&r, persistence.as_ref())?,
             history: stores::history(&r)?,
             live: stores::live(&r, redis_url.as_ref(), cache.is_some())?,
             providers,

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use super::source::{ConfigSource, Reader, key_source, url, valid_table_name};
-use crate::auth::AuthMode;
+use super::source::{ConfigSource, Reader, url, valid_table_name};
 use crate::cache::{CacheBackend, CacheConfig};
 use crate::error::ConfigError;
 use crate::persistence::PersistenceConfig;
-use crate::secrets::{ApiKeySource, Secret};
+use crate::secrets::Secret;
 
 /// `REDIS_URL`, `REDIS_TIMEOUT_MS`, `REDIS_CLUSTER`.
 pub(crate) fn redis<S: ConfigSource + ?Sized>(
@@ -82,52 +81,6 @@ pub(crate) fn persistence<S: ConfigSource + ?Sized>(
             })
         }
     })
-}
-
-/// `AUTH_MODE`, `API_KEY_HASHES*`.
-pub(crate) fn auth<S: ConfigSource + ?Sized>(
-    r: &Reader<'_, S>,
-    persistence: Option<&PersistenceConfig>,
-) -> Result<AuthMode, ConfigError> {
-    Ok(
-        match r
-            .string("AUTH_MODE")
-            .map(|v| v.to_ascii_lowercase())
-            .as_deref()
-        {
-            None | Some("api_key") | Some("api-key") => {
-                let hashes = key_source(r, "API_KEY_HASHES")?;
-                if let Some(ApiKeySource::Value(v)) = &hashes {
-                    crate::auth::parse_hash_list(v.expose())
-                        .map_err(|e| ConfigError::new("API_KEY_HASHES", e))?;
-                }
-                if hashes.is_none() && persistence.is_none() {
-                    return Err(ConfigError::new(
-                        "AUTH_MODE",
-                        "api_key needs keys: set TABLE_NAME (keys in the table) or \
-                         API_KEY_HASHES / API_KEY_HASHES_SECRET_ARN; \
-                         AUTH_MODE=dev is for local runs only",
-                    ));
-                }
-                AuthMode::ApiKey { hashes }
-            }
-            Some("dev") => {
-                if r.string("AWS_LAMBDA_FUNCTION_NAME").is_some() {
-                    return Err(ConfigError::new(
-                        "AUTH_MODE",
-                        "dev trusts any caller and is refused inside Lambda; use api_key",
-                    ));
-                }
-                AuthMode::Dev
-            }
-            Some(other) => {
-                return Err(ConfigError::new(
-                    "AUTH_MODE",
-                    format!("{other:?} is not api_key or dev"),
-                ));
-            }
-        },
-    )
 }
 
 /// `HISTORY_*`.

@@ -180,9 +180,92 @@ fn auth_needs_a_key_source_and_dev_mode_stays_out_of_lambda() {
     let e = cfg(&[("AWS_LAMBDA_FUNCTION_NAME", "f")]).unwrap_err();
     assert_eq!(e.variable, "AUTH_MODE");
     let e = cfg(&[("AUTH_MODE", "jwt")]).unwrap_err();
+    assert_eq!(e.variable, "JWT_ISSUER");
+    let e = cfg(&[("AUTH_MODE", "magic")]).unwrap_err();
     assert_eq!(e.variable, "AUTH_MODE");
     let e = cfg(&[("TABLE_NAME", "bad name!")]).unwrap_err();
     assert_eq!(e.variable, "TABLE_NAME");
+}
+
+#[test]
+fn jwt_settings_and_cognito_alone() {
+    use crate::auth::JwtConfig;
+    let jwt = |c: Config| match c.auth {
+        AuthMode::Jwt(j) | AuthMode::ApiKeyOrJwt { jwt: j, .. } => j,
+        other => panic!("{other:?}"),
+    };
+    let e = cfg(&[("AUTH_MODE", "jwt"), ("JWT_ISSUER", "https://id.example/")]).unwrap_err();
+    assert_eq!(e.variable, "JWT_AUDIENCE", "an audience is required");
+    let j = jwt(cfg(&[
+        ("AUTH_MODE", "jwt"),
+        ("JWT_ISSUER", "https://id.example/"),
+        ("JWT_AUDIENCE", "web, api"),
+    ])
+    .unwrap());
+    assert_eq!(
+        j,
+        JwtConfig {
+            // Kept as given (iss must match it exactly).
+            issuer: "https://id.example/".into(),
+            audiences: vec!["web".into(), "api".into()],
+            cognito_client_id: None,
+            jwks_url: "https://id.example/.well-known/jwks.json".into(),
+            user_claim: "sub".into(),
+            leeway_secs: 60,
+            jwks_ttl: Duration::from_secs(3600),
+            jwks_min_refresh: Duration::from_secs(30),
+            max_token_bytes: 8192,
+        }
+    );
+    let c = jwt(cfg(&[
+        ("AUTH_MODE", "jwt,api_key"),
+        ("TABLE_NAME", "chat"),
+        ("COGNITO_USER_POOL_ID", "eu-west-2_AbC123"),
+        ("COGNITO_CLIENT_ID", "client-1"),
+        ("JWT_USER_CLAIM", "email"),
+    ])
+    .unwrap());
+    assert_eq!(
+        c.issuer,
+        "https://cognito-idp.eu-west-2.amazonaws.com/eu-west-2_AbC123"
+    );
+    assert_eq!(
+        c.jwks_url,
+        "https://cognito-idp.eu-west-2.amazonaws.com/eu-west-2_AbC123/.well-known/jwks.json"
+    );
+    assert_eq!(c.cognito_client_id.as_deref(), Some("client-1"));
+    assert!(c.audiences.is_empty());
+    assert_eq!(c.user_claim, "email");
+    for (pairs, var) in [
+        (
+            vec![("COGNITO_USER_POOL_ID", "eu-west-2_AbC123")],
+            "COGNITO_CLIENT_ID",
+        ),
+        (vec![("COGNITO_CLIENT_ID", "c")], "COGNITO_USER_POOL_ID"),
+        (
+            vec![
+                ("COGNITO_USER_POOL_ID", "nounderscore"),
+                ("COGNITO_CLIENT_ID", "c"),
+            ],
+            "COGNITO_USER_POOL_ID",
+        ),
+        (
+            vec![("JWT_ISSUER", "id.example"), ("JWT_AUDIENCE", "a")],
+            "JWT_ISSUER",
+        ),
+        (
+            vec![
+                ("JWT_ISSUER", "https://i"),
+                ("JWT_AUDIENCE", "a"),
+                ("JWT_LEEWAY_SECS", "9999"),
+            ],
+            "JWT_LEEWAY_SECS",
+        ),
+    ] {
+        let mut all = vec![("AUTH_MODE", "jwt")];
+        all.extend(pairs);
+        assert_eq!(cfg(&all).unwrap_err().variable, var);
+    }
 }
 
 #[test]

@@ -9,10 +9,12 @@
 //!   and/or a fixed list from `API_KEY_HASHES` (or a Secrets Manager secret
 //!   named by `API_KEY_HASHES_SECRET_ARN`). Lookups are cached briefly in
 //!   process, so a warm instance authenticates without a round trip.
+//! - [`jwt::JwtAuth`] (`AUTH_MODE=jwt`): `Authorization: Bearer <JWT>`
+//!   from an OIDC issuer such as a Cognito user pool; what a browser holds.
+//! - [`EitherAuth`] (`AUTH_MODE=api_key,jwt`): a bearer credential shaped
+//!   like a JWT is checked as one, anything else as an API key.
 //! - [`DevAuth`] (local runs and tests only, `AUTH_MODE=dev`): trusts an
 //!   `x-dev-user` header. It refuses to start inside Lambda.
-//!
-//! A JWT authenticator is a later addition behind the same trait.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,11 @@ use crate::error::ApiError;
 use crate::persistence::store::Store;
 use crate::secrets::ApiKeySource;
 
+pub mod jwks;
+pub mod jwt;
+
+pub use jwt::JwtConfig;
+
 /// How callers prove who they are .
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthMode {
@@ -35,6 +42,13 @@ pub enum AuthMode {
     ApiKey {
         /// `API_KEY_HASHES` (`hash:user,...`) or `..._SECRET_ARN`.
         hashes: Option<ApiKeySource>,
+    },
+    /// JWTs from one OIDC issuer.
+    Jwt(JwtConfig),
+    /// Either credential: API keys and JWTs.
+    ApiKeyOrJwt {
+        hashes: Option<ApiKeySource>,
+        jwt: JwtConfig,
     },
     /// Local development only: `x-dev-user` is trusted.
     Dev,
@@ -52,6 +66,8 @@ pub enum AuthError {
     Missing,
     #[error("invalid credentials")]
     Invalid,
+    #[error("the token has expired; sign in again")]
+    Expired,
     #[error("the credential store is unavailable")]
     Unavailable,
 }
@@ -59,13 +75,13 @@ pub enum AuthError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::Missing | AuthError::Invalid => {
+            AuthError::Missing | AuthError::Invalid | AuthError::Expired => {
                 let mut err = ApiError::new(
                     StatusCode::UNAUTHORIZED,
-                    if e == AuthError::Missing {
-                        "missing_credentials"
-                    } else {
-                        "invalid_credentials"
+                    match e {
+                        AuthError::Missing => "missing_credentials",
+                        AuthError::Expired => "token_expired",
+                        _ => "invalid_credentials",
                     },
                     e.to_string(),
                 );
@@ -244,6 +260,43 @@ impl Authenticator for ApiKeyAuth {
         headers: &'a HeaderMap,
     ) -> BoxFuture<'a, Result<Identity, AuthError>> {
         Box::pin(self.check(headers))
+    }
+}
+
+impl Authenticator for jwt::JwtAuth {
+    fn method(&self) -> &'static str {
+        "jwt"
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+    ) -> BoxFuture<'a, Result<Identity, AuthError>> {
+        Box::pin(self.check_headers(headers))
+    }
+}
+
+/// `AUTH_MODE=api_key,jwt`: a bearer credential shaped like a JWT is a
+/// token, anything else (and `x-api-key`) an API key.
+pub struct EitherAuth {
+    pub keys: ApiKeyAuth,
+    pub jwt: Arc<jwt::JwtAuth>,
+}
+
+impl Authenticator for EitherAuth {
+    fn method(&self) -> &'static str {
+        "api_key,jwt"
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+    ) -> BoxFuture<'a, Result<Identity, AuthError>> {
+        if jwt::bearer(headers).is_some_and(jwt::looks_like_jwt) {
+            Box::pin(self.jwt.check_headers(headers))
+        } else {
+            Box::pin(self.keys.check(headers))
+        }
     }
 }
 
