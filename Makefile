@@ -52,7 +52,7 @@ rust-arm64:
 # --- local run --------------------------------------------------------------
 
 run: $(TOOLS)
-	cargo build -p chat-stream -p model-sim -p db-writer -p cache-warmer
+	cargo build -p chat-stream -p model-sim -p db-writer -p cache-warmer -p oidc-sim
 	BIN=target/debug scripts/run-local.sh
 
 # --- quality gates ----------------------------------------------------------

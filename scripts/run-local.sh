@@ -5,17 +5,21 @@
 # of the turn queue, and cache-warmer on a local timer (WARM_EVERY_SECS,
 # default 60). Ctrl-C stops everything this script started.
 #
-# AUTH_MODE: dev (default here: callers name themselves with x-dev-user) or
+# AUTH_MODE: dev (default here: callers name themselves with x-dev-user),
 # api_key (make a key with: TABLE_NAME=local-ChatTable target/debug/chat-stream
-# keys create --user me, with the env from scripts/services.sh start).
+# keys create --user me, with the env from scripts/services.sh start), jwt
+# or api_key,jwt: tokens from oidc-sim, the local OIDC issuer this script
+# starts on OIDC_PORT (sign in through its /authorize page, or mint one:
+# curl -s -X POST http://127.0.0.1:4400/mint -d '{"sub":"me"}' -H 'content-type: application/json').
 #
-# Knobs: PORT (3000), SIM_PORT (4010), SIM_TTFT_MS (300), SIM_TPS (30),
-# SIM_TOKENS (120), BIN (target/debug).
+# Knobs: PORT (3000), SIM_PORT (4010), OIDC_PORT (4400), SIM_TTFT_MS (300),
+# SIM_TPS (30), SIM_TOKENS (120), BIN (target/debug).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT=${PORT:-3000}
 SIM_PORT=${SIM_PORT:-4010}
+OIDC_PORT=${OIDC_PORT:-4400}
 BIN=${BIN:-target/debug}
 pids=()
 
@@ -53,7 +57,7 @@ listening "${MOTO_PORT:-5005}" || started_services+=(moto)
 svc_env=$(scripts/services.sh start)
 eval "$svc_env"
 
-for p in "$PORT" $([ -z "${ANTHROPIC_API_KEY:-}" ] && echo "$SIM_PORT"); do
+for p in "$PORT" "$OIDC_PORT" $([ -z "${ANTHROPIC_API_KEY:-}" ] && echo "$SIM_PORT"); do
   if listening "$p"; then
     echo "port $p is already in use; choose another: make run PORT=... SIM_PORT=..." >&2
     exit 1
@@ -81,6 +85,12 @@ else
   model="the Anthropic API (ANTHROPIC_API_KEY is set)"
 fi
 
+# The local OIDC issuer (what Cognito is in AWS): tokens for AUTH_MODE=jwt.
+"$BIN/oidc-sim" --addr "127.0.0.1:$OIDC_PORT" --audience chat-stream &
+pids+=($!)
+wait_for "$OIDC_PORT" oidc-sim "$!"
+export JWT_ISSUER="${JWT_ISSUER:-http://127.0.0.1:$OIDC_PORT}" JWT_AUDIENCE="${JWT_AUDIENCE:-chat-stream}"
+
 export AUTH_MODE="${AUTH_MODE:-dev}"
 "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" &
 pids+=($!)
@@ -98,6 +108,10 @@ cat <<MSG
 
 chat-stream is up at http://127.0.0.1:$PORT (model: $model)
 Auth: AUTH_MODE=$AUTH_MODE$([ "$AUTH_MODE" = dev ] && echo " (local only: x-dev-user names the caller, no key needed)")
+OIDC issuer (local stand-in for Cognito): $JWT_ISSUER; with make run AUTH_MODE=jwt, sign in there or mint a token:
+  TOKEN=\$(curl -s -X POST $JWT_ISSUER/mint -H 'content-type: application/json' -d '{"sub":"alice"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+  curl -N http://127.0.0.1:$PORT/chat -H "authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d '{"message": "hi"}'
+OpenAI-compatible: base URL http://127.0.0.1:$PORT/v1 (POST /v1/chat/completions, GET /v1/models)
 Turns: queue $TURN_QUEUE_URL -> db-writer (local poller) -> table $TABLE_NAME
 Cache: Redis; identical in-flight questions share one model call; cache-warmer every ${WARM_EVERY_SECS:-60}s
 

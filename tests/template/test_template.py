@@ -47,6 +47,8 @@ SETS = {
         "ApiKeyHashesSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:keys-AbCdEf",
     },
     "with-code-sha": {"CodeSha256": "0123456789abcdef" * 4},
+    "cognito": {"AuthMode": "api_key,jwt", "CognitoUserPoolId": "us-east-1_AbC123", "CognitoClientId": "app-client-1"},
+    "oidc-issuer": {"AuthMode": "jwt", "JwtIssuer": "https://login.example.com/", "JwtAudience": "chat-api"},
 }
 
 
@@ -341,6 +343,22 @@ def test_rules_refuse_inconsistent_parameters_before_anything_is_created():
     assert rules_pass({"DbWriterBatchingWindowSeconds": "0", "DbWriterBatchSize": "10"}) == []
     assert rules_pass({"DbWriterTimeoutSeconds": "60", "TurnQueueVisibilityTimeout": "180"}) == ["VisibilityCoversTheWriter"]
     assert rules_pass({"DbWriterTimeoutSeconds": "60", "TurnQueueVisibilityTimeout": "360"}) == []
+    assert rules_pass({"AuthMode": "jwt"}) == ["JwtNeedsAnIssuer"]
+    assert rules_pass({"AuthMode": "jwt", "JwtIssuer": "https://i.example"}) == ["JwtNeedsAnIssuer"]
+    assert rules_pass({"AuthMode": "api_key,jwt", "CognitoUserPoolId": "us-east-1_X"}) == ["JwtNeedsAnIssuer"]
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("samconfig-default", {"AUTH_MODE": "api_key", "JWT_ISSUER": "", "COGNITO_USER_POOL_ID": ""}),
+    ("cognito", {"AUTH_MODE": "api_key,jwt", "COGNITO_USER_POOL_ID": "us-east-1_AbC123",
+                 "COGNITO_CLIENT_ID": "app-client-1", "JWT_ISSUER": ""}),
+    ("oidc-issuer", {"AUTH_MODE": "jwt", "JWT_ISSUER": "https://login.example.com/", "JWT_AUDIENCE": "chat-api"}),
+])
+def test_sign_in_settings_reach_chat_stream(name, expected):
+    t, p = RENDERS[name], values(RENDERS[name], SETS[name])
+    env = resolved(name)["ChatStreamFunction"]["Properties"]["Environment"]["Variables"]
+    got = {k: ev(env.get(k), t, p) for k in expected}
+    assert got == expected
 
 
 def test_the_sam_local_env_file_sets_only_declared_variables():
