@@ -19,7 +19,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: bench-jwt node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -126,6 +126,11 @@ bench-coldstart: $(TOOLS) build
 bench: $(TOOLS)
 	cargo build --release -p chat-stream -p model-sim -p chat-bench
 	scripts/bench.sh
+
+# What JWT sign-in costs per request, per algorithm (first and cached).
+bench-jwt:
+	cargo build --release -p chat-bench
+	target/release/chat-bench jwt
 
 services: $(TOOLS)
 	@scripts/services.sh start

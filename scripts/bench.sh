@@ -190,4 +190,9 @@ echo
 scripts/faults.sh
 echo
 
+echo "### JWT verification (chat-bench jwt: first verification and cached, per algorithm)"
+echo
+"$BIN/chat-bench" jwt
+echo
+
 print_size

@@ -549,3 +549,42 @@ async fn the_model_connection_is_prewarmed_and_reused() {
     assert_eq!(sim.model_lists(), 0);
     assert_eq!(sim.connections(), 0);
 }
+
+/// Every response, streamed or not, success or error: nosniff, no
+/// referrer, and never stored by a browser or a shared cache.
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let sim = sim(0, 2000.0, 5).await;
+    let server = chat(&sim, &[]).await;
+    let http = reqwest::Client::new();
+    let responses = vec![
+        ("answer", server.post_chat(Some("hdr"), &json!({"message": "hi"})).await),
+        ("bad input", server.post_chat(Some("hdr"), &json!({"nope": 1})).await),
+        ("health", http.get(server.url("/health")).send().await.unwrap()),
+        ("unknown route", http.get(server.url("/nope")).send().await.unwrap()),
+        (
+            "openai route",
+            http.post(server.url("/v1/chat/completions"))
+                .header("x-dev-user", "hdr")
+                .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            "resume of an unknown stream",
+            http.get(server.url("/chat/streams/abc"))
+                .header("x-dev-user", "hdr")
+                .send()
+                .await
+                .unwrap(),
+        ),
+    ];
+    for (what, r) in responses {
+        let h = r.headers();
+        assert_eq!(h["x-content-type-options"], "nosniff", "{what}");
+        assert_eq!(h["referrer-policy"], "no-referrer", "{what}");
+        let cc = h["cache-control"].to_str().unwrap();
+        assert!(cc.contains("no-store"), "{what}: {cc}");
+    }
+}

@@ -14,6 +14,7 @@
 //! JSON line with `--json`).
 
 mod faults;
+mod jwt;
 mod writer;
 
 use std::process::ExitCode;
@@ -289,6 +290,9 @@ async fn main() -> ExitCode {
     }
     if std::env::args().nth(1).as_deref() == Some("writer") {
         return writer::main().await;
+    }
+    if std::env::args().nth(1).as_deref() == Some("jwt") {
+        return jwt::main().await;
     }
     let a = match parse_args() {
         Ok(a) => a,

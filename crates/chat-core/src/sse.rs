@@ -172,7 +172,7 @@ pub fn event_stream(body: Body) -> Response {
     );
     h.insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, no-transform"),
+        HeaderValue::from_static("no-store, no-transform"),
     );
     // Tell reverse proxies (nginx and friends) not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));

@@ -101,6 +101,7 @@ async fn request_context(mut req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    security_headers(resp.headers_mut());
     if !resp.headers().contains_key("server-timing") {
         if let Ok(v) = HeaderValue::from_str(&format!("total;dur={:.3}", ms(elapsed))) {
             resp.headers_mut().insert("server-timing", v);
@@ -119,6 +120,24 @@ async fn request_context(mut req: Request, next: Next) -> Response {
         );
     }
     resp
+}
+
+/// On every response: the body is never sniffed into another type (an
+/// answer rendered as HTML), no page is told where its user came from,
+/// and no answer is stored by a browser or a shared cache (answers and
+/// history are private; our own cache is server-side).
+fn security_headers(h: &mut HeaderMap) {
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    if !h.contains_key(axum::http::header::CACHE_CONTROL) {
+        h.insert(
+            axum::http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+    }
 }
 
 pub fn error_response(e: ApiError) -> Response {

@@ -432,6 +432,9 @@ async fn every_header_the_api_sends_is_exposed_to_browsers() {
         "cache-control",
         "content-length",
         "x-accel-buffering",
+        // Directives to the browser itself, not read by the page.
+        "x-content-type-options",
+        "referrer-policy",
     ];
     for n in &names {
         assert!(
