@@ -588,3 +588,79 @@ async fn every_response_carries_the_security_headers() {
         assert!(cc.contains("no-store"), "{what}: {cc}");
     }
 }
+
+/// Public `/health` says only that the service is up; the dependencies
+/// and live probes need credentials, and a probe's answer is reused for a
+/// few seconds (it cannot be turned into load on the provider).
+#[tokio::test]
+async fn health_tells_strangers_only_that_it_is_up_and_probes_are_reused() {
+    let sim = sim(0, 2000.0, 5).await;
+    let key = "ck_health_key";
+    let hashes = format!("{}:ops", chat_core::auth::hash_key(key));
+    let server = chat(
+        &sim,
+        &[
+            ("AUTH_MODE", "api_key"),
+            ("API_KEY_HASHES", hashes.as_str()),
+        ],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let public = http.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(public.status(), 200);
+    let v: Value = public.json().await.unwrap();
+    assert_eq!(v, json!({"status": "up"}));
+    let r = http
+        .get(server.url("/health?probe=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a probe needs credentials");
+    let r = http
+        .get(server.url("/health"))
+        .bearer_auth("ck_wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "up"}));
+
+    let full: Value = http
+        .get(server.url("/health"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(full["dependencies"]["auth"]["method"], "api_key");
+    let before = sim.model_lists() + sim.connections();
+    let first: Value = http
+        .get(server.url("/health?probe=1"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["dependencies"]["anthropic"]["probe"]["ok"], true);
+    assert_eq!(first["probe_age_ms"], 0.0);
+    let after_first = sim.model_lists() + sim.connections();
+    assert!(after_first > before, "the first probe reached the provider");
+    let second: Value = http
+        .get(server.url("/health?probe=1"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(second["probe_age_ms"].as_f64().unwrap() > 0.0, "{second}");
+    assert_eq!(
+        sim.model_lists() + sim.connections(),
+        after_first,
+        "a second probe within the reuse window costs the provider nothing"
+    );
+}

@@ -47,6 +47,16 @@ struct Inner {
     circuits: Circuits,
     retry_budget: RetryBudget,
     deps: Deps,
+    /// The last `/health?probe=1` answer and when it was made.
+    probe_cache: tokio::sync::Mutex<Option<CachedProbe>>,
+}
+
+/// A probe's answer, reused for a few seconds so `/health?probe=1` cannot
+/// be turned into load on the providers and the table.
+pub struct CachedProbe {
+    pub at: tokio::time::Instant,
+    pub status: axum::http::StatusCode,
+    pub body: serde_json::Value,
 }
 
 /// Who is calling, and where conversations live.
@@ -91,6 +101,7 @@ impl AppState {
             circuits,
             retry_budget,
             deps,
+            probe_cache: tokio::sync::Mutex::new(None),
         }))
     }
 
@@ -127,6 +138,11 @@ impl AppState {
     /// the pre-warm at init and by `/health?probe=1`.
     pub async fn check_providers(&self, budget: Duration) -> Vec<(&'static str, Probe)> {
         check_providers(self.providers(), &self.0.health, budget).await
+    }
+
+    /// The cached `/health?probe=1` answer (see [`CachedProbe`]).
+    pub fn probe_cache(&self) -> &tokio::sync::Mutex<Option<CachedProbe>> {
+        &self.0.probe_cache
     }
 
     pub fn limiter(&self) -> &Arc<RateLimiter> {

@@ -116,8 +116,14 @@ async fn function_url_events_stream_through_the_lambda_adapter() {
     let body: Value = serde_json::from_str(&inv.body_text()).unwrap();
     assert_eq!(body["code"], "unknown_field");
 
-    // Health.
+    // Health: public, only "up"; with credentials, the dependencies.
     let inv = runtime.invoke(event_file("health.json"), limit).await;
+    assert_eq!(inv.status(), 200);
+    let body: Value = serde_json::from_str(&inv.body_text()).unwrap();
+    assert_eq!(body, serde_json::json!({"status": "up"}));
+    let inv = runtime
+        .invoke(event_file("health-authorized.json"), limit)
+        .await;
     assert_eq!(inv.status(), 200);
     let body: Value = serde_json::from_str(&inv.body_text()).unwrap();
     assert_eq!(body["dependencies"]["anthropic"]["state"], "ok");

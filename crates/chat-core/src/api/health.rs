@@ -1,4 +1,7 @@
-//! `GET /health`: each dependency's last known state.
+//! `GET /health`. Public: only whether the service is up. With
+//! credentials: each dependency's last known state, and with `?probe=1`
+//! live checks, whose answer is reused for [`PROBE_REUSE`] so probes
+//! cannot be turned into load on the providers and the table.
 
 use std::time::{Duration, Instant};
 
@@ -7,18 +10,68 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::error_response;
 use crate::limits::BreakerState;
-use crate::state::{AppState, Probe};
+use crate::state::{AppState, CachedProbe, Probe};
 use crate::util::ms;
 
-/// `GET /health`: each dependency's last known state. `?probe=1` also
-/// checks the model provider live (a connection, no tokens), and answers
-/// 503 if that fails.
+/// How long a probe's answer is reused.
+pub const PROBE_REUSE: Duration = Duration::from_secs(5);
+
+/// `GET /health`: public, `{"status":"up"}`; with credentials, each
+/// dependency's last known state. `?probe=1` (credentials required) also
+/// checks the model providers live (a connection, no tokens) and the
+/// table, and answers 503 if a provider check fails.
 pub(super) async fn health(State(state): State<AppState>, req: Request) -> Response {
     let probe_requested = req.uri().query().is_some_and(|q| {
         q.split('&')
             .any(|kv| kv == "probe" || kv == "probe=1" || kv == "probe=true")
     });
+    if let Err(e) = state.authenticate(req.headers()).await {
+        if probe_requested {
+            return error_response(e);
+        }
+        // Anyone may ask whether we are up; nothing else.
+        return (
+            StatusCode::OK,
+            [(header::CACHE_CONTROL, "no-store")],
+            axum::Json(json!({"status": "up"})),
+        )
+            .into_response();
+    }
+    if !probe_requested {
+        let (status, body) = details(&state, false).await;
+        return answer(status, body);
+    }
+    let mut cached = state.probe_cache().lock().await;
+    if let Some(c) = cached.as_ref().filter(|c| c.at.elapsed() < PROBE_REUSE) {
+        let mut body = c.body.clone();
+        body["probe_age_ms"] = json!(ms(c.at.elapsed()));
+        return answer(c.status, body);
+    }
+    let (status, body) = details(&state, true).await;
+    *cached = Some(CachedProbe {
+        at: tokio::time::Instant::now(),
+        status,
+        body: body.clone(),
+    });
+    let mut body = body;
+    body["probe_age_ms"] = json!(0.0);
+    answer(status, body)
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+/// The full report: dependencies, circuits, and with `probe_requested`
+/// the live checks.
+async fn details(state: &AppState, probe_requested: bool) -> (StatusCode, serde_json::Value) {
     let circuits: serde_json::Map<String, serde_json::Value> = state
         .circuits()
         .local()
@@ -110,10 +163,5 @@ pub(super) async fn health(State(state): State<AppState>, req: Request) -> Respo
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        [(header::CACHE_CONTROL, "no-store")],
-        axum::Json(body),
-    )
-        .into_response()
+    (status, body)
 }
