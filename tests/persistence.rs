@@ -880,3 +880,86 @@ async fn a_newer_producers_turn_is_stored_not_sent_to_the_dlq() {
         "an unknown status is not 'completed'"
     );
 }
+
+/// `DELETE /conversations/{id}`: only the owner, with the same 404 for
+/// others as for an unknown id; afterwards nothing of it is readable: not
+/// through the API, not in the recent-turns buffer, not in the table (its
+/// summary, its turns and the parts of a claim-checked answer).
+#[tokio::test]
+async fn a_deleted_conversation_leaves_nothing_readable() {
+    let aws = LocalAws::create(&[]).await;
+    let sim = sim(5, 2000.0, 5).await;
+    let server = server(&sim, &aws, &[]).await;
+    let store = aws.store().await;
+    let (owner, other) = (user(), user());
+    let (_, _, meta) = chat(&server, &owner, json!({"message": "forget me"})).await;
+    let conv = meta["conversation_id"].as_str().unwrap().to_owned();
+    chat(
+        &server,
+        &owner,
+        json!({"message": "and this", "conversation_id": conv}),
+    )
+    .await;
+    // A long answer in the same conversation: its parts are items too.
+    let mut big = record(&owner, &conv, now_ms(), &big_answer());
+    store.put_answer_parts(&mut big).await.unwrap();
+    store.write_turns(&[big]).await;
+    drain(&aws, &store).await;
+    let (status, body) = get(&server, &owner, &format!("/conversations/{conv}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["messages"].as_array().unwrap().len(), 6);
+
+    let delete = |who: String, id: String| {
+        let url = server.url(&format!("/conversations/{id}"));
+        async move {
+            let r = reqwest::Client::new()
+                .delete(url)
+                .header("x-dev-user", who)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let theirs = delete(other.clone(), conv.clone()).await;
+    let unknown = delete(other.clone(), "0123456789abcdef0123456789abcdef".into()).await;
+    assert_eq!(
+        theirs, unknown,
+        "someone else's is the same 404 as an unknown one"
+    );
+    assert_eq!(theirs.0, 404);
+    assert_eq!(
+        get(&server, &owner, &format!("/conversations/{conv}"))
+            .await
+            .0,
+        200,
+        "a refused delete deletes nothing"
+    );
+
+    let (status, body) = delete(owner.clone(), conv.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], true);
+    assert_eq!(
+        get(&server, &owner, &format!("/conversations/{conv}"))
+            .await
+            .0,
+        404
+    );
+    let (_, list) = get(&server, &owner, "/conversations").await;
+    assert_eq!(list["conversations"], json!([]), "{list}");
+    let (status, _, _) = chat(
+        &server,
+        &owner,
+        json!({"message": "what did I say?", "conversation_id": conv}),
+    )
+    .await;
+    assert_eq!(status, 404, "no history is left to continue from");
+    let (turns, _) = store.turns_page(&conv, 100, None).await.unwrap();
+    assert!(turns.is_empty());
+    assert!(store.get_conversation(&conv).await.unwrap().is_none());
+    assert_eq!(
+        store.delete_conversation(&conv).await.unwrap(),
+        0,
+        "no item of its partition is left (summary, turns, parts)"
+    );
+}

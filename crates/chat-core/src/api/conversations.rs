@@ -1,6 +1,7 @@
-//! `GET /conversations` and `GET /conversations/{id}`: the caller's own
-//! conversations only. Someone else's conversation and a conversation that
-//! does not exist get the same 404.
+//! `GET /conversations`, `GET /conversations/{id}` and
+//! `DELETE /conversations/{id}`: the caller's own conversations only.
+//! Someone else's conversation and a conversation that does not exist get
+//! the same 404.
 //!
 //! Reads are Queries (the GSI for the list, the conversation's partition
 //! for its turns) run in parallel with the recent-turns buffer, so a turn
@@ -249,4 +250,38 @@ fn no_store(mut r: Response) -> Response {
         axum::http::HeaderValue::from_static("private, no-store"),
     );
     r
+}
+
+/// `DELETE /conversations/{id}`: the owner erases a conversation, its
+/// turns, the parts of long answers and its recent-turns buffer. Cached
+/// answers are keyed by content, not by conversation: they are not found
+/// from here and expire with the cache TTL (README "Security").
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let run = async {
+        let who = state.authenticate(&headers).await?;
+        let store = store(&state)?;
+        if !crate::chat::request::valid_conversation_id(&id) {
+            return Err(not_found());
+        }
+        let meta = store.get_conversation(&id).await.map_err(store_error)?;
+        if meta.as_ref().map(|m| m.owner.as_str()) != Some(&*who.user_id) {
+            return Err(not_found());
+        }
+        let items = store.delete_conversation(&id).await.map_err(store_error)?;
+        if let Some(b) = &state.deps().buffer {
+            if !b.forget(&id).await {
+                tracing::warn!("recent-turns buffer not cleared; it expires with its TTL");
+            }
+        }
+        tracing::info!(items, "conversation deleted");
+        Ok::<_, ApiError>(Json(json!({ "id": id, "deleted": true })))
+    };
+    match run.await {
+        Ok(body) => no_store(body.into_response()),
+        Err(e) => error_response(e),
+    }
 }

@@ -60,7 +60,10 @@ pub fn app(state: AppState) -> Router {
         .route("/chat/streams/{id}", get(streams::resume))
         .route("/health", get(health::health))
         .route("/conversations", get(conversations::list))
-        .route("/conversations/{id}", get(conversations::show))
+        .route(
+            "/conversations/{id}",
+            get(conversations::show).delete(conversations::delete),
+        )
         .route("/v1/chat/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .fallback(not_found)

@@ -118,6 +118,14 @@ impl RecentBuffer {
         self.redis.pipe::<()>(&pipe, BUFFER_TIMEOUT).await.is_some()
     }
 
+    /// Drops a conversation's buffered turns; false when Redis did not
+    /// answer.
+    pub async fn forget(&self, conversation_id: &str) -> bool {
+        let mut pipe = redis::pipe();
+        pipe.del(buffer_key(conversation_id)).ignore();
+        self.redis.pipe::<()>(&pipe, BUFFER_TIMEOUT).await.is_some()
+    }
+
     /// The buffered turns, oldest first; `None` when Redis did not answer.
     pub async fn load(&self, conversation_id: &str) -> Option<Vec<BufferedTurn>> {
         let mut pipe = redis::pipe();

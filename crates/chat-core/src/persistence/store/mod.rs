@@ -26,6 +26,7 @@
 //! entries), `writes` (turns in transactions, answer parts). Uses:
 //! `persistence::turn`, `util`.
 
+mod erase;
 mod items;
 mod keys;
 mod reads;

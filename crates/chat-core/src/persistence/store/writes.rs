@@ -89,7 +89,7 @@ impl Store {
 
     /// BatchWriteItem in chunks of 25, retrying UnprocessedItems with
     /// backoff.
-    async fn batch_write(&self, requests: Vec<WriteRequest>) -> Result<(), StoreError> {
+    pub(super) async fn batch_write(&self, requests: Vec<WriteRequest>) -> Result<(), StoreError> {
         for chunk in requests.chunks(BATCH_WRITE_MAX) {
             let mut pending = chunk.to_vec();
             let mut round = 0;
