@@ -175,6 +175,18 @@ impl UpstreamError {
     }
 
     /// Whether trying again (later, or elsewhere) may succeed.
+    /// The provider refused our credentials (401/403): the key may have
+    /// been rotated.
+    pub fn is_auth_rejection(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Status {
+                status: 401 | 403,
+                ..
+            }
+        )
+    }
+
     pub fn retryable(&self) -> bool {
         match self {
             UpstreamError::Status { status, .. } => {

@@ -93,6 +93,82 @@ pub async fn resolve_api_key(source: &ApiKeySource) -> Result<Secret, ConfigErro
     }
 }
 
+/// A model API key that is read again from Secrets Manager after the
+/// provider rejects it (401/403), at most once per `min_interval` (a
+/// minute in production), so a rotation needs no redeploy and a revoked
+/// key cannot turn every request into a Secrets Manager call. A key from
+/// the environment is never re-read.
+pub struct RotatingKey {
+    current: std::sync::RwLock<Secret>,
+    source: ApiKeySource,
+    min_interval: std::time::Duration,
+    last_reload: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl RotatingKey {
+    pub fn new(initial: Secret, source: ApiKeySource) -> Self {
+        Self::with_interval(initial, source, std::time::Duration::from_secs(60))
+    }
+
+    pub fn with_interval(
+        initial: Secret,
+        source: ApiKeySource,
+        min_interval: std::time::Duration,
+    ) -> Self {
+        Self {
+            current: std::sync::RwLock::new(initial),
+            source,
+            min_interval,
+            last_reload: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn current(&self) -> Secret {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The provider rejected `used`. Reads the secret again (once per
+    /// interval, one caller at a time) and says whether the key now in use
+    /// differs from `used`, so the request is worth one more try.
+    pub async fn after_rejection(&self, used: &Secret) -> bool {
+        if self.current() != *used {
+            // Another request already read the new key.
+            return true;
+        }
+        if !matches!(self.source, ApiKeySource::SecretsManager { .. }) {
+            return false;
+        }
+        let mut last = self.last_reload.lock().await;
+        if self.current() != *used {
+            return true;
+        }
+        if last.is_some_and(|t| t.elapsed() < self.min_interval) {
+            return false;
+        }
+        *last = Some(tokio::time::Instant::now());
+        match resolve_api_key(&self.source).await {
+            Ok(fresh) if fresh != *used => {
+                tracing::info!("the model API key was read again from Secrets Manager: it changed");
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                true
+            }
+            Ok(_) => {
+                tracing::warn!(
+                    "the provider rejects the model API key and Secrets Manager still holds it"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the model API key again");
+                false
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,7 @@ use crate::provider::health::ModelHealth;
 use crate::provider::openai::OpenAiProvider;
 use crate::provider::{ModelProvider, ProviderSettings, Providers};
 use crate::redis::RedisLink;
-use crate::secrets::{Secret, resolve_api_key};
+use crate::secrets::{RotatingKey, Secret, resolve_api_key};
 use crate::util::{ms, new_id};
 
 /// Shared, read-only after init (plus the health record). Cheap to clone.
@@ -264,13 +264,13 @@ async fn build_providers(
         list.push(Arc::new(AnthropicProvider::new(
             client.clone(),
             &a.base_url,
-            key,
+            RotatingKey::new(key, a.api_key.clone()),
             &a.version,
         )));
     }
     if let Some(o) = &settings.openai {
         let key = match &o.api_key {
-            Some(src) => Some(resolve_api_key(src).await?),
+            Some(src) => Some(RotatingKey::new(resolve_api_key(src).await?, src.clone())),
             None => None,
         };
         list.push(Arc::new(OpenAiProvider::new(

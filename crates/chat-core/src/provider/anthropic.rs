@@ -14,20 +14,25 @@ use serde_json::json;
 
 use super::{Chunk, ChunkStream, ModelProvider, ModelRequest};
 use crate::error::UpstreamError;
-use crate::secrets::Secret;
+use crate::secrets::{RotatingKey, Secret};
 use crate::sse::SseEvent;
 
 pub struct AnthropicProvider {
     client: reqwest::Client,
     base_url: String,
     messages_url: String,
-    api_key: Secret,
+    api_key: RotatingKey,
     version: String,
 }
 
 impl AnthropicProvider {
     /// `client` is the shared, pooled client built once at init.
-    pub fn new(client: reqwest::Client, base_url: &str, api_key: Secret, version: &str) -> Self {
+    pub fn new(
+        client: reqwest::Client,
+        base_url: &str,
+        api_key: RotatingKey,
+        version: &str,
+    ) -> Self {
         let base_url = base_url.trim_end_matches('/').to_owned();
         Self {
             client,
@@ -66,13 +71,23 @@ impl ModelProvider for AnthropicProvider {
     fn stream(&self, req: &ModelRequest) -> BoxFuture<'_, Result<ChunkStream, UpstreamError>> {
         let body = Self::request_body(req);
         Box::pin(async move {
-            let request = self
-                .client
-                .post(&self.messages_url)
-                .header("x-api-key", self.api_key.expose())
-                .header("anthropic-version", &self.version)
-                .json(&body);
-            super::open_sse(request, status_error, decoder()).await
+            let open = |key: Secret| {
+                let request = self
+                    .client
+                    .post(&self.messages_url)
+                    .header("x-api-key", key.expose())
+                    .header("anthropic-version", &self.version)
+                    .json(&body);
+                super::open_sse(request, status_error, decoder())
+            };
+            let key = self.api_key.current();
+            match open(key.clone()).await {
+                // A rotated key: read it again and try once more.
+                Err(e) if e.is_auth_rejection() && self.api_key.after_rejection(&key).await => {
+                    open(self.api_key.current()).await
+                }
+                other => other,
+            }
         })
     }
 
@@ -82,7 +97,7 @@ impl ModelProvider for AnthropicProvider {
             let request = self
                 .client
                 .get(format!("{}/v1/models?limit=1", self.base_url))
-                .header("x-api-key", self.api_key.expose())
+                .header("x-api-key", self.api_key.current().expose())
                 .header("anthropic-version", &self.version);
             super::warm(request).await
         })

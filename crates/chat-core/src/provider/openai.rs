@@ -15,18 +15,18 @@ use serde_json::json;
 
 use super::{Chunk, ChunkStream, ModelProvider, ModelRequest, Role};
 use crate::error::UpstreamError;
-use crate::secrets::Secret;
+use crate::secrets::{RotatingKey, Secret};
 
 pub struct OpenAiProvider {
     client: reqwest::Client,
     base_url: String,
     completions_url: String,
-    api_key: Option<Secret>,
+    api_key: Option<RotatingKey>,
 }
 
 impl OpenAiProvider {
     /// `base_url` includes the version path, e.g. `https://api.openai.com/v1`.
-    pub fn new(client: reqwest::Client, base_url: &str, api_key: Option<Secret>) -> Self {
+    pub fn new(client: reqwest::Client, base_url: &str, api_key: Option<RotatingKey>) -> Self {
         let base_url = base_url.trim_end_matches('/').to_owned();
         Self {
             client,
@@ -64,8 +64,12 @@ impl OpenAiProvider {
         body
     }
 
-    fn authorized(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.api_key {
+    fn authorized(
+        &self,
+        rb: reqwest::RequestBuilder,
+        key: Option<&Secret>,
+    ) -> reqwest::RequestBuilder {
+        match key {
             Some(k) => rb.bearer_auth(k.expose()),
             None => rb,
         }
@@ -80,16 +84,33 @@ impl ModelProvider for OpenAiProvider {
     fn stream(&self, req: &ModelRequest) -> BoxFuture<'_, Result<ChunkStream, UpstreamError>> {
         let body = Self::request_body(req);
         Box::pin(async move {
-            let request = self
-                .authorized(self.client.post(&self.completions_url))
-                .json(&body);
-            super::open_sse(request, status_error, decoder()).await
+            let open = |key: Option<Secret>| {
+                let request = self
+                    .authorized(self.client.post(&self.completions_url), key.as_ref())
+                    .json(&body);
+                super::open_sse(request, status_error, decoder())
+            };
+            let key = self.api_key.as_ref().map(RotatingKey::current);
+            match (open(key.clone()).await, &self.api_key, key) {
+                // A rotated key: read it again and try once more.
+                (Err(e), Some(rotating), Some(used))
+                    if e.is_auth_rejection() && rotating.after_rejection(&used).await =>
+                {
+                    open(Some(rotating.current())).await
+                }
+                (result, _, _) => result,
+            }
         })
     }
 
     fn prewarm(&self) -> BoxFuture<'_, Result<(), UpstreamError>> {
         Box::pin(async move {
-            super::warm(self.authorized(self.client.get(format!("{}/models", self.base_url)))).await
+            let key = self.api_key.as_ref().map(RotatingKey::current);
+            super::warm(self.authorized(
+                self.client.get(format!("{}/models", self.base_url)),
+                key.as_ref(),
+            ))
+            .await
         })
     }
 }
