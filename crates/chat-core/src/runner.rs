@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use crate::config::{
     Config, ConfigError, ConfigSource, EnvSource, Layered, WarmerConfig, WriterConfig,
@@ -173,5 +174,97 @@ pub async fn keys_command(args: &[String]) -> ExitCode {
         }
         other => return usage(&format!("unknown subcommand {other:?}")),
     }
+    ExitCode::SUCCESS
+}
+
+const USERS_USAGE: &str = "usage: chat-stream users erase --user ID
+(TABLE_NAME must be set; with REDIS_URL [REDIS_CLUSTER] also the user's
+popularity records, the cached answers they lead to, and recent-turns
+buffers)";
+
+/// `chat-stream users erase --user ID`: removes everything stored for a
+/// user: conversations (summaries, turns, answer parts), usage counters,
+/// API keys, and with Redis their popularity records, the cached answers
+/// those name and the recent-turns buffers. Prints a JSON report.
+pub async fn users_command(args: &[String]) -> ExitCode {
+    use std::io::Write;
+    let usage = |why: &str| {
+        eprintln!("{why}\n{USERS_USAGE}");
+        ExitCode::from(2)
+    };
+    let (Some("erase"), Ok(flags)) = (
+        args.first().map(String::as_str),
+        flags_to_source(args.iter().skip(1).cloned()),
+    ) else {
+        return usage("the subcommand is erase, with --user");
+    };
+    let Some(user) = flags.get("USER").filter(|u| crate::auth::valid_user_id(u)) else {
+        return usage("--user must be 1-64 of A-Z a-z 0-9 - _ . @");
+    };
+    let Some(table) = std::env::var("TABLE_NAME").ok().filter(|t| !t.is_empty()) else {
+        return usage("TABLE_NAME is not set");
+    };
+    let store = crate::persistence::store::store_for(
+        &table,
+        None,
+        crate::persistence::store::StoreRole::Request,
+    )
+    .await;
+    let erased = match store.erase_user(user).await {
+        Ok(e) => e,
+        Err(e) => return crate::logging::fail("chat-stream", &e),
+    };
+    let mut report = serde_json::json!({
+        "user": user,
+        "conversations": erased.conversations,
+        "items": erased.items,
+        "api_keys": erased.api_keys,
+    });
+    if let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) {
+        let cluster = std::env::var("REDIS_CLUSTER").is_ok_and(|v| v == "true");
+        let timeout = Duration::from_secs(2);
+        let link = match crate::redis::RedisLink::new(&url, timeout, cluster) {
+            Ok(l) => std::sync::Arc::new(l),
+            Err(e) => return crate::logging::fail("chat-stream", &e),
+        };
+        let popular = crate::cache::popular::Popularity::new(
+            link.clone(),
+            timeout,
+            crate::cache::popular::PopularityConfig {
+                max_entries: 500,
+                half_life: Duration::from_secs(6 * 3600),
+            },
+        );
+        let Some(keys) = popular.forget_scope(&format!("user:{user}")).await else {
+            eprintln!("chat-stream: Redis did not answer; the popularity records were not erased");
+            return ExitCode::FAILURE;
+        };
+        let cache = crate::cache::redis::RedisCache::new(link.clone(), timeout);
+        let redis_deleted = cache.delete(&keys).await;
+        // The table's cache too (CACHE_BACKEND=dynamodb keeps entries there).
+        let mut table_deleted = true;
+        for k in &keys {
+            table_deleted &= store.cache_delete(k).await.is_ok();
+        }
+        let buffers = crate::persistence::history::RecentBuffer::new(
+            link,
+            crate::persistence::history::HistoryLimits {
+                max_turns: 1,
+                max_tokens: 1,
+                buffer_ttl: Duration::from_secs(1),
+            },
+        );
+        for id in &erased.conversation_ids {
+            buffers.forget(id).await;
+        }
+        report["popular_questions"] = serde_json::json!(keys.len());
+        report["cached_answers_deleted"] = serde_json::json!(redis_deleted && table_deleted);
+    } else {
+        report["popular_questions"] = serde_json::Value::Null;
+        report["note"] = serde_json::json!(
+            "no REDIS_URL: popularity records and cached answers were not reached; cached answers expire with CACHE_TTL_SECS"
+        );
+    }
+    let _ = writeln!(std::io::stdout(), "{report}");
     ExitCode::SUCCESS
 }

@@ -14,8 +14,10 @@ use chat_core::{Config, app, build_state};
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("keys") {
-        return runner::keys_command(&args[1..]).await;
+    match args.first().map(String::as_str) {
+        Some("keys") => return runner::keys_command(&args[1..]).await,
+        Some("users") => return runner::users_command(&args[1..]).await,
+        _ => {}
     }
     runner::run("chat-stream", args, |config: Config| async move {
         let (bind_addr, origins) = (config.bind_addr, config.cors_allow_origins.clone());

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use redis::Script;
 
+use super::KeySpec;
 use crate::redis::RedisLink;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +126,34 @@ impl Popularity {
                 self.timeout,
             )
             .await;
+    }
+
+    /// Forgets every counted question of `scope` (`user:ID`, erasing a
+    /// user) and returns their cache keys, so their cached answers can go
+    /// too; `None` when Redis is away. Questions whose document was too
+    /// large to keep cannot be attributed and stay as bare counts (a hash,
+    /// no text).
+    pub async fn forget_scope(&self, scope: &str) -> Option<Vec<String>> {
+        let mut read = redis::pipe();
+        read.hgetall(DOCS);
+        let (docs,): (std::collections::HashMap<String, String>,) =
+            self.link.pipe(&read, self.timeout).await?;
+        let keys: Vec<String> = docs
+            .into_iter()
+            .filter(|(_, doc)| KeySpec::from_doc(doc).is_some_and(|s| s.scope == scope))
+            .map(|(k, _)| k)
+            .collect();
+        if keys.is_empty() {
+            return Some(keys);
+        }
+        let mut del = redis::pipe();
+        del.atomic()
+            .hdel(DOCS, &keys)
+            .ignore()
+            .zrem(ZSET, &keys)
+            .ignore();
+        self.link.pipe::<()>(&del, self.timeout).await?;
+        Some(keys)
     }
 
     /// The `n` most asked questions, most asked first; `None` when Redis

@@ -24,6 +24,18 @@ impl RedisCache {
     fn redis_key(key: &str) -> String {
         format!("cache:{{{}}}", tag(key))
     }
+
+    /// Deletes the cached answers of `keys` (erasing a user); false when
+    /// Redis did not answer. One command per key (each has its own slot).
+    pub async fn delete(&self, keys: &[String]) -> bool {
+        let mut ok = true;
+        for k in keys {
+            let mut pipe = redis::pipe();
+            pipe.del(Self::redis_key(k)).ignore();
+            ok &= self.link.pipe::<()>(&pipe, self.timeout).await.is_some();
+        }
+        ok
+    }
 }
 
 impl ResponseCache for RedisCache {

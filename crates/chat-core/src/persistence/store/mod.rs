@@ -34,6 +34,7 @@ mod records;
 mod summary;
 mod writes;
 
+pub use erase::Erased;
 pub use items::{ConversationMeta, StoredTurn, WriteOutcome};
 pub use keys::*;
 
