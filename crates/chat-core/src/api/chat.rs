@@ -12,7 +12,7 @@ use crate::chat::request::{body_too_large, parse_chat_request};
 use crate::error::ApiError;
 use crate::state::{AppState, RequestCtx};
 
-pub(super) fn is_json_content_type(headers: &HeaderMap) -> bool {
+fn is_json_content_type(headers: &HeaderMap) -> bool {
     match headers.get(header::CONTENT_TYPE) {
         None => true, // be lenient with clients that send none
         Some(v) => v
@@ -44,22 +44,7 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
     // happens (no body read, no rate-limit count, no history read).
     let identity = state.authenticate(&parts.headers).await?;
     let limits = state.config().limits;
-    if !is_json_content_type(&parts.headers) {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body as Content-Type: application/json",
-        ));
-    }
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        return Err(body_too_large(limits.max_body_bytes));
-    }
-    let bytes = read_body(body, limits.max_body_bytes).await?;
+    let bytes = json_body(&parts.headers, body, limits.max_body_bytes).await?;
     let chat_req = parse_chat_request(&bytes, &limits)?;
     let cache_control = parts
         .headers
@@ -70,7 +55,32 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
     crate::chat::start(state, ctx, identity, chat_req, cache_control).await
 }
 
-pub(super) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+/// A JSON request body of at most `limit` bytes: the content type checked,
+/// a declared length over the limit refused before reading, the body read
+/// up to the limit. Shared by every route that takes a JSON body.
+pub(super) async fn json_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    if !is_json_content_type(headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(body_too_large(limit));
+    }
+    read_body(body, limit).await
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let inner = e.into_inner();
         if inner.is::<http_body_util::LengthLimitError>() {

@@ -80,7 +80,8 @@ fn opt_str<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<Option<&'a st
     }
 }
 
-pub fn parse_chat_request(body: &[u8], limits: &Limits) -> Result<ChatRequest, ApiError> {
+/// A request body as a JSON object, within the body limit.
+pub fn json_object(body: &[u8], limits: &Limits) -> Result<Map<String, Value>, ApiError> {
     if body.len() > limits.max_body_bytes {
         return Err(body_too_large(limits.max_body_bytes));
     }
@@ -90,12 +91,17 @@ pub fn parse_chat_request(body: &[u8], limits: &Limits) -> Result<ChatRequest, A
             format!("request body is not valid JSON: {e}"),
         )
     })?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::bad_request(
+    match value {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(ApiError::bad_request(
             "invalid_json",
             "request body must be a JSON object",
-        ));
-    };
+        )),
+    }
+}
+
+pub fn parse_chat_request(body: &[u8], limits: &Limits) -> Result<ChatRequest, ApiError> {
+    let obj = json_object(body, limits)?;
     if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ApiError::bad_request(
             "unknown_field",

@@ -28,10 +28,9 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::chat::{is_json_content_type, read_body};
+use super::chat::json_body;
 use super::error_response;
 use crate::cache::CacheControl;
-use crate::chat::request::body_too_large;
 use crate::error::ApiError;
 use crate::provider::routing::{Allowlist, ModelRef};
 use crate::sse::SseParser;
@@ -63,22 +62,7 @@ async fn completions_inner(state: AppState, req: Request) -> Result<Response, Ap
     let ctx = RequestCtx::of(&parts.extensions);
     let identity = state.authenticate(&parts.headers).await?;
     let limits = state.config().limits;
-    if !is_json_content_type(&parts.headers) {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body as Content-Type: application/json",
-        ));
-    }
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        return Err(body_too_large(limits.max_body_bytes));
-    }
-    let bytes = read_body(body, limits.max_body_bytes).await?;
+    let bytes = json_body(&parts.headers, body, limits.max_body_bytes).await?;
     let text_header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let c = request::parse(
         &bytes,

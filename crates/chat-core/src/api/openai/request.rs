@@ -18,7 +18,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::chat::request::{ChatRequest, Limits, valid_conversation_id};
+use crate::chat::request::{ChatRequest, Limits, json_object, valid_conversation_id};
 use crate::error::ApiError;
 use crate::provider::{Message, Role};
 
@@ -74,21 +74,7 @@ pub fn parse(
     conversation: Option<&str>,
     persist: Option<&str>,
 ) -> Result<Completion, ApiError> {
-    if body.len() > limits.max_body_bytes {
-        return Err(crate::chat::request::body_too_large(limits.max_body_bytes));
-    }
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_json",
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::bad_request(
-            "invalid_json",
-            "request body must be a JSON object",
-        ));
-    };
+    let obj = json_object(body, limits)?;
     refuse_unsupported(&obj)?;
 
     let model = match opt(&obj, "model") {

@@ -18,20 +18,9 @@ impl Store {
         let mut start: Option<Item> = None;
         let mut meta: Option<Item> = None;
         loop {
-            self.count();
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk")
-                .expression_attribute_values(":pk", s(pk.clone()))
-                .projection_expression("PK, SK")
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| dynamo_err("Query", e))?;
+            let (keys, next) = self.partition_keys(&pk, start.take()).await?;
             let mut requests = Vec::new();
-            for key in out.items() {
+            for key in &keys {
                 if key
                     .get("SK")
                     .and_then(|v| v.as_s().ok())
@@ -45,8 +34,8 @@ impl Store {
             }
             deleted += requests.len() as u64;
             self.batch_write(requests).await?;
-            match out.last_evaluated_key() {
-                Some(k) => start = Some(k.clone()),
+            match next {
+                Some(k) => start = Some(k),
                 None => break,
             }
         }
@@ -96,20 +85,9 @@ impl Store {
         let pk = user_pk(user);
         let mut start: Option<Item> = None;
         loop {
-            self.count();
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk")
-                .expression_attribute_values(":pk", s(pk.clone()))
-                .projection_expression("PK, SK")
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| dynamo_err("Query", e))?;
+            let (keys, next) = self.partition_keys(&pk, start.take()).await?;
             let mut requests = Vec::new();
-            for key in out.items() {
+            for key in &keys {
                 let sk = key.get("SK").and_then(|v| v.as_s().ok()).cloned();
                 if let Some(hash) = sk.as_deref().and_then(|k| k.strip_prefix("APIKEY#")) {
                     let mut k = Item::new();
@@ -122,12 +100,35 @@ impl Store {
             }
             erased.items += requests.len() as u64;
             self.batch_write(requests).await?;
-            match out.last_evaluated_key() {
-                Some(k) => start = Some(k.clone()),
+            match next {
+                Some(k) => start = Some(k),
                 None => break,
             }
         }
         Ok(erased)
+    }
+
+    /// One page of the keys (PK, SK) of partition `pk`, and where the
+    /// next page starts.
+    async fn partition_keys(
+        &self,
+        pk: &str,
+        start: Option<Item>,
+    ) -> Result<(Vec<Item>, Option<Item>), StoreError> {
+        self.count();
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk")
+            .expression_attribute_values(":pk", s(pk))
+            .projection_expression("PK, SK")
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| dynamo_err("Query", e))?;
+        let next = out.last_evaluated_key().cloned();
+        Ok((out.items.unwrap_or_default(), next))
     }
 
     /// Deletes a cached answer stored in the table (`CACHE#{key}`).
