@@ -98,6 +98,52 @@ const KEYS_USAGE: &str = "usage: chat-stream keys create --user ID [--label TEXT
 (TABLE_NAME must be set; a disabled key is refused within a minute, the
 time each instance keeps a looked-up key)";
 
+/// What every admin subcommand starts from: the verb, the `--flags`, a
+/// valid `--user`, and the table (`TABLE_NAME`).
+struct Admin {
+    verb: String,
+    flags: std::collections::HashMap<String, String>,
+    user: String,
+    store: crate::persistence::store::Store,
+}
+
+/// Reads [`Admin`] from the arguments; a usage error (exit 2, with
+/// `usage_text`) otherwise.
+async fn admin_args(args: &[String], usage_text: &str) -> Result<Admin, ExitCode> {
+    let usage = |why: &str| {
+        eprintln!("{why}\n{usage_text}");
+        ExitCode::from(2)
+    };
+    let (Some(verb), Ok(flags)) = (
+        args.first().cloned(),
+        flags_to_source(args.iter().skip(1).cloned()),
+    ) else {
+        return Err(usage("a subcommand and --flags are needed"));
+    };
+    let Some(user) = flags
+        .get("USER")
+        .filter(|u| crate::auth::valid_user_id(u))
+        .cloned()
+    else {
+        return Err(usage("--user must be 1-64 of A-Z a-z 0-9 - _ . @"));
+    };
+    let Some(table) = std::env::var("TABLE_NAME").ok().filter(|t| !t.is_empty()) else {
+        return Err(usage("TABLE_NAME is not set"));
+    };
+    let store = crate::persistence::store::store_for(
+        &table,
+        None,
+        crate::persistence::store::StoreRole::Request,
+    )
+    .await;
+    Ok(Admin {
+        verb,
+        flags,
+        user,
+        store,
+    })
+}
+
 /// `chat-stream keys create|list|disable|enable`: API keys without editing
 /// items by hand. Only a key's SHA-256 is stored; `create` prints the key
 /// once.
@@ -107,24 +153,16 @@ pub async fn keys_command(args: &[String]) -> ExitCode {
         eprintln!("{why}\n{KEYS_USAGE}");
         ExitCode::from(2)
     };
-    let (Some(verb), Ok(flags)) = (
-        args.first().map(String::as_str),
-        flags_to_source(args.iter().skip(1).cloned()),
-    ) else {
-        return usage("a subcommand and --flags are needed");
+    let Admin {
+        verb,
+        flags,
+        user,
+        store,
+    } = match admin_args(args, KEYS_USAGE).await {
+        Ok(a) => a,
+        Err(code) => return code,
     };
-    let Some(user) = flags.get("USER").filter(|u| crate::auth::valid_user_id(u)) else {
-        return usage("--user must be 1-64 of A-Z a-z 0-9 - _ . @");
-    };
-    let Some(table) = std::env::var("TABLE_NAME").ok().filter(|t| !t.is_empty()) else {
-        return usage("TABLE_NAME is not set");
-    };
-    let store = crate::persistence::store::store_for(
-        &table,
-        None,
-        crate::persistence::store::StoreRole::Request,
-    )
-    .await;
+    let (verb, user) = (verb.as_str(), user.as_str());
     let mut out = std::io::stdout();
     let hash = || {
         flags
@@ -188,28 +226,17 @@ buffers)";
 /// those name and the recent-turns buffers. Prints a JSON report.
 pub async fn users_command(args: &[String]) -> ExitCode {
     use std::io::Write;
-    let usage = |why: &str| {
-        eprintln!("{why}\n{USERS_USAGE}");
-        ExitCode::from(2)
+    let Admin {
+        verb, user, store, ..
+    } = match admin_args(args, USERS_USAGE).await {
+        Ok(a) => a,
+        Err(code) => return code,
     };
-    let (Some("erase"), Ok(flags)) = (
-        args.first().map(String::as_str),
-        flags_to_source(args.iter().skip(1).cloned()),
-    ) else {
-        return usage("the subcommand is erase, with --user");
-    };
-    let Some(user) = flags.get("USER").filter(|u| crate::auth::valid_user_id(u)) else {
-        return usage("--user must be 1-64 of A-Z a-z 0-9 - _ . @");
-    };
-    let Some(table) = std::env::var("TABLE_NAME").ok().filter(|t| !t.is_empty()) else {
-        return usage("TABLE_NAME is not set");
-    };
-    let store = crate::persistence::store::store_for(
-        &table,
-        None,
-        crate::persistence::store::StoreRole::Request,
-    )
-    .await;
+    if verb != "erase" {
+        eprintln!("unknown subcommand {verb:?}\n{USERS_USAGE}");
+        return ExitCode::from(2);
+    }
+    let user = user.as_str();
     let erased = match store.erase_user(user).await {
         Ok(e) => e,
         Err(e) => return crate::logging::fail("chat-stream", &e),
