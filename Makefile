@@ -19,7 +19,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: bench-jwt node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: bench-jwt bench-limits node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -131,6 +131,11 @@ bench: $(TOOLS)
 bench-jwt:
 	cargo build --release -p chat-bench
 	target/release/chat-bench jwt
+
+# What fleet-wide limits in the table (no Redis) cost per request (moto).
+bench-limits: $(TOOLS)
+	cargo build --release -p chat-bench
+	eval "$$(scripts/services.sh start)" && target/release/chat-bench limits
 
 services: $(TOOLS)
 	@scripts/services.sh start

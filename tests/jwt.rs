@@ -234,7 +234,17 @@ async fn a_key_rotation_is_picked_up_with_one_fetch() {
 async fn a_flood_of_unknown_kids_fetches_the_jwks_at_most_once_per_interval() {
     let sim = sim(0, 2000.0, 8).await;
     let iss = issuer().await;
-    let server = jwt_server(&sim, &iss, &[("JWT_JWKS_MIN_REFRESH_SECS", "5")]).await;
+    // 100 bad tokens from one address: the failed sign-in limit is off so
+    // every one reaches the JWKS path (tests/limits.rs tests that limit).
+    let server = jwt_server(
+        &sim,
+        &iss,
+        &[
+            ("JWT_JWKS_MIN_REFRESH_SECS", "5"),
+            ("AUTH_FAILURES_PER_IP_PER_MINUTE", "0"),
+        ],
+    )
+    .await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -25,6 +25,7 @@ async fn server(sim: &Sim, redis_url: &str, extra: &[(&str, &str)]) -> ChatServe
         ("DEFAULT_MODEL", MODEL),
         // 50 callers from one user in a second.
         ("RATE_LIMIT_RPM", "0"),
+        ("MAX_STREAMS_PER_USER", "0"),
     ];
     env.extend_from_slice(extra);
     ChatServer::start(&env).await

@@ -361,6 +361,20 @@ def test_sign_in_settings_reach_chat_stream(name, expected):
     assert got == expected
 
 
+def test_abuse_and_spend_limits_reach_chat_stream_with_the_documented_defaults():
+    name = "samconfig-default"
+    t, p = RENDERS[name], values(RENDERS[name], SETS[name])
+    env = resolved(name)["ChatStreamFunction"]["Properties"]["Environment"]["Variables"]
+    got = {k: str(ev(env.get(k), t, p)) for k in (
+        "MAX_STREAMS_PER_USER", "READ_RATE_LIMIT_RPM",
+        "AUTH_FAILURES_PER_IP_PER_MINUTE", "DAILY_TOKEN_BUDGET_PER_USER")}
+    assert got == {"MAX_STREAMS_PER_USER": "4", "READ_RATE_LIMIT_RPM": "120",
+                   "AUTH_FAILURES_PER_IP_PER_MINUTE": "20", "DAILY_TOKEN_BUDGET_PER_USER": "0"}
+    # Without Redis the counters live in the table: chat-stream may update it.
+    role = resolved(name)["ChatStreamFunctionRole"]
+    assert ("dynamodb:UpdateItem", "ChatTable.Arn") in grants(role)
+
+
 def test_the_sam_local_env_file_sets_only_declared_variables():
     """`sam local invoke --env-vars` overrides only variables the template
     declares; anything else in the file would be silently ignored."""

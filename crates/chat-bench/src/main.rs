@@ -15,6 +15,7 @@
 
 mod faults;
 mod jwt;
+mod limits;
 mod writer;
 
 use std::process::ExitCode;
@@ -290,6 +291,9 @@ async fn main() -> ExitCode {
     }
     if std::env::args().nth(1).as_deref() == Some("writer") {
         return writer::main().await;
+    }
+    if std::env::args().nth(1).as_deref() == Some("limits") {
+        return limits::main().await;
     }
     if std::env::args().nth(1).as_deref() == Some("jwt") {
         return jwt::main().await;

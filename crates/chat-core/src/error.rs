@@ -256,6 +256,18 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
     /// Headers that explain the error (e.g. `x-ratelimit-*` on a 429).
     pub headers: Vec<(&'static str, String)>,
+    /// The limit that refused the request (a 429), boxed: most errors have
+    /// none.
+    pub limit: Option<Box<Limit>>,
+}
+
+/// Which of our limits refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// Its setting, e.g. `MAX_STREAMS_PER_USER`.
+    pub setting: &'static str,
+    /// When it lets the caller in again (RFC 3339, UTC), where known.
+    pub resets_at: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -264,6 +276,10 @@ struct ErrorBody<'a> {
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resets_at: Option<&'a str>,
 }
 
 impl ApiError {
@@ -275,7 +291,28 @@ impl ApiError {
             field: None,
             retry_after: None,
             headers: Vec::new(),
+            limit: None,
         }
+    }
+
+    /// A 429 from one of our limits: its setting named in the body, when
+    /// to come back in `Retry-After`, where it was counted in
+    /// `X-RateLimit-Scope`.
+    pub fn limited(
+        code: &'static str,
+        limit: &'static str,
+        message: impl Into<String>,
+        retry_after: Duration,
+        scope: &str,
+    ) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        e.limit = Some(Box::new(Limit {
+            setting: limit,
+            resets_at: None,
+        }));
+        e.retry_after = Some(retry_after);
+        e.headers.push(("x-ratelimit-scope", scope.to_owned()));
+        e
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -293,6 +330,8 @@ impl ApiError {
             code: self.code,
             message: &self.message,
             field: self.field.as_deref(),
+            limit: self.limit.as_ref().map(|l| l.setting),
+            resets_at: self.limit.as_ref().and_then(|l| l.resets_at.as_deref()),
         })
         .unwrap_or_else(|_| format!("{{\"code\":\"{}\"}}", self.code))
     }
@@ -307,6 +346,7 @@ impl From<&UpstreamError> for ApiError {
             field: None,
             retry_after: e.retry_after(),
             headers: Vec::new(),
+            limit: None,
         }
     }
 }

@@ -195,6 +195,11 @@ impl RedisLink {
         }
     }
 
+    /// The per-call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Runs a pipeline (atomic when built with `.atomic()`); `None` when
     /// Redis is skipped, slow or failing.
     pub async fn pipe<T: redis::FromRedisValue>(

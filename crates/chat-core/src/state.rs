@@ -18,7 +18,9 @@ use crate::cache::warmer::Warmer;
 use crate::cache::{self, CacheBackend, CacheConfig, ResponseCache};
 use crate::config::{Config, ConfigError, WarmerConfig};
 use crate::error::{ApiError, TimeoutKind, UpstreamError};
-use crate::limits::{Circuits, RateLimiter, RetryBudget};
+use crate::limits::{
+    Circuits, FailedSignIns, RateLimiter, RateLimits, RetryBudget, StreamSlots, TableCounters,
+};
 use crate::live::Live;
 use crate::persistence::PersistenceConfig;
 use crate::persistence::history::RecentBuffer;
@@ -44,6 +46,10 @@ struct Inner {
     health: Vec<(&'static str, ModelHealth)>,
     redis: Option<Arc<RedisLink>>,
     limiter: Arc<RateLimiter>,
+    /// The GET and DELETE routes' requests per minute per user.
+    reads: Arc<RateLimiter>,
+    sign_ins: FailedSignIns,
+    streams: Arc<StreamSlots>,
     circuits: Circuits,
     retry_budget: RetryBudget,
     deps: Deps,
@@ -74,6 +80,9 @@ pub struct Deps {
     pub live: Option<Arc<Live>>,
     /// How often cacheable questions are asked, with Redis.
     pub popular: Option<Arc<Popularity>>,
+    /// Fleet-wide limit counters in the table, when there is a table and
+    /// no Redis.
+    pub counters: Option<Arc<TableCounters>>,
 }
 
 impl AppState {
@@ -90,7 +99,26 @@ impl AppState {
         // Retries may add at most `ratio` of the request rate; a quiet
         // function keeps a reserve of ten.
         let retry_budget = RetryBudget::new(config.resilience.retry_budget_ratio, 10.0);
-        let limiter = Arc::new(RateLimiter::new(redis.clone(), config.rate_limits));
+        let counters = deps.counters.clone();
+        let shared =
+            |limits| Arc::new(RateLimiter::shared(redis.clone(), counters.clone(), limits));
+        let limiter = shared(config.rate_limits);
+        let abuse = config.abuse;
+        let reads = shared(RateLimits {
+            rpm: abuse.read_rpm,
+            tpm: 0,
+        });
+        let sign_ins = FailedSignIns::new(shared(RateLimits {
+            rpm: abuse.auth_failures_per_ip,
+            tpm: 0,
+        }));
+        // A slot outlives the longest answer by a minute, then expires.
+        let streams = Arc::new(StreamSlots::new(
+            redis.clone(),
+            counters,
+            abuse.max_streams_per_user,
+            config.timeouts.total + Duration::from_secs(60),
+        ));
         let circuits = Circuits::new(redis.clone(), config.resilience.breaker);
         Self(Arc::new(Inner {
             config,
@@ -98,6 +126,9 @@ impl AppState {
             health,
             redis,
             limiter,
+            reads,
+            sign_ins,
+            streams,
             circuits,
             retry_budget,
             deps,
@@ -147,6 +178,18 @@ impl AppState {
 
     pub fn limiter(&self) -> &Arc<RateLimiter> {
         &self.0.limiter
+    }
+
+    pub fn read_limiter(&self) -> &Arc<RateLimiter> {
+        &self.0.reads
+    }
+
+    pub fn sign_ins(&self) -> &FailedSignIns {
+        &self.0.sign_ins
+    }
+
+    pub fn streams(&self) -> &Arc<StreamSlots> {
+        &self.0.streams
     }
 
     pub fn circuits(&self) -> &Circuits {
@@ -226,6 +269,17 @@ pub struct RequestCtx {
     pub caller: Arc<str>,
     /// The route's path, for the log line a stream writes when it ends.
     pub path: Arc<str>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestCtx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(RequestCtx::of(&parts.extensions))
+    }
 }
 
 impl RequestCtx {
@@ -371,10 +425,12 @@ async fn build_persister(
 async fn build_auth(
     mode: &AuthMode,
     store: Option<Arc<Store>>,
+    unknown_max: usize,
 ) -> Result<Arc<dyn Authenticator>, InitError> {
     async fn keys(
         hashes: &Option<crate::secrets::ApiKeySource>,
         store: Option<Arc<Store>>,
+        unknown_max: usize,
     ) -> Result<auth::ApiKeyAuth, InitError> {
         let fixed = match hashes {
             Some(src) => {
@@ -384,7 +440,7 @@ async fn build_auth(
             }
             None => Default::default(),
         };
-        Ok(auth::ApiKeyAuth::new(fixed, store))
+        Ok(auth::ApiKeyAuth::new(fixed, store, unknown_max))
     }
     async fn tokens(config: &auth::JwtConfig) -> Result<Arc<auth::jwt::JwtAuth>, InitError> {
         let http = crate::http::build_client(Duration::from_secs(2))?;
@@ -401,10 +457,10 @@ async fn build_auth(
             );
             Arc::new(auth::DevAuth)
         }
-        AuthMode::ApiKey { hashes } => Arc::new(keys(hashes, store).await?),
+        AuthMode::ApiKey { hashes } => Arc::new(keys(hashes, store, unknown_max).await?),
         AuthMode::Jwt(config) => tokens(config).await?,
         AuthMode::ApiKeyOrJwt { hashes, jwt } => Arc::new(auth::EitherAuth {
-            keys: keys(hashes, store).await?,
+            keys: keys(hashes, store, unknown_max).await?,
             jwt: tokens(jwt).await?,
         }),
     })
@@ -430,8 +486,21 @@ async fn build_deps(config: &Config, redis: Option<&Arc<RedisLink>>) -> Result<D
         )),
         _ => None,
     };
+    // Without Redis, limits are shared through the table.
+    let counters = match (&config.persistence, redis) {
+        (Some(p), None) if config.abuse.table_enabled => Some(Arc::new(
+            TableCounters::connect(&p.table, config.abuse.table_timeout).await,
+        )),
+        _ => None,
+    };
     Ok(Deps {
-        auth: build_auth(&config.auth, store.clone()).await?,
+        auth: build_auth(
+            &config.auth,
+            store.clone(),
+            config.abuse.unknown_key_cache_max,
+        )
+        .await?,
+        counters,
         store,
         buffer,
         persister,

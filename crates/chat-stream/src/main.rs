@@ -23,6 +23,7 @@ async fn main() -> ExitCode {
         let (bind_addr, origins) = (config.bind_addr, config.cors_allow_origins.clone());
         let router = app(build_state(config).await?);
         if in_lambda() {
+            let router = chat_core::api::with_client_addr(router, source_ip);
             lambda_http::run_with_streaming_response(router).await
         } else {
             // The template's Function URL CORS policy, when origins are set.
@@ -35,4 +36,13 @@ async fn main() -> ExitCode {
         }
     })
     .await
+}
+
+/// The caller's address as the Function URL saw it (the event's
+/// `requestContext.http.sourceIp`), never a header the caller wrote.
+fn source_ip(extensions: &lambda_http::http::Extensions) -> Option<String> {
+    match extensions.get::<lambda_http::request::RequestContext>()? {
+        lambda_http::request::RequestContext::ApiGatewayV2(c) => c.http.source_ip.clone(),
+        _ => None,
+    }
 }

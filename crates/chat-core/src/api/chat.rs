@@ -6,6 +6,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 
+use super::admit::{Access, admit};
 use super::error_response;
 use crate::cache::CacheControl;
 use crate::chat::request::{body_too_large, parse_chat_request};
@@ -42,7 +43,7 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
     let ctx = RequestCtx::of(&parts.extensions);
     // Who is calling comes first: without valid credentials nothing else
     // happens (no body read, no rate-limit count, no history read).
-    let identity = state.authenticate(&parts.headers).await?;
+    let identity = admit(&state, &ctx, &parts.headers, Access::Chat).await?;
     let limits = state.config().limits;
     let bytes = json_body(&parts.headers, body, limits.max_body_bytes).await?;
     let chat_req = parse_chat_request(&bytes, &limits)?;

@@ -15,11 +15,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::admit::{Access, admit};
 use super::error_response;
 use crate::error::ApiError;
 use crate::persistence::history::BufferedTurn;
 use crate::persistence::store::{ConversationMeta, Store, StoreError, StoredTurn};
-use crate::state::AppState;
+use crate::state::{AppState, RequestCtx};
 use crate::util::rfc3339;
 
 const LIST_DEFAULT: u32 = 20;
@@ -110,10 +111,11 @@ fn summary(m: &ConversationMeta) -> Value {
 pub(crate) async fn list(
     State(state): State<AppState>,
     q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    ctx: RequestCtx,
     headers: HeaderMap,
 ) -> Response {
     let run = async {
-        let who = state.authenticate(&headers).await?;
+        let who = admit(&state, &ctx, &headers, Access::Read).await?;
         let (limit, cursor) = page_params(q, LIST_DEFAULT)?;
         let store = store(&state)?;
         let (convs, next) = store
@@ -184,10 +186,11 @@ pub(crate) async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
     q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    ctx: RequestCtx,
     headers: HeaderMap,
 ) -> Response {
     let run = async {
-        let who = state.authenticate(&headers).await?;
+        let who = admit(&state, &ctx, &headers, Access::Read).await?;
         let (limit, cursor) = page_params(q, TURNS_DEFAULT)?;
         let store = store(&state)?;
         if !crate::chat::request::valid_conversation_id(&id) {
@@ -259,10 +262,11 @@ fn no_store(mut r: Response) -> Response {
 pub(crate) async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    ctx: RequestCtx,
     headers: HeaderMap,
 ) -> Response {
     let run = async {
-        let who = state.authenticate(&headers).await?;
+        let who = admit(&state, &ctx, &headers, Access::Read).await?;
         let store = store(&state)?;
         if !crate::chat::request::valid_conversation_id(&id) {
             return Err(not_found());

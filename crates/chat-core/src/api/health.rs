@@ -27,7 +27,10 @@ pub(super) async fn health(State(state): State<AppState>, req: Request) -> Respo
         q.split('&')
             .any(|kv| kv == "probe" || kv == "probe=1" || kv == "probe=true")
     });
-    if let Err(e) = state.authenticate(req.headers()).await {
+    let ctx = crate::state::RequestCtx::of(req.extensions());
+    let admitted =
+        super::admit::admit(&state, &ctx, req.headers(), super::admit::Access::Health).await;
+    if let Err(e) = admitted {
         if probe_requested {
             return error_response(e);
         }

@@ -10,6 +10,7 @@
 //!
 //! Uses: `chat`, `state`, `auth`, `live` (resume), `persistence` (reads).
 
+mod admit;
 mod chat;
 mod conversations;
 
@@ -35,19 +36,40 @@ use crate::error::ApiError;
 use crate::state::{AppState, RequestCtx};
 use crate::util::{ms, new_id};
 
-/// The client's address: the last `X-Forwarded-For` entry (the one the
-/// Function URL front end appended; earlier entries are the client's own
-/// claims), else the socket peer in local server mode.
-pub fn client_ip(headers: &HeaderMap, peer: Option<std::net::SocketAddr>) -> String {
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .next_back()
-        .and_then(|v| v.rsplit(',').map(str::trim).find(|v| !v.is_empty()))
-        .map(str::to_owned)
-        .or_else(|| peer.map(|p| p.ip().to_string()))
+/// The client's address as the platform saw it: in Lambda the Function
+/// URL event's `requestContext.http.sourceIp` (set by the binary, see
+/// [`with_client_addr`]), locally the socket's peer. Never a header the
+/// client sends (`X-Forwarded-For` is the client's to write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub String);
+
+/// The client's address for limits and logs: [`ClientAddr`], else the
+/// socket peer, else `unknown`.
+pub fn client_ip(extensions: &axum::http::Extensions) -> String {
+    if let Some(ClientAddr(a)) = extensions.get::<ClientAddr>() {
+        return a.clone();
+    }
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Sets each request's [`ClientAddr`] from what `find` reads in its
+/// extensions (the Lambda adapter's request context), before the API sees
+/// it.
+pub fn with_client_addr(
+    router: Router,
+    find: fn(&axum::http::Extensions) -> Option<String>,
+) -> Router {
+    router.layer(middleware::map_request(
+        move |mut req: Request| async move {
+            if let Some(a) = find(req.extensions()) {
+                req.extensions_mut().insert(ClientAddr(a));
+            }
+            req
+        },
+    ))
 }
 
 /// The error code behind an error response, for the log line.
@@ -86,11 +108,7 @@ async fn request_context(mut req: Request, next: Next) -> Response {
     let id = incoming_request_id(req.headers()).unwrap_or_else(|| Arc::from(new_id()));
     let method = req.method().clone();
     let path: Arc<str> = Arc::from(req.uri().path());
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0);
-    let caller: Arc<str> = Arc::from(format!("ip:{}", client_ip(req.headers(), peer)));
+    let caller: Arc<str> = Arc::from(format!("ip:{}", client_ip(req.extensions())));
     req.extensions_mut().insert(RequestCtx {
         id: id.clone(),
         start,
@@ -208,17 +226,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn client_ip_is_the_last_forwarded_entry_then_the_peer() {
-        let peer = Some(std::net::SocketAddr::from(([10, 0, 0, 9], 5000)));
-        let mut h = HeaderMap::new();
-        assert_eq!(client_ip(&h, peer), "10.0.0.9");
-        assert_eq!(client_ip(&h, None), "unknown");
-        // A client can send its own X-Forwarded-For; the entry the front end
-        // appended last is the one to trust.
-        h.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("1.1.1.1, 203.0.113.7"),
-        );
-        assert_eq!(client_ip(&h, peer), "203.0.113.7");
+    fn client_ip_is_the_platforms_address_then_the_peer() {
+        let mut e = axum::http::Extensions::new();
+        assert_eq!(client_ip(&e), "unknown");
+        e.insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            [10, 0, 0, 9],
+            5000,
+        ))));
+        assert_eq!(client_ip(&e), "10.0.0.9");
+        e.insert(ClientAddr("203.0.113.7".into()));
+        assert_eq!(client_ip(&e), "203.0.113.7");
+    }
+
+    #[tokio::test]
+    async fn a_client_sent_forwarded_for_is_not_its_address() {
+        use tower::ServiceExt;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let s = seen.clone();
+        let router = Router::new()
+            .route(
+                "/",
+                get(move |req: Request| async move {
+                    *s.lock().unwrap() = RequestCtx::of(req.extensions()).caller.to_string();
+                    "ok"
+                }),
+            )
+            .layer(middleware::from_fn(request_context));
+        let router = with_client_addr(router, |_| Some("198.51.100.4".into()));
+        let req = Request::builder()
+            .uri("/")
+            .header("x-forwarded-for", "1.1.1.1")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = router.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(seen.lock().unwrap().as_str(), "ip:198.51.100.4");
     }
 }

@@ -16,11 +16,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 
+use super::admit::{Access, admit};
 use super::error_response;
 use crate::error::ApiError;
 use crate::live::{Entry, Reader};
 use crate::sse;
-use crate::state::AppState;
+use crate::state::{AppState, RequestCtx};
 
 fn not_found() -> ApiError {
     ApiError::new(
@@ -34,10 +35,11 @@ pub(crate) async fn resume(
     State(state): State<AppState>,
     Path(id): Path<String>,
     q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    ctx: RequestCtx,
     headers: HeaderMap,
 ) -> Response {
     let q = q.map(|Query(q)| q).unwrap_or_default();
-    match run(state, id, q, headers).await {
+    match run(state, ctx, id, q, headers).await {
         Ok(r) => r,
         Err(e) => error_response(e),
     }
@@ -45,11 +47,12 @@ pub(crate) async fn resume(
 
 async fn run(
     state: AppState,
+    ctx: RequestCtx,
     id: String,
     q: HashMap<String, String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let who = state.authenticate(&headers).await?;
+    let who = admit(&state, &ctx, &headers, Access::Read).await?;
     let after = match headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

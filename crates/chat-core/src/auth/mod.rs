@@ -175,48 +175,87 @@ pub fn valid_user_id(s: &str) -> bool {
 
 /// Cached results per key hash: hits for a minute, misses for a few
 /// seconds (so a new key works almost at once, and a flood of bad keys
-/// does not become a flood of reads).
+/// does not become a flood of reads). Hits and misses are kept apart, each
+/// with its own cap, so a flood of bad keys can never evict a valid one.
 const HIT_TTL: Duration = Duration::from_secs(60);
 const MISS_TTL: Duration = Duration::from_secs(5);
-const CACHE_MAX: usize = 10_000;
+const HITS_MAX: usize = 10_000;
 
-/// A lookup result (the user, or none) and until when it holds.
-type CachedLookup = (Option<Arc<str>>, Instant);
+/// Valid keys (user) and unknown keys, by hash, with until when they hold.
+#[derive(Default)]
+struct KeyCache {
+    hits: HashMap<String, (Arc<str>, Instant)>,
+    misses: HashMap<String, Instant>,
+}
 
 pub struct ApiKeyAuth {
     fixed: HashMap<String, String>,
     store: Option<Arc<Store>>,
-    cache: Mutex<HashMap<String, CachedLookup>>,
+    cache: Mutex<KeyCache>,
+    /// `AUTH_UNKNOWN_KEY_CACHE_MAX`.
+    misses_max: usize,
+}
+
+/// Makes room for one more entry in a map of at most `max`: expired entries
+/// go first, then (still full) the whole map. `false`: `max` is 0.
+fn make_room<V>(map: &mut HashMap<String, V>, max: usize, until: impl Fn(&V) -> Instant) -> bool {
+    if max == 0 {
+        return false;
+    }
+    if map.len() >= max {
+        let now = Instant::now();
+        map.retain(|_, v| until(v) > now);
+        if map.len() >= max {
+            map.clear();
+        }
+    }
+    true
 }
 
 impl ApiKeyAuth {
-    pub fn new(fixed: HashMap<String, String>, store: Option<Arc<Store>>) -> Self {
+    pub fn new(
+        fixed: HashMap<String, String>,
+        store: Option<Arc<Store>>,
+        misses_max: usize,
+    ) -> Self {
         Self {
             fixed,
             store,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(KeyCache::default()),
+            misses_max,
         }
     }
 
     fn cached(&self, hash: &str) -> Option<Option<Arc<str>>> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some((user, until)) = cache.hits.get(hash) {
+            if now < *until {
+                return Some(Some(user.clone()));
+            }
+        }
         cache
+            .misses
             .get(hash)
-            .filter(|(_, until)| Instant::now() < *until)
-            .map(|(user, _)| user.clone())
+            .filter(|until| now < **until)
+            .map(|_| None)
     }
 
     fn remember(&self, hash: String, user: Option<Arc<str>>) {
-        let ttl = if user.is_some() { HIT_TTL } else { MISS_TTL };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_MAX {
-            let now = Instant::now();
-            cache.retain(|_, (_, until)| *until > now);
-            if cache.len() >= CACHE_MAX {
-                cache.clear();
+        match user {
+            Some(user) => {
+                if make_room(&mut cache.hits, HITS_MAX, |(_, until)| *until) {
+                    cache.misses.remove(&hash);
+                    cache.hits.insert(hash, (user, Instant::now() + HIT_TTL));
+                }
+            }
+            None => {
+                if make_room(&mut cache.misses, self.misses_max, |until| *until) {
+                    cache.misses.insert(hash, Instant::now() + MISS_TTL);
+                }
             }
         }
-        cache.insert(hash, (user, Instant::now() + ttl));
     }
 
     async fn check(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
@@ -373,7 +412,7 @@ mod tests {
     #[tokio::test]
     async fn fixed_hashes_authenticate_and_others_do_not() {
         let list = format!("{}:alice", hash_key("secret-1"));
-        let auth = ApiKeyAuth::new(parse_hash_list(&list).unwrap(), None);
+        let auth = ApiKeyAuth::new(parse_hash_list(&list).unwrap(), None, 1000);
         let ok = auth
             .authenticate(&headers(&[("authorization", "Bearer secret-1")]))
             .await;
@@ -386,6 +425,28 @@ mod tests {
             auth.authenticate(&headers(&[])).await,
             Err(AuthError::Missing)
         );
+    }
+
+    #[test]
+    fn a_flood_of_unknown_keys_never_evicts_a_valid_one() {
+        let auth = ApiKeyAuth::new(HashMap::new(), None, 100);
+        auth.remember(hash_key("good"), Some(Arc::from("alice")));
+        for i in 0..5_000 {
+            auth.remember(hash_key(&format!("bad-{i}")), None);
+        }
+        assert_eq!(
+            auth.cached(&hash_key("good")),
+            Some(Some(Arc::from("alice")))
+        );
+        let cache = auth.cache.lock().unwrap();
+        assert!(cache.misses.len() <= 100, "unknown keys are capped");
+        drop(cache);
+        // The last unknown key is remembered (no second lookup for it).
+        assert_eq!(auth.cached(&hash_key("bad-4999")), Some(None));
+        // A cap of 0 remembers no unknown key at all.
+        let none = ApiKeyAuth::new(HashMap::new(), None, 0);
+        none.remember(hash_key("bad"), None);
+        assert_eq!(none.cached(&hash_key("bad")), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The work before a model is called, all at once: the rate limit, the
-//! first model's circuit, and the conversation's history followed by the
-//! cache lookup (its key includes the history). Shared state costs one
-//! round trip, not three.
+//! user's stream slot, the daily token budget, the first model's circuit,
+//! and the conversation's history followed by the cache lookup (its key
+//! includes the history). Shared state costs one round trip in time, not
+//! one per check.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +14,12 @@ use super::request::ChatRequest;
 use crate::auth::Identity;
 use crate::cache::{CacheControl, CachedAnswer, KeyInput, Plan, cache_doc, key_of_doc};
 use crate::error::ApiError;
-use crate::limits::{Decision, Permit, Reservation};
+use crate::limits::{Permit, Reservation, Slot};
 use crate::persistence::history::{self, HistoryError, PastTurn};
 use crate::provider::routing::{ModelRef, Reason};
 use crate::provider::{Message, Role};
 use crate::state::{AppState, RequestCtx};
-use crate::util::now_ms;
+use crate::util::{new_id, now_ms, utc_day};
 
 /// What the pre-work found.
 pub(super) struct Planned {
@@ -42,6 +43,8 @@ pub(super) struct Planned {
     pub rate_headers: Vec<(&'static str, String)>,
     /// The tokens reserved for the answer, settled when it ends.
     pub tokens: Option<Reservation>,
+    /// The user's stream slot, given back when the answer ends.
+    pub slot: Option<Slot>,
     pub started_at_ms: u64,
     pub validate: Duration,
     pub limits: Duration,
@@ -128,23 +131,61 @@ pub(super) async fn prepare(
     // flight count against the limit before they end.
     let input_estimate = (req.message.len() + req.system.as_deref().map_or(0, str::len)) / 4;
     let reserve = max_tokens.saturating_add(u32::try_from(input_estimate).unwrap_or(u32::MAX));
-    let ((rate, tokens), primary, (messages, key, doc, hit, history_time)) = tokio::join!(
+    // A fresh id: a client-sent request id could name a slot twice.
+    let slot_id = new_id();
+    let ((rate, tokens), slot, spent, primary, (messages, key, doc, hit, history_time)) = tokio::join!(
         state.limiter().check(&caller, reserve),
+        state.streams().take(&caller, &slot_id),
+        spent_today(state, &identity.user_id, started_at_ms),
         state.circuits().admit(&primary_key),
         history
     );
     let limits = ctx.start.elapsed() - validate;
-    let rate_headers = rate_limit_headers(&rate);
+    let rate_headers = rate.headers();
+    // On any refusal the other checks' holds (tokens, slot, probe permit)
+    // are given back as they drop.
     if !rate.allowed {
-        // An unused probe permit is given back when it drops.
         let what = rate.exceeded.unwrap_or("requests");
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
+        let setting = if what == "tokens" {
+            "RATE_LIMIT_TPM"
+        } else {
+            "RATE_LIMIT_RPM"
+        };
+        let mut e = ApiError::limited(
             "rate_limited",
+            setting,
             format!("too many {what} per minute from this caller; retry after the reset"),
+            rate.reset,
+            rate.scope,
         );
-        e.retry_after = Some(rate.reset);
         e.headers = rate_headers;
+        return Err(e);
+    }
+    let slot = slot.map_err(|full| {
+        ApiError::limited(
+            "too_many_streams",
+            "MAX_STREAMS_PER_USER",
+            format!(
+                "{} answers are streaming for this user already (the most at once is {}); retry when one ends",
+                full.open, full.max
+            ),
+            Duration::from_secs(1),
+            full.scope,
+        )
+    })?;
+    let budget = config.abuse.daily_token_budget;
+    if budget > 0 && spent.is_some_and(|s| s >= budget) {
+        let midnight = (started_at_ms / 86_400_000 + 1) * 86_400_000;
+        let mut e = ApiError::limited(
+            "budget_exceeded",
+            "DAILY_TOKEN_BUDGET_PER_USER",
+            format!("this user's {budget} model tokens for today (UTC) are used up"),
+            Duration::from_millis(midnight - started_at_ms),
+            "fleet",
+        );
+        if let Some(l) = e.limit.as_mut() {
+            l.resets_at = Some(format!("{}T00:00:00Z", utc_day(midnight)));
+        }
         return Err(e);
     }
     let messages = messages?;
@@ -170,6 +211,7 @@ pub(super) async fn prepare(
         popular,
         rate_headers,
         tokens,
+        slot,
         started_at_ms,
         validate,
         limits,
@@ -219,18 +261,25 @@ async fn load_history(
     })
 }
 
-/// `X-RateLimit-*` headers for a decision (none when limits are off).
-fn rate_limit_headers(d: &Decision) -> Vec<(&'static str, String)> {
-    if d.scope == "off" || d.limit == 0 {
-        return Vec::new();
+/// The model tokens (input + output) `user` has used today (UTC), as the
+/// table counts them; `None` when no budget is set, there is no table, or
+/// it did not answer in time (the budget then lets the request through:
+/// usage reaches the table seconds after a turn in any case).
+async fn spent_today(state: &AppState, user: &str, now_ms: u64) -> Option<u64> {
+    if state.config().abuse.daily_token_budget == 0 {
+        return None;
     }
-    vec![
-        ("x-ratelimit-limit", d.limit.to_string()),
-        ("x-ratelimit-remaining", d.remaining.to_string()),
-        (
-            "x-ratelimit-reset",
-            d.reset.as_secs_f64().ceil().to_string(),
-        ),
-        ("x-ratelimit-scope", d.scope.to_owned()),
-    ]
+    let store = state.deps().store.as_deref()?;
+    let limit = state.config().abuse.table_timeout;
+    match tokio::time::timeout(limit, store.usage(user, &utc_day(now_ms))).await {
+        Ok(Ok((_, input, output))) => Some(input.saturating_add(output)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "usage unavailable; the daily budget is not checked");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("usage read timed out; the daily budget is not checked");
+            None
+        }
+    }
 }

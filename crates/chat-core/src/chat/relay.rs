@@ -31,7 +31,7 @@ use super::{LogDeferred, Timings, answer_ids, sse_response};
 use crate::auth::Identity;
 use crate::cache::CachedAnswer;
 use crate::error::{ApiError, UpstreamError};
-use crate::limits::Reservation;
+use crate::limits::{Reservation, Slot};
 use crate::live::Tee;
 use crate::persistence::turn::TurnStatus;
 use crate::provider::{Chunk, ChunkStream};
@@ -124,6 +124,7 @@ pub(super) fn respond(
         provider,
         model_key,
         tokens: planned.tokens,
+        _slot: planned.slot,
         state,
         upstream,
         pending: Some(first),
@@ -188,6 +189,8 @@ pub(super) struct Relay {
     /// The tokens reserved for this answer: settled to the real usage on
     /// every exit (complete, failed, client gone).
     tokens: Option<Reservation>,
+    /// The user's stream slot, given back when the relay ends.
+    _slot: Option<Slot>,
     state: AppState,
     upstream: ChunkStream,
     /// The first chunk after `Start`, read before the headers went out.

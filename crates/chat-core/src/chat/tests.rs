@@ -52,6 +52,7 @@ fn state(extra: &[(&str, &str)], redis: Option<Arc<RedisLink>>) -> (AppState, Ar
         cache: None,
         live: None,
         popular: None,
+        counters: None,
     };
     (AppState::new(config, providers, redis, deps), fake)
 }

@@ -65,6 +65,7 @@ pub struct Config {
     /// cluster-mode endpoint such as ElastiCache Serverless.
     pub redis_cluster: bool,
     pub rate_limits: crate::limits::RateLimits,
+    pub abuse: crate::limits::AbuseLimits,
     pub auth: AuthMode,
     /// The response cache, when on (`CACHE_ENABLED`, default on with
     /// `REDIS_URL`).
@@ -116,6 +117,7 @@ impl Config {
             limits,
             resilience,
             rate_limits: stores::rate_limits(&r)?,
+            abuse: stores::abuse(&r, persistence.as_ref())?,
             auth: auth::auth(&r, persistence.as_ref())?,
             history: stores::history(&r)?,
             live: stores::live(&r, redis_url.as_ref(), cache.is_some())?,

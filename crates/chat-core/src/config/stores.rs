@@ -37,6 +37,50 @@ pub(crate) fn rate_limits<S: ConfigSource + ?Sized>(
     })
 }
 
+/// The abuse and spend limits (see [`crate::limits::AbuseLimits`]).
+pub(crate) fn abuse<S: ConfigSource + ?Sized>(
+    r: &Reader<'_, S>,
+    persistence: Option<&PersistenceConfig>,
+) -> Result<crate::limits::AbuseLimits, ConfigError> {
+    let d = crate::limits::AbuseLimits::default();
+    let limits = crate::limits::AbuseLimits {
+        max_streams_per_user: r.ranged(
+            "MAX_STREAMS_PER_USER",
+            d.max_streams_per_user,
+            0,
+            10_000,
+        )?,
+        read_rpm: r.ranged("READ_RATE_LIMIT_RPM", d.read_rpm, 0, 1_000_000)?,
+        auth_failures_per_ip: r.ranged(
+            "AUTH_FAILURES_PER_IP_PER_MINUTE",
+            d.auth_failures_per_ip,
+            0,
+            1_000_000,
+        )?,
+        daily_token_budget: r.ranged(
+            "DAILY_TOKEN_BUDGET_PER_USER",
+            d.daily_token_budget,
+            0,
+            1_000_000_000_000,
+        )?,
+        unknown_key_cache_max: r.ranged(
+            "AUTH_UNKNOWN_KEY_CACHE_MAX",
+            d.unknown_key_cache_max,
+            0,
+            1_000_000,
+        )?,
+        table_enabled: r.bool("LIMITS_TABLE_ENABLED", true)?,
+        table_timeout: r.ms("LIMITS_DYNAMODB_TIMEOUT_MS", 250)?,
+    };
+    if limits.daily_token_budget > 0 && persistence.is_none() {
+        return Err(ConfigError::new(
+            "DAILY_TOKEN_BUDGET_PER_USER",
+            "needs TABLE_NAME: the budget is checked against the usage counted in the table",
+        ));
+    }
+    Ok(limits)
+}
+
 /// `TABLE_NAME`, `TURN_QUEUE_*`, `RETENTION_DAYS`: off without a table.
 pub(crate) fn persistence<S: ConfigSource + ?Sized>(
     r: &Reader<'_, S>,

@@ -1,6 +1,8 @@
 //! Requests and tokens per minute, per caller: a sliding window shared by
-//! the fleet through Redis (one Lua script, so one round trip, atomic), or
-//! kept per instance when Redis is absent or not answering.
+//! the fleet through Redis (one Lua script, so one round trip, atomic);
+//! without Redis, fixed one-minute windows shared through the DynamoDB
+//! table (one conditional update, see [`super::table`]); kept per instance
+//! when neither is configured or answering.
 //!
 //! Keys carry a `{hash tag}` so each script's keys live in one slot, which
 //! cluster-mode Redis (ElastiCache Serverless) requires.
@@ -11,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::Script;
 
+use super::table::{Counted, TableCounters};
 use crate::redis::{RedisLink, tag};
 
 fn now_ms() -> u64 {
@@ -41,8 +44,26 @@ pub struct Decision {
     pub reset: Duration,
     /// Which limit refused: `requests` or `tokens`.
     pub exceeded: Option<&'static str>,
-    /// `fleet` (Redis) or `local` (this instance only).
+    /// `fleet` (Redis or the table) or `local` (this instance only).
     pub scope: &'static str,
+}
+
+impl Decision {
+    /// `X-RateLimit-*` headers (none when limits are off).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        if self.scope == "off" || self.limit == 0 {
+            return Vec::new();
+        }
+        vec![
+            ("x-ratelimit-limit", self.limit.to_string()),
+            ("x-ratelimit-remaining", self.remaining.to_string()),
+            (
+                "x-ratelimit-reset",
+                self.reset.as_secs_f64().ceil().to_string(),
+            ),
+            ("x-ratelimit-scope", self.scope.to_owned()),
+        ]
+    }
 }
 
 /// Sliding-window estimate over two fixed one-minute windows: the previous
@@ -134,9 +155,11 @@ pub fn window_decision(
     (true, remaining, None)
 }
 
-/// Per-caller rate limits, fleet-wide with Redis, per instance without.
+/// Per-caller rate limits, fleet-wide with Redis or the table, per
+/// instance without.
 pub struct RateLimiter {
     redis: Option<Arc<RedisLink>>,
+    table: Option<Arc<TableCounters>>,
     limits: RateLimits,
     local_windows: Mutex<HashMap<String, LocalWindow>>,
     rate: Script,
@@ -148,8 +171,20 @@ const LOCAL_SWEEP_AT: usize = 10_000;
 
 impl RateLimiter {
     pub fn new(redis: Option<Arc<RedisLink>>, limits: RateLimits) -> Self {
+        Self::shared(redis, None, limits)
+    }
+
+    /// Counts in Redis when given, else in the table when given, else in
+    /// this instance.
+    pub fn shared(
+        redis: Option<Arc<RedisLink>>,
+        table: Option<Arc<TableCounters>>,
+        limits: RateLimits,
+    ) -> Self {
+        let table = if redis.is_some() { None } else { table };
         Self {
             redis,
+            table,
             limits,
             local_windows: Mutex::new(HashMap::new()),
             rate: Script::new(RATE_LUA),
@@ -234,6 +269,46 @@ impl RateLimiter {
                 };
                 return (d, index);
             }
+        } else if let Some(t) = &self.table {
+            let expires = (index + 2) * WINDOW_MS / 1000;
+            let counted = t
+                .count_minute(
+                    caller,
+                    index,
+                    self.limits.rpm,
+                    self.limits.tpm,
+                    reserve,
+                    expires,
+                )
+                .await;
+            if let Some(c) = counted {
+                let rpm = u64::from(self.limits.rpm);
+                let (allowed, requests, exceeded) = match c {
+                    Counted::Yes { requests, .. } => (true, requests, None),
+                    Counted::No { requests, .. } => {
+                        let why = if rpm > 0 && requests >= rpm {
+                            "requests"
+                        } else {
+                            "tokens"
+                        };
+                        (false, requests, Some(why))
+                    }
+                };
+                let remaining = if rpm == 0 {
+                    u32::MAX
+                } else {
+                    rpm.saturating_sub(requests).min(u64::from(u32::MAX)) as u32
+                };
+                let d = Decision {
+                    allowed,
+                    limit,
+                    remaining,
+                    reset,
+                    exceeded,
+                    scope: "fleet",
+                };
+                return (d, index);
+            }
         }
         let mut m = self.local_windows.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= LOCAL_SWEEP_AT {
@@ -270,6 +345,8 @@ impl RateLimiter {
                 let _ = r
                     .eval::<i64>(&self.tokens, &[key], &[delta, WINDOW_MS as i64])
                     .await;
+            } else if let Some(t) = &self.table {
+                t.adjust_tokens(caller, index, delta).await;
             }
             return;
         }

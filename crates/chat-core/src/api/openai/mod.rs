@@ -60,7 +60,8 @@ async fn completions_inner(state: AppState, req: Request) -> Result<Response, Ap
     let created = unix_secs();
     let (parts, body) = req.into_parts();
     let ctx = RequestCtx::of(&parts.extensions);
-    let identity = state.authenticate(&parts.headers).await?;
+    let identity =
+        super::admit::admit(&state, &ctx, &parts.headers, super::admit::Access::Chat).await?;
     let limits = state.config().limits;
     let bytes = json_body(&parts.headers, body, limits.max_body_bytes).await?;
     let text_header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
@@ -135,7 +136,10 @@ async fn whole(answer: Response, created: u64) -> Response {
 /// default, the short-prompt model and the allowlist (with `MODEL_ALLOWLIST=*`
 /// any name is accepted; the first two are listed).
 pub(super) async fn models(State(state): State<AppState>, req: Request) -> Response {
-    if let Err(e) = state.authenticate(req.headers()).await {
+    let ctx = RequestCtx::of(req.extensions());
+    let admitted =
+        super::admit::admit(&state, &ctx, req.headers(), super::admit::Access::Read).await;
+    if let Err(e) = admitted {
         return openai_error(e);
     }
     let config = state.config();
