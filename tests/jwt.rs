@@ -185,6 +185,17 @@ async fn every_bad_token_is_a_401_json_and_calls_no_model() {
             .unwrap(),
             "invalid_credentials",
         ),
+        (
+            // Found by the jwt fuzz target (crates/fuzz/corpus/jwt/).
+            "no aud while an audience is configured",
+            iss.sign(
+                Algorithm::ES256,
+                None,
+                &json!({"iss": iss.url(), "sub": "m", "exp": now + 600}),
+            )
+            .unwrap(),
+            "invalid_credentials",
+        ),
     ];
     let calls = sim.calls();
     for (name, token, code) in cases {

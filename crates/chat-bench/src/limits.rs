@@ -5,7 +5,8 @@
 //! under `make bench-limits`), one with the counters in the table and one
 //! with `LIMITS_TABLE_ENABLED=false` (per-instance counters), each
 //! continuing its own conversation (so the history Query runs in the same
-//! pre-work), asked in turn. Reports, per router, the table calls the
+//! pre-work), and the same two starting a new conversation each time (no
+//! history read: the counters alone), all asked in turn. Reports, per router, the table calls the
 //! counters make per request (the rate count and the stream slot on the
 //! path, the slot's give-back after the answer), and the pre-work's time
 //! (`limits` in Server-Timing: every check in parallel) next to the
@@ -35,6 +36,9 @@ fn timing(h: &reqwest::header::HeaderMap, name: &str) -> Option<f64> {
 
 struct Router {
     label: &'static str,
+    /// Each request continues one conversation (a history read in the
+    /// pre-work) or starts a new one (none).
+    continues: bool,
     url: String,
     state: chat_core::AppState,
     conversation: Option<String>,
@@ -47,6 +51,7 @@ async fn router(
     table: &str,
     sim: &str,
     table_counters: bool,
+    continues: bool,
 ) -> Result<Router, String> {
     let env: HashMap<String, String> = [
         ("ANTHROPIC_BASE_URL", sim),
@@ -79,6 +84,7 @@ async fn router(
     ));
     Ok(Router {
         label,
+        continues,
         url: format!("http://{addr}/chat"),
         state,
         conversation: None,
@@ -89,12 +95,15 @@ async fn router(
 
 async fn ask(client: &reqwest::Client, r: &mut Router, record: bool) -> Result<(), String> {
     let mut body = json!({"message": "how much does a limit cost?", "max_tokens": 16});
-    if let Some(c) = &r.conversation {
+    if let Some(c) = r.conversation.as_ref().filter(|_| r.continues) {
         body["conversation_id"] = json!(c);
     }
     let resp = client
         .post(&r.url)
-        .header("x-dev-user", format!("bench-{}", r.label))
+        .header(
+            "x-dev-user",
+            format!("bench-{}", r.label.replace([' ', ','], "-")),
+        )
         .json(&body)
         .send()
         .await
@@ -149,8 +158,13 @@ pub async fn main() -> ExitCode {
         }
     };
     let mut routers = Vec::new();
-    for (label, on) in [("table", true), ("per-instance", false)] {
-        match router(label, &table, &sim.url(), on).await {
+    for (label, on, continues) in [
+        ("table, history read", true, true),
+        ("per-instance, history read", false, true),
+        ("table, new conversation", true, false),
+        ("per-instance, new conversation", false, false),
+    ] {
+        match router(label, &table, &sim.url(), on, continues).await {
             Ok(r) => routers.push(r),
             Err(e) => {
                 eprintln!("chat-bench limits: {e}");
@@ -185,20 +199,27 @@ pub async fn main() -> ExitCode {
     // The slots' give-backs run on tasks after each answer.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     println!(
-        "| counters | requests | counter calls per request | pre-work (`limits`) p50 / p95 ms | history read p50 / p95 ms |"
+        "| counters | requests | table calls by the counters per request | pre-work (`limits`) p50 / p95 ms | history read p50 / p95 ms |"
     );
     println!("| --- | --- | --- | --- | --- |");
     for (r, b) in routers.iter_mut().zip(before) {
         let calls = (counter_calls(r) - b) as f64 / n as f64;
         r.limits.sort_by(f64::total_cmp);
         r.history.sort_by(f64::total_cmp);
+        let history = if r.continues {
+            format!(
+                "{:.3} / {:.3}",
+                pct(&r.history, 50.0),
+                pct(&r.history, 95.0)
+            )
+        } else {
+            "none".to_owned()
+        };
         println!(
-            "| {} | {n} | {calls:.2} | {:.3} / {:.3} | {:.3} / {:.3} |",
+            "| {} | {n} | {calls:.2} | {:.3} / {:.3} | {history} |",
             r.label,
             pct(&r.limits, 50.0),
             pct(&r.limits, 95.0),
-            pct(&r.history, 50.0),
-            pct(&r.history, 95.0),
         );
     }
     ExitCode::SUCCESS

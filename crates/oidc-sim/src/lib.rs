@@ -14,7 +14,7 @@
 //!
 //! It is a stand-in for development: anyone can sign in as anyone.
 
-mod keys;
+pub mod keys;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

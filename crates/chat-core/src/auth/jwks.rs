@@ -53,6 +53,15 @@ impl Jwks {
         }
     }
 
+    /// Starts with the keys of `body` (a JWKS document) as if just
+    /// fetched: for the fuzz harness and benchmarks, which must not wait
+    /// on a network.
+    pub fn preload(&self, body: &[u8]) {
+        let mut set = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        set.by_kid = parse_jwks(body);
+        set.fetched_at = Some(Instant::now());
+    }
+
     /// How many fetches were started (for tests and `/health`).
     pub fn fetches(&self) -> u64 {
         self.fetches.load(Ordering::Relaxed)

@@ -140,6 +140,14 @@ impl JwtAuth {
         }
     }
 
+    /// With the keys of a JWKS document already in place (no fetch until
+    /// they are older than the TTL or a kid is unknown).
+    pub fn with_keys(config: JwtConfig, http: reqwest::Client, jwks: &[u8]) -> Self {
+        let auth = Self::new(config, http);
+        auth.jwks.preload(jwks);
+        auth
+    }
+
     /// Fetches the keys at init (a failure is logged, not fatal: the
     /// first token fetches them again).
     pub async fn prefetch(&self) {
@@ -215,10 +223,14 @@ impl JwtAuth {
         v.leeway = c.leeway_secs;
         v.validate_nbf = true;
         v.set_issuer(&[c.issuer.as_str()]);
-        v.set_required_spec_claims(&["exp", "iss"]);
         if c.audiences.is_empty() {
+            v.set_required_spec_claims(&["exp", "iss"]);
             v.validate_aud = false;
         } else {
+            // A token without `aud` is for no audience of ours (found by
+            // the jwt fuzz target: jsonwebtoken checks `aud` only when the
+            // claim is there, unless it is required).
+            v.set_required_spec_claims(&["exp", "iss", "aud"]);
             v.set_audience(&c.audiences);
         }
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(

@@ -126,7 +126,16 @@ impl TurnRecord {
     pub fn encode(&self) -> String {
         // Serialising plain strings and numbers cannot fail; an empty body
         // would be reported as poison by the worker rather than lost silently.
-        serde_json::to_string(self).unwrap_or_default()
+        match &self.status_raw {
+            None => serde_json::to_string(self).unwrap_or_default(),
+            // A newer producer's status word travels on as it was written
+            // (found by the sqs_turn fuzz target: it became "other").
+            Some(raw) => {
+                let mut v = serde_json::to_value(self).unwrap_or_default();
+                v["status"] = serde_json::Value::String(raw.clone());
+                v.to_string()
+            }
+        }
     }
 
     /// Parses and checks a message body. Every error is permanent.
@@ -222,6 +231,9 @@ mod tests {
         let rec = TurnRecord::decode(&v.to_string()).unwrap();
         assert_eq!(rec.status, TurnStatus::Other);
         assert_eq!(rec.status_word(), "stopped");
+        // Encoded again (spooled, re-sent) it keeps its word (a fuzz find).
+        let again = TurnRecord::decode(&rec.encode()).unwrap();
+        assert_eq!(again.status_word(), "stopped");
         v["status"] = "NOT A STATUS!".into();
         assert!(matches!(
             TurnRecord::decode(&v.to_string()),

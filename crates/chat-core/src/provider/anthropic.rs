@@ -238,9 +238,12 @@ pub fn event_to_chunk(ev: &SseEvent) -> Result<Option<Chunk>, UpstreamError> {
         Event::ContentBlockStart {
             content_block: ContentBlock::Text { text },
         } if !text.is_empty() => Some(Chunk::Delta(text)),
+        // An empty text delta carries nothing: no empty `delta` event for
+        // clients, no first token that is not one (an anthropic_sse fuzz
+        // find; the other decoders already skip them).
         Event::ContentBlockDelta {
             delta: Delta::TextDelta { text },
-        } => Some(Chunk::Delta(text)),
+        } if !text.is_empty() => Some(Chunk::Delta(text)),
         Event::MessageDelta { delta, usage } => Some(Chunk::Stop {
             stop_reason: delta.stop_reason,
             input_tokens: usage.input_tokens,
