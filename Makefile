@@ -19,7 +19,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: bench-jwt bench-limits node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: fuzz bench-jwt bench-limits node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -68,12 +68,12 @@ lint: $(TOOLS)
 test: lint test-template $(NODE_DEPS)
 	@env=$$(scripts/services.sh start) || { echo "the local services did not start (see above); no tests run" >&2; exit 1; }; \
 	eval "$$env"; \
-	if cargo nextest --version >/dev/null 2>&1; then \
-		cargo nextest run --workspace --locked --no-fail-fast; \
-	else \
-		cargo test --workspace --locked --no-fail-fast; \
-	fi
+	mkdir -p target/test-logs; rm -f target/test-logs/*.log; \
+	set -o pipefail; \
+	cargo nextest run --workspace --locked --no-fail-fast --success-output final --failure-output final \
+		2>&1 | tee target/test-logs/nextest.log
 	$(MAKE) --no-print-directory test-artifact
+	scripts/log-scan.sh target/test-logs
 
 # The arm64 bootstraps that SAM uploads, from `make build`, run under
 # qemu-user against the local Lambda Runtime API: the same answers as the
@@ -82,7 +82,9 @@ test-artifact: build
 	scripts/ensure-qemu.sh
 	@env=$$(scripts/services.sh start) || { echo "the local services did not start (see above)" >&2; exit 1; }; \
 	eval "$$env"; \
-	cargo nextest run --locked -p chat-stream -p db-writer --run-ignored only -E 'test(/arm64/)' 
+	mkdir -p target/test-logs; set -o pipefail; \
+	cargo nextest run --locked -p chat-stream -p db-writer --run-ignored only -E 'test(/arm64/)' \
+		--success-output final 2>&1 | tee target/test-logs/artifact.log
 
 # template.yaml rendered by the SAM translator for the parameter sets we
 # ship, cfn-lint on every render, and what a working deploy needs.
@@ -131,6 +133,10 @@ bench: $(TOOLS)
 bench-jwt:
 	cargo build --release -p chat-bench
 	target/release/chat-bench jwt
+
+# Every fuzz target under AFL++ (FUZZ_SECONDS per target, default 60).
+fuzz:
+	scripts/fuzz.sh
 
 # What fleet-wide limits in the table (no Redis) cost per request (moto).
 bench-limits: $(TOOLS)
