@@ -138,10 +138,13 @@ bench-jwt:
 fuzz:
 	scripts/fuzz.sh
 
-# What fleet-wide limits in the table (no Redis) cost per request (moto).
+# What fleet-wide limits in the table (no Redis) cost per request (moto,
+# on a table of its own: moto's queries slow down as a table fills).
 bench-limits: $(TOOLS)
 	cargo build --release -p chat-bench
-	eval "$$(scripts/services.sh start)" && target/release/chat-bench limits
+	eval "$$(scripts/services.sh start)" && \
+		eval "$$($(VENV)/bin/python scripts/local_aws.py ensure --prefix bench$$(date +%s) --format env)" && \
+		target/release/chat-bench limits --requests 100
 
 services: $(TOOLS)
 	@scripts/services.sh start

@@ -30,6 +30,7 @@ cargo build --profile fuzz -p fuzz-targets --bin fuzz-afl --target-dir target/af
 bin=target/afl/fuzz/fuzz-afl
 
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 AFL_QUIET=1
+mkdir -p target/afl-out
 found=0
 for t in $targets; do
   out=target/afl-out/$t
