@@ -60,7 +60,9 @@ fn sha256_hex(s: &str) -> String {
 #[tokio::test]
 async fn no_log_line_carries_a_secret_a_credential_or_a_message() {
     e2e::require_aws_endpoint();
-    let redis_url = e2e::require_redis_url();
+    // A Redis of its own: a shared one would remember the last run's answer.
+    let redis = e2e::RedisServer::start().await;
+    let redis_url = redis.url();
     let aws = LocalAws::create(&[]).await;
     let model_key = find("model-key");
     let api_key = find("api-key");
