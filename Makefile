@@ -19,7 +19,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: fuzz bench-jwt bench-limits node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: fuzz bench-jwt bench-limits bench-stop node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -145,6 +145,14 @@ bench-limits: $(TOOLS)
 	eval "$$(scripts/services.sh start)" && \
 		eval "$$($(VENV)/bin/python scripts/local_aws.py ensure --prefix bench$$(date +%s) --format env)" && \
 		target/release/chat-bench limits --requests 100
+
+# How fast DELETE /chat/streams/{id} stops the model call, through Redis
+# and through the table (moto).
+bench-stop: $(TOOLS)
+	cargo build --release -p chat-bench
+	eval "$$(scripts/services.sh start)" && \
+		eval "$$($(VENV)/bin/python scripts/local_aws.py ensure --prefix stop$$(date +%s) --format env)" && \
+		target/release/chat-bench stop --runs 20
 
 services: $(TOOLS)
 	@scripts/services.sh start

@@ -867,7 +867,7 @@ async fn a_newer_producers_turn_is_stored_not_sent_to_the_dlq() {
     let conv = format!("c{}", uuid::Uuid::new_v4().simple());
     let rec = record(&user(), &conv, now_ms(), "an answer from the future");
     let mut v: Value = serde_json::from_str(&rec.encode()).unwrap();
-    v["status"] = "stopped".into();
+    v["status"] = "paused".into();
     v["field_added_later"] = json!({"any": ["thing"]});
     let (resp, _) = handle_batch(&store, &sqs_event(&[("m1", v.to_string())])).await;
     assert!(resp.batch_item_failures.is_empty(), "stored, not poison");

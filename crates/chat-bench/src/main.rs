@@ -16,6 +16,7 @@
 mod faults;
 mod jwt;
 mod limits;
+mod stop;
 mod writer;
 
 use std::process::ExitCode;
@@ -291,6 +292,9 @@ async fn main() -> ExitCode {
     }
     if std::env::args().nth(1).as_deref() == Some("writer") {
         return writer::main().await;
+    }
+    if std::env::args().nth(1).as_deref() == Some("stop") {
+        return stop::main().await;
     }
     if std::env::args().nth(1).as_deref() == Some("limits") {
         return limits::main().await;

@@ -50,6 +50,7 @@ struct Inner {
     reads: Arc<RateLimiter>,
     sign_ins: FailedSignIns,
     streams: Arc<StreamSlots>,
+    stops: Arc<crate::chat::stop::Stops>,
     circuits: Circuits,
     retry_budget: RetryBudget,
     deps: Deps,
@@ -129,6 +130,7 @@ impl AppState {
             reads,
             sign_ins,
             streams,
+            stops: Arc::default(),
             circuits,
             retry_budget,
             deps,
@@ -190,6 +192,11 @@ impl AppState {
 
     pub fn streams(&self) -> &Arc<StreamSlots> {
         &self.0.streams
+    }
+
+    /// The answers that may be stopped, and how (see [`crate::chat::stop`]).
+    pub fn stops(&self) -> &Arc<crate::chat::stop::Stops> {
+        &self.0.stops
     }
 
     pub fn circuits(&self) -> &Circuits {

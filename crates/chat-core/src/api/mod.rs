@@ -79,7 +79,10 @@ pub struct ErrorCode(pub &'static str);
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/chat", post(chat::chat))
-        .route("/chat/streams/{id}", get(streams::resume))
+        .route(
+            "/chat/streams/{id}",
+            get(streams::resume).delete(streams::stop),
+        )
         .route("/health", get(health::health))
         .route("/conversations", get(conversations::list))
         .route(

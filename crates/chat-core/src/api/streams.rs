@@ -13,11 +13,12 @@ use std::convert::Infallible;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::admit::{Access, admit};
 use super::error_response;
+use crate::chat::stop::StopRequest;
 use crate::error::ApiError;
 use crate::live::{Entry, Reader};
 use crate::sse;
@@ -144,5 +145,42 @@ impl Replay {
                 r#"{"code":"stream_lost","message":"the answer stopped before it was complete; ask again"}"#,
             ));
         }
+    }
+}
+
+/// `DELETE /chat/streams/{id}`: stops an answer (the id is `meta`'s
+/// `turn_id`, or `stream_id`, or the `x-stream-id` header). Owner only;
+/// others and unknown or finished answers get the same 404. 202: the
+/// answer was told to stop; it ends with `done` and `stop_reason:
+/// "stopped"` within a poll interval (see [`crate::chat::stop`]).
+pub(crate) async fn stop(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ctx: RequestCtx,
+    headers: HeaderMap,
+) -> Response {
+    let run = async {
+        let who = admit(&state, &ctx, &headers, Access::Read).await?;
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(not_found());
+        }
+        let owner = format!("user:{}", who.user_id);
+        match state.stops().request(&state, &id, &owner).await {
+            StopRequest::Accepted => Ok(()),
+            StopRequest::NotFound => Err(not_found()),
+            StopRequest::Unavailable => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stop_unavailable",
+                "the stop request could not be recorded right now; retry shortly",
+            )),
+        }
+    };
+    match run.await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({"stream_id": id, "status": "stopping"})),
+        )
+            .into_response(),
+        Err(e) => error_response(e),
     }
 }

@@ -20,6 +20,7 @@ mod hit;
 mod plan;
 mod relay;
 pub mod request;
+pub mod stop;
 #[cfg(test)]
 mod tests;
 
@@ -52,6 +53,12 @@ pub struct Timeouts {
     /// wait for a client that stopped reading (socket open, nothing read).
     /// Then the client is detached as if it had left.
     pub client_send: Duration,
+    /// `STOP_POLL_MS` (default 100): how often an answer checks Redis for
+    /// a stop request (`DELETE /chat/streams/{id}`).
+    pub stop_poll: Duration,
+    /// `STOP_POLL_TABLE_MS` (default 1000): the same without Redis, in the
+    /// table (one eventually consistent GetItem each time).
+    pub stop_poll_table: Duration,
 }
 
 /// Where each phase of one request ended, relative to its start.

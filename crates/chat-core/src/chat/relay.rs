@@ -27,6 +27,7 @@ use super::attempt::{Deadlines, Opened, Source};
 use super::finish::{Answer, CachePut, Finish, Lease, PopularJob, TurnDraft};
 use super::plan::Planned;
 use super::request::ChatRequest;
+use super::stop::StopWatch;
 use super::{LogDeferred, Timings, answer_ids, sse_response};
 use crate::auth::Identity;
 use crate::cache::CachedAnswer;
@@ -71,6 +72,9 @@ pub(super) fn respond(
         following,
     } = opened;
     let live = state.deps().live.clone();
+    let stop = state
+        .stops()
+        .watch(&state, &turn_id, &format!("user:{}", identity.user_id));
     let x_cache = if following {
         "follow"
     } else if planned.lookup {
@@ -125,6 +129,7 @@ pub(super) fn respond(
         model_key,
         tokens: planned.tokens,
         _slot: planned.slot,
+        stop,
         state,
         upstream,
         pending: Some(first),
@@ -191,6 +196,8 @@ pub(super) struct Relay {
     tokens: Option<Reservation>,
     /// The user's stream slot, given back when the relay ends.
     _slot: Option<Slot>,
+    /// A stop request for this answer (`DELETE /chat/streams/{id}`).
+    stop: StopWatch,
     state: AppState,
     upstream: ChunkStream,
     /// The first chunk after `Start`, read before the headers went out.
@@ -265,9 +272,11 @@ impl Relay {
                     let (deadline, kind) = self
                         .deadlines
                         .next(self.timings.ttft.is_some(), self.last_chunk);
-                    timeout_at(deadline, self.upstream.next())
-                        .await
-                        .map_err(|_| kind)
+                    tokio::select! {
+                        biased;
+                        () = self.stop.stopped() => return Some(self.stopped().await),
+                        r = timeout_at(deadline, self.upstream.next()) => r.map_err(|_| kind),
+                    }
                 }
             };
             self.last_chunk = Instant::now();
@@ -324,6 +333,33 @@ impl Relay {
         let frame = self.frame("done", &data.to_string());
         self.persisting = self.hand_over(TurnStatus::Completed, None);
         self.write_log("complete", None);
+        frame
+    }
+
+    /// Stopped on request: the model call ends here (its stream is
+    /// dropped), the turn is recorded as `stopped` with the text so far,
+    /// and the client (and any follower, through the live stream) gets
+    /// `done` with `stop_reason: "stopped"`. Not cached.
+    async fn stopped(&mut self) -> Bytes {
+        self.finished = true;
+        self.upstream = Box::pin(futures_util::stream::empty());
+        if let Some(r) = self.tokens.take() {
+            r.settle(self.used_tokens()).await;
+        }
+        self.stop_reason = Some("stopped".to_owned());
+        let total = self.timings.start.elapsed();
+        let data = json!({
+            "stop_reason": "stopped",
+            "usage": {
+                "input_tokens": self.input_tokens.unwrap_or(0),
+                "output_tokens": self.output_tokens.unwrap_or_else(|| u32::try_from(self.text_chars / 4).unwrap_or(u32::MAX)),
+            },
+            "timings_ms": self.timings.json(total),
+        });
+        tracing::info!(seq = self.seq, "answer stopped on request");
+        let frame = self.frame("done", &data.to_string());
+        self.persisting = self.hand_over(TurnStatus::Stopped, None);
+        self.write_log("stopped", None);
         frame
     }
 

@@ -96,6 +96,8 @@ pub(crate) fn request<S: ConfigSource + ?Sized>(
         idle: r.ms("UPSTREAM_IDLE_TIMEOUT_MS", 30_000)?,
         total: r.ms("UPSTREAM_TOTAL_TIMEOUT_MS", 240_000)?,
         client_send: r.ms("CLIENT_SEND_TIMEOUT_MS", 10_000)?,
+        stop_poll: r.ms("STOP_POLL_MS", 100)?,
+        stop_poll_table: r.ms("STOP_POLL_TABLE_MS", 1_000)?,
     };
     let max_tokens = r.ranged("MAX_TOKENS_LIMIT", 8192u32, 1, 128_000)?;
     let default_max_tokens =

@@ -155,6 +155,11 @@ impl Live {
 
     /// How long a follower waits for the next entry before it checks that
     /// the leader is still alive.
+    /// The Redis connection the live streams use.
+    pub fn link(&self) -> &Arc<RedisLink> {
+        &self.link
+    }
+
     pub fn block(&self) -> Duration {
         (self.config.lease / 3).max(Duration::from_millis(100))
     }

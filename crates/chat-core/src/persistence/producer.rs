@@ -135,7 +135,7 @@ impl Persister {
                     .await
                 }
                 // Only completed turns are replayed as history.
-                (_, TurnStatus::Interrupted | TurnStatus::Failed, _) => true,
+                (_, TurnStatus::Interrupted | TurnStatus::Failed | TurnStatus::Stopped, _) => true,
                 _ => false,
             }
         };

@@ -40,6 +40,9 @@ pub enum TurnStatus {
     /// The model failed after the stream started; `answer` is what had been
     /// relayed, `error_code` says why.
     Failed,
+    /// Stopped on request (`DELETE /chat/streams/{id}`); `answer` is what
+    /// had been relayed.
+    Stopped,
     /// A status this build does not know (a newer producer during a rolling
     /// deploy): stored as sent (see [`TurnRecord::status_raw`]), never
     /// taken for a completed answer.
@@ -53,6 +56,7 @@ impl TurnStatus {
             TurnStatus::Completed => "completed",
             TurnStatus::Interrupted => "interrupted",
             TurnStatus::Failed => "failed",
+            TurnStatus::Stopped => "stopped",
             TurnStatus::Other => "other",
         }
     }
@@ -62,6 +66,7 @@ impl TurnStatus {
             "completed" => Some(TurnStatus::Completed),
             "interrupted" => Some(TurnStatus::Interrupted),
             "failed" => Some(TurnStatus::Failed),
+            "stopped" => Some(TurnStatus::Stopped),
             _ => Some(TurnStatus::Other),
         }
     }
@@ -226,14 +231,14 @@ mod tests {
     #[test]
     fn a_newer_producers_status_and_fields_are_kept_not_poison() {
         let mut v: serde_json::Value = serde_json::from_str(&sample().encode()).unwrap();
-        v["status"] = "stopped".into();
+        v["status"] = "paused".into();
         v["a_field_from_the_future"] = serde_json::json!({"x": 1});
         let rec = TurnRecord::decode(&v.to_string()).unwrap();
         assert_eq!(rec.status, TurnStatus::Other);
-        assert_eq!(rec.status_word(), "stopped");
+        assert_eq!(rec.status_word(), "paused");
         // Encoded again (spooled, re-sent) it keeps its word (a fuzz find).
         let again = TurnRecord::decode(&rec.encode()).unwrap();
-        assert_eq!(again.status_word(), "stopped");
+        assert_eq!(again.status_word(), "paused");
         v["status"] = "NOT A STATUS!".into();
         assert!(matches!(
             TurnRecord::decode(&v.to_string()),

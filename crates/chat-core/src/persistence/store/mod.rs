@@ -31,6 +31,7 @@ mod items;
 mod keys;
 mod reads;
 mod records;
+mod streams;
 mod summary;
 mod writes;
 
