@@ -75,6 +75,8 @@ test: lint test-template $(NODE_DEPS)
 	$(MAKE) --no-print-directory test-artifact
 	scripts/log-scan.sh target/test-logs
 
+# (--workspace: the same feature set as the main test run, so its test
+# binaries are reused, not built again for two packages.)
 # The arm64 bootstraps that SAM uploads, from `make build`, run under
 # qemu-user against the local Lambda Runtime API: the same answers as the
 # x86 build (the tests marked ignored in the plain run).
@@ -83,7 +85,7 @@ test-artifact: build
 	@env=$$(scripts/services.sh start) || { echo "the local services did not start (see above)" >&2; exit 1; }; \
 	eval "$$env"; \
 	mkdir -p target/test-logs; set -o pipefail; \
-	cargo nextest run --locked -p chat-stream -p db-writer --run-ignored only -E 'test(/arm64/)' \
+	cargo nextest run --workspace --locked --run-ignored only -E 'test(/arm64/)' \
 		--success-output final 2>&1 | tee target/test-logs/artifact.log
 
 # template.yaml rendered by the SAM translator for the parameter sets we

@@ -84,8 +84,15 @@ async fn once(
             .map_err(|e| e.to_string())?;
         seen.push_str(&String::from_utf8_lossy(&b));
     }
-    // The answer's record reaches the table off the path; give it time.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The answer's record reaches the table off the path; give it time,
+    // plus a jitter of up to a table poll interval so the stop lands at
+    // every phase of the answer's polling, not always the same one.
+    let jitter = u64::from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()),
+    ) % 1000;
+    tokio::time::sleep(Duration::from_millis(300 + jitter)).await;
     let t = Instant::now();
     let r = client
         .delete(format!("{other}/chat/streams/{id}"))
