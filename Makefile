@@ -9,7 +9,7 @@ SHELL := /bin/bash
 VENV     := $(CURDIR)/.venv
 TOOLS    := $(VENV)/.installed
 # The npm packages of the JavaScript client tests, exactly as locked.
-NODE_DEPS := tests/clients/node_modules/.installed
+NODE_DEPS := tests/clients/node_modules/.installed tests/web/node_modules/.installed
 export PATH := $(VENV)/bin:$(PATH)
 export SAM_CLI_TELEMETRY := 0
 export CARGO_TERM_COLOR ?= never
@@ -39,9 +39,16 @@ $(TOOLS): requirements-dev.txt
 
 tools: $(TOOLS)
 
-$(NODE_DEPS): tests/clients/package-lock.json
+tests/clients/node_modules/.installed: tests/clients/package-lock.json
 	scripts/ensure-node.sh
 	cd tests/clients && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# The browser test: playwright-core (no browser download) and Debian's chromium.
+tests/web/node_modules/.installed: tests/web/package-lock.json
+	scripts/ensure-node.sh
+	scripts/ensure-chromium.sh
+	cd tests/web && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 node-deps: $(NODE_DEPS)

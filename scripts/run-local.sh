@@ -20,6 +20,7 @@ cd "$(dirname "$0")/.."
 PORT=${PORT:-3000}
 SIM_PORT=${SIM_PORT:-4010}
 OIDC_PORT=${OIDC_PORT:-4400}
+WEB_PORT=${WEB_PORT:-5173}
 BIN=${BIN:-target/debug}
 pids=()
 
@@ -57,7 +58,7 @@ listening "${MOTO_PORT:-5005}" || started_services+=(moto)
 svc_env=$(scripts/services.sh start)
 eval "$svc_env"
 
-for p in "$PORT" "$OIDC_PORT" $([ -z "${ANTHROPIC_API_KEY:-}" ] && echo "$SIM_PORT"); do
+for p in "$PORT" "$OIDC_PORT" "$WEB_PORT" $([ -z "${ANTHROPIC_API_KEY:-}" ] && echo "$SIM_PORT"); do
   if listening "$p"; then
     echo "port $p is already in use; choose another: make run PORT=... SIM_PORT=..." >&2
     exit 1
@@ -92,9 +93,26 @@ wait_for "$OIDC_PORT" oidc-sim "$!"
 export JWT_ISSUER="${JWT_ISSUER:-http://127.0.0.1:$OIDC_PORT}" JWT_AUDIENCE="${JWT_AUDIENCE:-chat-stream}"
 
 export AUTH_MODE="${AUTH_MODE:-dev}"
+# The chat page is served from its own origin, as it is deployed (S3 +
+# CloudFront in front of a Function URL), so CORS works here as there.
+export CORS_ALLOW_ORIGINS="${CORS_ALLOW_ORIGINS:-http://127.0.0.1:$WEB_PORT,http://localhost:$WEB_PORT}"
 "$BIN/chat-stream" --bind-addr "127.0.0.1:$PORT" &
 pids+=($!)
 wait_for "$PORT" chat-stream "$!"
+
+# The page: web/ with a config.js for this stack, on its own origin.
+rm -rf .run/web && mkdir -p .run/web && cp web/*.html web/*.js web/*.css .run/web/
+case "$AUTH_MODE" in
+  dev) page_auth=dev ;;
+  *jwt*) page_auth=jwt ;;
+  *) page_auth=none ;;
+esac
+cat > .run/web/config.js <<CFG
+window.CHAT_CONFIG = {api: "http://127.0.0.1:$PORT", auth: "$page_auth", issuer: "$JWT_ISSUER", clientId: "chat-web"};
+CFG
+python3 -m http.server "$WEB_PORT" --bind 127.0.0.1 --directory .run/web >/dev/null 2>&1 &
+pids+=($!)
+wait_for "$WEB_PORT" "the page's web server" "$!"
 
 # The event source mapping's stand-in: batches from the queue into the table.
 POLL_BATCHING_WINDOW_MS="${POLL_BATCHING_WINDOW_MS:-500}" "$BIN/db-writer" &
@@ -106,6 +124,7 @@ pids+=($!)
 
 cat <<MSG
 
+Chat page: http://127.0.0.1:$WEB_PORT/ $(case "$page_auth" in dev) echo "(AUTH_MODE=dev: type any user name; make run AUTH_MODE=jwt signs in through the local issuer)";; jwt) echo "(sign in through the local issuer: any user name)";; *) echo "(AUTH_MODE=$AUTH_MODE: a page cannot hold an API key; use AUTH_MODE=jwt or api_key,jwt)";; esac)
 chat-stream is up at http://127.0.0.1:$PORT (model: $model)
 Auth: AUTH_MODE=$AUTH_MODE$([ "$AUTH_MODE" = dev ] && echo " (local only: x-dev-user names the caller, no key needed)")
 OIDC issuer (local stand-in for Cognito): $JWT_ISSUER; with make run AUTH_MODE=jwt, sign in there or mint a token:

@@ -665,3 +665,26 @@ async fn health_tells_strangers_only_that_it_is_up_and_probes_are_reused() {
         "a second probe within the reuse window costs the provider nothing"
     );
 }
+
+#[tokio::test]
+async fn model_sim_can_echo_and_markup_in_an_answer_is_json_text() {
+    let sim = sim(1, 2000.0, 50).await;
+    let server = chat(&sim, &[]).await;
+    let markup = "<img src=x onerror=alert(1)> and <script>alert(2)</script>";
+    let resp = server
+        .post_chat(
+            None,
+            &json!({"message": markup, "model": "claude-sim+echo=1"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let (events, _) = read_sse(resp, LIMIT).await;
+    assert!(events.iter().filter(|e| e.event == "delta").count() >= 5);
+    assert_eq!(e2e::answer_text(&events), markup);
+}

@@ -78,6 +78,15 @@ async fn two_instances_without_redis_share_one_rate_limit_through_the_table() {
         let body = refused(r, "rate_limited", "RATE_LIMIT_RPM", "fleet").await;
         assert!(body["message"].as_str().unwrap().contains("requests"));
     }
+    // /health (credentials: any dev user) says where limits are counted.
+    let h: Value = reqwest::get(a.url("/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["dependencies"]["limits"]["counted_in"], "table", "{h}");
+    assert_eq!(h["dependencies"]["limits"]["scope"], "fleet", "{h}");
     // Another user has their own count.
     let r = b.post_chat(Some("someone-else"), &ask).await;
     assert_eq!(r.status(), 200);
@@ -162,6 +171,13 @@ async fn concurrent_streams_per_user_are_limited_per_instance_without_shared_sta
         ("MAX_STREAMS_PER_USER", "2"),
     ])
     .await;
+    let h: Value = reqwest::get(server.url("/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["dependencies"]["limits"]["counted_in"], "instance", "{h}");
     streams_per_user_are_limited(&server, "local").await;
 }
 

@@ -44,6 +44,7 @@ async fn the_api_key_comes_from_secrets_manager() {
             output_tokens: 4,
             fault: None,
             fault_times: None,
+            echo: false,
         },
         api_key: Some("sk-from-secrets-manager".into()),
     })
@@ -113,6 +114,7 @@ async fn a_rotated_model_key_is_picked_up_after_one_401() {
             output_tokens: 4,
             fault: None,
             fault_times: None,
+            echo: false,
         },
         api_key: Some("sk-new".into()),
     })

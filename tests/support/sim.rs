@@ -13,6 +13,7 @@ pub async fn sim(ttft_ms: u64, tokens_per_sec: f64, output_tokens: u32) -> model
             output_tokens,
             fault: None,
             fault_times: None,
+            echo: false,
         },
         api_key: Some("test-key".into()),
     })

@@ -146,6 +146,7 @@ pub async fn main() -> ExitCode {
             output_tokens: 5,
             fault: None,
             fault_times: None,
+            echo: false,
         },
         api_key: None,
     })

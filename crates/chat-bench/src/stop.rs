@@ -151,6 +151,7 @@ pub async fn main() -> ExitCode {
             output_tokens: 2000,
             fault: None,
             fault_times: None,
+            echo: false,
         },
         api_key: None,
     })

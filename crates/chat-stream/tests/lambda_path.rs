@@ -50,6 +50,7 @@ async fn function_url_events_stream_through_the_lambda_adapter() {
             output_tokens: 15,
             fault: None,
             fault_times: None,
+            echo: false,
         },
         api_key: Some("test-key".into()),
     })

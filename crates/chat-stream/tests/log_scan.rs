@@ -79,6 +79,7 @@ async fn no_log_line_carries_a_secret_a_credential_or_a_message() {
             output_tokens: 8,
             fault: None,
             fault_times: None,
+            echo: false,
         },
         api_key: Some(model_key.to_owned()),
     })

@@ -16,6 +16,8 @@
 //! - `error-mid[:TYPE][@N]`: send an `error` event (default
 //!   `overloaded_error`) after N tokens and end the stream.
 //!
+//! `echo=1` answers with the last user message's words instead.
+//!
 //! `times=N` limits the fault to the first N identical requests (same
 //! model and messages); later ones are answered normally.
 
@@ -43,6 +45,10 @@ pub struct Knobs {
     /// Apply the fault only to the first N identical requests (same model
     /// and messages), then answer normally: "fails twice, then works".
     pub fault_times: Option<u32>,
+    /// `echo=1`: the answer is the last user message's words (at the same
+    /// pace), so a test can make the model say exactly what it needs
+    /// (text that looks like HTML, say).
+    pub echo: bool,
 }
 
 impl Default for Knobs {
@@ -53,6 +59,7 @@ impl Default for Knobs {
             output_tokens: 80,
             fault: None,
             fault_times: None,
+            echo: false,
         }
     }
 }
@@ -132,6 +139,7 @@ impl Knobs {
                     .map_err(|_| format!("tokens: {value:?} is not a count"))?
             }
             "fault" => self.fault = parse_fault(value)?,
+            "echo" => self.echo = matches!(value, "1" | "true" | "yes"),
             "times" => {
                 self.fault_times = Some(
                     value

@@ -478,7 +478,18 @@ async fn handle(wire: Wire, st: Arc<SimState>, headers: HeaderMap, body: Bytes) 
     }
     let n_tokens = p.knobs.output_tokens.min(p.max_tokens);
     let capped = p.knobs.output_tokens > p.max_tokens;
-    let mut tokens = text::tokens(p.seed, n_tokens);
+    let mut tokens = if p.knobs.echo {
+        // The message's words, each with the space before it, as tokens.
+        let words: Vec<String> = p
+            .last_user
+            .split_inclusive(' ')
+            .map(str::to_owned)
+            .take(n_tokens as usize)
+            .collect();
+        words
+    } else {
+        text::tokens(p.seed, n_tokens)
+    };
     let stopped = stop::apply(&mut tokens, &p.stop);
     let msg_id = format!("{:016x}", p.seed ^ n);
     let answer = Answer {

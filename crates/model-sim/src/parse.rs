@@ -32,6 +32,8 @@ pub(crate) struct Parsed {
     pub(crate) input_tokens: u32,
     /// Stop sequences: the answer ends before the first one it contains.
     pub(crate) stop: Vec<String>,
+    /// The last user message (what `echo=1` answers with).
+    pub(crate) last_user: String,
 }
 
 pub(crate) fn parse_request(
@@ -70,12 +72,16 @@ pub(crate) fn parse_request(
     };
     let mut texts = Vec::with_capacity(messages.len());
     let mut last_role = "";
+    let mut last_user = String::new();
     for (i, m) in messages.iter().enumerate() {
         let role = m["role"].as_str().unwrap_or("");
         let text = content_text(&m["content"])
             .ok_or_else(|| format!("messages.{i}.content: field required"))?;
         match (wire, role) {
             (_, "user" | "assistant") => {
+                if role == "user" {
+                    last_user.clone_from(&text);
+                }
                 texts.push(format!("{role}:{text}"));
                 last_role = role;
             }
@@ -114,5 +120,6 @@ pub(crate) fn parse_request(
         seed,
         input_tokens: u32::try_from(chars / 4).unwrap_or(u32::MAX).max(1),
         stop: stop::sequences(wire, body)?,
+        last_user,
     })
 }

@@ -377,7 +377,7 @@ async fn authorize_form(Query(p): Query<AuthorizeParams>) -> Response {
         r#"<!doctype html><html><head><meta charset="utf-8"><title>Sign in (local issuer)</title></head>
 <body><h1>Sign in</h1><p>Local OIDC stand-in: any user name signs in.</p>
 <form method="post" action="/authorize">{hidden}
-<label>User name <input name="username" id="username" autofocus required pattern="[A-Za-z0-9._@-]{{1,64}}"></label>
+<label>User name <input name="username" id="username" autofocus required pattern="[A-Za-z0-9._@\-]{{1,64}}"></label>
 <button type="submit" id="sign-in">Sign in</button></form></body></html>"#
     ))
     .into_response()

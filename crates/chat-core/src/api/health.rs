@@ -117,9 +117,24 @@ async fn details(state: &AppState, probe_requested: bool) -> (StatusCode, serde_
     let redis = state.redis_health(probe_requested).await;
     // Redis down degrades (limits become per instance); it never fails chat.
     degraded |= redis == "down";
+    // Where the limits are counted: Redis when it answers, else the table
+    // (without Redis), else this instance.
+    let counters = if redis == "ok" {
+        "redis"
+    } else if redis == "not_configured" && state.deps().counters.is_some() {
+        "table"
+    } else {
+        "instance"
+    };
+    let scope = if counters == "instance" {
+        "instance"
+    } else {
+        "fleet"
+    };
+    deps.insert("redis".to_owned(), json!({"state": redis, "scope": scope}));
     deps.insert(
-        "redis".to_owned(),
-        json!({"state": redis, "scope": if redis == "ok" { "fleet" } else { "instance" }}),
+        "limits".to_owned(),
+        json!({"counted_in": counters, "scope": scope}),
     );
     if let Some(store) = &state.deps().store {
         // Conversations need the table; chat without history still works
