@@ -191,8 +191,14 @@ fn site(
     tokio::spawn(async move { axum::serve(listener, app).await });
 }
 
-#[tokio::test]
-async fn the_chat_page_in_a_real_browser() {
+/// The stack, the page on its own origin, and `node --test <file>`.
+/// `redis`: with Redis (live streams: resume); without, table only.
+async fn browser_run(
+    file: &str,
+    redis: bool,
+    extra: &[(&str, &str)],
+    issuer_config: oidc_sim::IssuerConfig,
+) {
     let root = repo_root();
     let node_modules = root.join("tests/web/node_modules/playwright-core");
     assert!(
@@ -205,28 +211,35 @@ async fn the_chat_page_in_a_real_browser() {
         "{chromium} is missing (make test installs Debian's chromium)"
     );
     let aws = LocalAws::create(&[]).await;
-    let redis = RedisServer::start().await;
+    let redis = if redis {
+        Some(RedisServer::start().await)
+    } else {
+        None
+    };
     // 30 tokens at 40 a second: each answer arrives over most of a second.
     let sim = Arc::new(e2e::sim(50, 40.0, 30).await);
-    let issuer = oidc_sim::start(([127, 0, 0, 1], 0).into(), Default::default())
+    let issuer = oidc_sim::start(([127, 0, 0, 1], 0).into(), issuer_config)
         .await
         .unwrap();
     // The page's origin is known before chat-stream starts (its CORS list).
     let web_listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let web = web_listener.local_addr().unwrap();
     let origin = format!("http://{web}");
-    let (sim_url, redis_url, iss) = (sim.url(), redis.url(), issuer.url());
-    let server = ChatServer::start(&[
+    let (sim_url, iss) = (sim.url(), issuer.url());
+    let redis_url = redis.as_ref().map(RedisServer::url);
+    let mut env = vec![
         ("ANTHROPIC_BASE_URL", sim_url.as_str()),
         ("AUTH_MODE", "jwt"),
         ("JWT_ISSUER", iss.as_str()),
         ("JWT_AUDIENCE", "chat-stream"),
-        ("REDIS_URL", redis_url.as_str()),
-        ("REDIS_TIMEOUT_MS", "1000"),
         ("TABLE_NAME", aws.table.as_str()),
         ("CORS_ALLOW_ORIGINS", origin.as_str()),
-    ])
-    .await;
+    ];
+    if let Some(u) = &redis_url {
+        env.extend([("REDIS_URL", u.as_str()), ("REDIS_TIMEOUT_MS", "1000")]);
+    }
+    env.extend_from_slice(extra);
+    let server = ChatServer::start(&env).await;
     let armed = Arc::new(AtomicBool::new(false));
     let api = format!("http://{}", proxy(server.addr, armed.clone()).await);
     site(web_listener, sim.clone(), &api, &iss, armed);
@@ -234,7 +247,7 @@ async fn the_chat_page_in_a_real_browser() {
     std::fs::create_dir_all(&shots).unwrap();
     let out = tokio::process::Command::new("node")
         .current_dir(root.join("tests/web"))
-        .args(["--test", "--test-reporter=spec", "page.test.mjs"])
+        .args(["--test", "--test-reporter=spec", file])
         .env("WEB_URL", format!("http://{web}"))
         .env("CHROMIUM", &chromium)
         .env("SCREENSHOT", shots.join("chat-page.png"))
@@ -248,4 +261,42 @@ async fn the_chat_page_in_a_real_browser() {
     );
     eprintln!("{text}");
     assert!(out.status.success(), "{text}");
+}
+
+#[tokio::test]
+async fn the_chat_page_in_a_real_browser() {
+    browser_run("page.test.mjs", true, &[], Default::default()).await;
+}
+
+/// The template's default deployment (no Redis): a cut answer cannot be
+/// resumed, so the page reloads the finished turn from history; and a
+/// second answer while one streams meets `MAX_STREAMS_PER_USER` (1 here):
+/// a 429 whose countdown the page shows.
+#[tokio::test]
+async fn the_chat_page_without_redis() {
+    browser_run(
+        "page-no-redis.test.mjs",
+        false,
+        &[("MAX_STREAMS_PER_USER", "1")],
+        Default::default(),
+    )
+    .await;
+}
+
+/// Tokens that expire after 3 s (and no leeway): the page's next request
+/// gets `token_expired`, it signs in again, and the conversation that was
+/// on screen comes back.
+#[tokio::test]
+async fn the_chat_page_signs_in_again_when_its_token_expires() {
+    let issuer = oidc_sim::IssuerConfig {
+        token_ttl: std::time::Duration::from_secs(3),
+        ..Default::default()
+    };
+    browser_run(
+        "page-expiry.test.mjs",
+        false,
+        &[("JWT_LEEWAY_SECS", "0")],
+        issuer,
+    )
+    .await;
 }

@@ -86,7 +86,7 @@ function bubble(role, text) {
   return li;
 }
 
-function describe(li, { ttft, cache, model, stopReason }) {
+function describe(li, { ttft, cache, model, stopReason, stored }) {
   const parts = [];
   if (ttft !== undefined) {
     li.dataset.ttft = String(Math.round(ttft));
@@ -101,6 +101,11 @@ function describe(li, { ttft, cache, model, stopReason }) {
     li.dataset.stopReason = stopReason;
     if (stopReason === "stopped") parts.push("stopped");
   }
+  if (stored && stored !== "completed") {
+    // A turn read back from history that did not complete: say so.
+    li.dataset.status = stored;
+    if (stored !== "stopped") parts.push(stored);
+  }
   li.querySelector(".info").textContent = parts.join(" · ");
 }
 
@@ -108,7 +113,7 @@ function renderConversation(conv) {
   $("messages").replaceChildren();
   for (const m of conv.messages || []) {
     const li = bubble(m.role === "user" ? "user" : "answer", m.content);
-    if (m.role !== "user") describe(li, { model: m.model, stopReason: m.stop_reason });
+    if (m.role !== "user") describe(li, { model: m.model, stopReason: m.stop_reason, stored: m.status });
   }
 }
 
@@ -159,8 +164,9 @@ async function send(message) {
   const t0 = performance.now();
   let ttft;
   let meta = {};
-  current = { turnId: null };
-  $("stop").disabled = false;
+  // This answer's own state: a second answer (or a refused one) must not
+  // take over the Stop button of one still streaming.
+  const mine = { turnId: null };
   status("");
   try {
     await client.send(
@@ -168,7 +174,9 @@ async function send(message) {
       {
         meta(m) {
           meta = m;
-          current.turnId = m.turn_id;
+          mine.turnId = m.turn_id;
+          current = mine;
+          $("stop").disabled = false;
           conversationId = m.conversation_id || conversationId;
           sessionStorage.setItem("chat.conversation", conversationId);
           describe(li, { cache: m.cache, model: m.model });
@@ -194,14 +202,17 @@ async function send(message) {
         },
       },
     );
-    if (li.dataset.resumed) status("Resumed.");
+    // (Reloaded from history, the answer's element was replaced.)
+    if (li.dataset.resumed && li.isConnected) status("Resumed.");
   } catch (e) {
     li.remove();
     if (e instanceof ApiError && e.code === "token_expired") return again();
     showError(e);
   } finally {
-    current = null;
-    $("stop").disabled = true;
+    if (current === mine) {
+      current = null;
+      $("stop").disabled = true;
+    }
     loadList();
   }
 }
