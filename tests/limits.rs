@@ -187,46 +187,33 @@ async fn the_get_and_delete_routes_are_rate_limited_per_user() {
     let sim = sim(1, 2000.0, 3).await;
     let server = instance(&sim, &aws, &[("READ_RATE_LIMIT_RPM", "3")]).await;
     early_in_a_minute().await;
-    let client = reqwest::Client::new();
-    for _ in 0..2 {
-        let r = client
-            .get(server.url("/conversations"))
-            .header("x-dev-user", "reader")
+    let read = |method: reqwest::Method, path: &str, user: &str| {
+        reqwest::Client::new()
+            .request(method, server.url(path))
+            .header("x-dev-user", user)
             .send()
-            .await
-            .unwrap();
+    };
+    let (get, delete) = (reqwest::Method::GET, reqwest::Method::DELETE);
+    for _ in 0..2 {
+        let r = read(get.clone(), "/conversations", "reader").await.unwrap();
         assert_eq!(r.status(), 200);
     }
-    let r = client
-        .delete(server.url("/conversations/nosuchconversation"))
-        .header("x-dev-user", "reader")
-        .send()
-        .await
-        .unwrap();
+    let r = read(
+        delete.clone(),
+        "/conversations/nosuchconversation",
+        "reader",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 404, "the third read is let through");
     for path in ["/conversations", "/conversations/abc", "/chat/streams/abc"] {
-        let r = client
-            .get(server.url(path))
-            .header("x-dev-user", "reader")
-            .send()
-            .await
-            .unwrap();
+        let r = read(get.clone(), path, "reader").await.unwrap();
         refused(r, "rate_limited", "READ_RATE_LIMIT_RPM", "fleet").await;
     }
-    let r = client
-        .delete(server.url("/conversations/abc"))
-        .header("x-dev-user", "reader")
-        .send()
-        .await
-        .unwrap();
+    let r = read(delete, "/conversations/abc", "reader").await.unwrap();
     refused(r, "rate_limited", "READ_RATE_LIMIT_RPM", "fleet").await;
     // Another user reads on; and the chat route has limits of its own.
-    let r = client
-        .get(server.url("/conversations"))
-        .header("x-dev-user", "another-reader")
-        .send()
-        .await
-        .unwrap();
+    let r = read(get, "/conversations", "another-reader").await.unwrap();
     assert_eq!(r.status(), 200);
     let r = server
         .post_chat(Some("reader"), &json!({"message": "hi"}))

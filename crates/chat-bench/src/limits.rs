@@ -16,7 +16,6 @@
 
 #![allow(clippy::print_stdout)] // a bench prints its table
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 
 use serde_json::{Value, json};
@@ -53,39 +52,20 @@ async fn router(
     table_counters: bool,
     continues: bool,
 ) -> Result<Router, String> {
-    let env: HashMap<String, String> = [
+    let (url, state) = crate::inproc::chat_stream(&[
         ("ANTHROPIC_BASE_URL", sim),
-        ("ANTHROPIC_API_KEY", "bench-key"),
-        ("AUTH_MODE", "dev"),
         ("TABLE_NAME", table),
-        ("LOG_LEVEL", "error"),
         ("RATE_LIMIT_RPM", "1000000"),
         (
             "LIMITS_TABLE_ENABLED",
             if table_counters { "true" } else { "false" },
         ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let config = chat_core::Config::from_source(&env).map_err(|e| e.to_string())?;
-    let state = chat_core::build_state(config)
-        .await
-        .map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let app = chat_core::app(state.clone());
-    tokio::spawn(chat_core::server::serve(
-        listener,
-        app,
-        std::future::pending(),
-    ));
+    ])
+    .await?;
     Ok(Router {
         label,
         continues,
-        url: format!("http://{addr}/chat"),
+        url: format!("{url}/chat"),
         state,
         conversation: None,
         limits: Vec::new(),
@@ -139,22 +119,10 @@ pub async fn main() -> ExitCode {
         eprintln!("chat-bench limits: TABLE_NAME is not set (make bench-limits sets it)");
         return ExitCode::FAILURE;
     };
-    let sim = match model_sim::Sim::start(model_sim::SimConfig {
-        knobs: model_sim::Knobs {
-            ttft: std::time::Duration::from_millis(1),
-            tokens_per_sec: 5000.0,
-            output_tokens: 5,
-            fault: None,
-            fault_times: None,
-            echo: false,
-        },
-        api_key: None,
-    })
-    .await
-    {
+    let sim = match crate::inproc::sim(1, 5000.0, 5).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("chat-bench limits: model-sim: {e}");
+            eprintln!("chat-bench limits: {e}");
             return ExitCode::FAILURE;
         }
     };

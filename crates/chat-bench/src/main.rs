@@ -14,6 +14,7 @@
 //! JSON line with `--json`).
 
 mod faults;
+mod inproc;
 mod jwt;
 mod limits;
 mod stop;

@@ -11,7 +11,6 @@
 
 #![allow(clippy::print_stdout)] // a bench prints its table
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -23,33 +22,9 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn router(env: &[(&str, &str)]) -> Result<String, String> {
-    let mut map: HashMap<String, String> = [
-        ("ANTHROPIC_API_KEY", "bench-key"),
-        ("AUTH_MODE", "dev"),
-        ("LOG_LEVEL", "error"),
-        ("RATE_LIMIT_RPM", "0"),
-        ("CACHE_ENABLED", "false"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    for (k, v) in env {
-        map.insert((*k).to_owned(), (*v).to_owned());
-    }
-    let config = chat_core::Config::from_source(&map).map_err(|e| e.to_string())?;
-    let state = chat_core::build_state(config)
-        .await
-        .map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tokio::spawn(chat_core::server::serve(
-        listener,
-        chat_core::app(state),
-        std::future::pending(),
-    ));
-    Ok(format!("http://{addr}"))
+    let mut all = vec![("RATE_LIMIT_RPM", "0"), ("CACHE_ENABLED", "false")];
+    all.extend_from_slice(env);
+    Ok(crate::inproc::chat_stream(&all).await?.0)
 }
 
 /// One stop: (ms to the model call's cancel, ms to the client's `done`).
@@ -144,22 +119,10 @@ pub async fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    let sim = match model_sim::Sim::start(model_sim::SimConfig {
-        knobs: model_sim::Knobs {
-            ttft: Duration::from_millis(5),
-            tokens_per_sec: 50.0,
-            output_tokens: 2000,
-            fault: None,
-            fault_times: None,
-            echo: false,
-        },
-        api_key: None,
-    })
-    .await
-    {
+    let sim = match crate::inproc::sim(5, 50.0, 2000).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("chat-bench stop: model-sim: {e}");
+            eprintln!("chat-bench stop: {e}");
             return ExitCode::FAILURE;
         }
     };
