@@ -688,3 +688,39 @@ async fn model_sim_can_echo_and_markup_in_an_answer_is_json_text() {
     assert!(events.iter().filter(|e| e.event == "delta").count() >= 5);
     assert_eq!(e2e::answer_text(&events), markup);
 }
+
+/// Locally, under `AUTH_MODE=dev`, a page on another origin may send
+/// `x-dev-user` (the page's dev mode); with real credentials it may not:
+/// the list is then the template's.
+#[tokio::test]
+async fn a_dev_mode_preflight_allows_the_dev_user_header_and_only_then() {
+    let sim = sim(1, 2000.0, 3).await;
+    let origin = "http://127.0.0.1:5173";
+    for (auth, allowed) in [("dev", true), ("api_key", false)] {
+        let key = format!("{}:u", chat_core::auth::hash_key("k"));
+        let server = chat(
+            &sim,
+            &[
+                ("CORS_ALLOW_ORIGINS", origin),
+                ("AUTH_MODE", auth),
+                ("API_KEY_HASHES", key.as_str()),
+            ],
+        )
+        .await;
+        let r = reqwest::Client::new()
+            .request(reqwest::Method::OPTIONS, server.url("/chat"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type,x-dev-user")
+            .send()
+            .await
+            .unwrap();
+        let allow = r
+            .headers()
+            .get("access-control-allow-headers")
+            .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+            .unwrap_or_default();
+        assert_eq!(allow.contains("x-dev-user"), allowed, "{auth}: {allow}");
+        assert!(allow.contains("content-type"), "{auth}: {allow}");
+    }
+}

@@ -37,12 +37,13 @@ impl ChatServer {
         let config = chat_core::Config::from_source(&map).expect("test config");
         chat_core::logging::init(config.log_level);
         let origins = config.cors_allow_origins.clone();
+        let dev = config.auth == chat_core::auth::AuthMode::Dev;
         let state = chat_core::build_state(config).await.expect("state");
         // As chat-stream's local server mode does.
         let router = if origins.is_empty() {
             chat_core::app(state)
         } else {
-            chat_core::app(state).layer(chat_core::api::local_cors(&origins))
+            chat_core::app(state).layer(chat_core::api::local_cors(&origins, dev))
         };
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await

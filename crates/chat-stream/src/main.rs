@@ -21,6 +21,7 @@ async fn main() -> ExitCode {
     }
     runner::run("chat-stream", args, |config: Config| async move {
         let (bind_addr, origins) = (config.bind_addr, config.cors_allow_origins.clone());
+        let dev = config.auth == chat_core::auth::AuthMode::Dev;
         let router = app(build_state(config).await?);
         if in_lambda() {
             let router = chat_core::api::with_client_addr(router, source_ip);
@@ -30,7 +31,7 @@ async fn main() -> ExitCode {
             let router = if origins.is_empty() {
                 router
             } else {
-                router.layer(chat_core::api::local_cors(&origins))
+                router.layer(chat_core::api::local_cors(&origins, dev))
             };
             serve_local(router, bind_addr, "chat-stream").await
         }

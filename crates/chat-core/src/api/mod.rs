@@ -191,7 +191,11 @@ async fn method_not_allowed() -> Response {
 /// a page behaves the same locally and deployed (`CORS_ALLOW_ORIGINS`, the
 /// lists in `cors.json`). In Lambda the Function URL answers preflights and
 /// adds the headers; the function adds none (duplicates break browsers).
-pub fn local_cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+///
+/// `dev_user`: also allow the `x-dev-user` header, so a page on another
+/// origin can name its user under `AUTH_MODE=dev` (local only: dev mode
+/// refuses to start in Lambda, and the template's list never has it).
+pub fn local_cors(origins: &[String], dev_user: bool) -> tower_http::cors::CorsLayer {
     use axum::http::{HeaderName, Method};
     use tower_http::cors::{AllowOrigin, CorsLayer};
     let lists: serde_json::Value = serde_json::from_str(CORS_JSON).unwrap_or_default();
@@ -217,7 +221,13 @@ pub fn local_cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     CorsLayer::new()
         .allow_origin(origin)
         .allow_methods(methods)
-        .allow_headers(names("allow_headers"))
+        .allow_headers({
+            let mut h = names("allow_headers");
+            if dev_user {
+                h.push(HeaderName::from_static(crate::auth::DEV_USER_HEADER));
+            }
+            h
+        })
         .expose_headers(names("expose_headers"))
         .max_age(std::time::Duration::from_secs(
             lists["max_age"].as_u64().unwrap_or(3600),
