@@ -40,10 +40,11 @@ impl ChatServer {
         let dev = config.auth == chat_core::auth::AuthMode::Dev;
         let state = chat_core::build_state(config).await.expect("state");
         // As chat-stream's local server mode does.
+        let router = chat_core::api::with_local_trace(chat_core::app(state));
         let router = if origins.is_empty() {
-            chat_core::app(state)
+            router
         } else {
-            chat_core::app(state).layer(chat_core::api::local_cors(&origins, dev))
+            router.layer(chat_core::api::local_cors(&origins, dev))
         };
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await

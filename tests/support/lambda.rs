@@ -69,7 +69,7 @@ impl Invocation {
 }
 
 struct RuntimeState {
-    events: Mutex<mpsc::Receiver<(String, Value)>>,
+    events: Mutex<mpsc::Receiver<(String, Value, String)>>,
     results: Mutex<HashMap<String, oneshot::Sender<Invocation>>>,
 }
 
@@ -77,7 +77,7 @@ struct RuntimeState {
 /// enough to run a function binary locally the way Lambda does.
 pub struct FakeRuntimeApi {
     pub addr: SocketAddr,
-    send: mpsc::Sender<(String, Value)>,
+    send: mpsc::Sender<(String, Value, String)>,
     state: Arc<RuntimeState>,
     next_id: std::sync::atomic::AtomicU64,
 }
@@ -143,13 +143,24 @@ impl FakeRuntimeApi {
 
     /// Queues one event and waits (up to `limit`) for the function's answer.
     pub async fn invoke(&self, event: Value, limit: Duration) -> Invocation {
+        self.invoke_traced(
+            event,
+            "Root=1-00000000-000000000000000000000000;Sampled=0",
+            limit,
+        )
+        .await
+    }
+
+    /// [`invoke`](Self::invoke) with this `Lambda-Runtime-Trace-Id` (what
+    /// Lambda sends when the function's tracing is active).
+    pub async fn invoke_traced(&self, event: Value, trace: &str, limit: Duration) -> Invocation {
         let n = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let id = format!("00000000-0000-4000-8000-{n:012}");
         let (tx, rx) = oneshot::channel();
         self.state.results.lock().await.insert(id.clone(), tx);
-        self.send.send((id, event)).await.unwrap();
+        self.send.send((id, event, trace.to_owned())).await.unwrap();
         tokio::time::timeout(limit, rx)
             .await
             .expect("the function did not answer in time")
@@ -158,7 +169,7 @@ impl FakeRuntimeApi {
 }
 
 async fn next(State(st): State<Arc<RuntimeState>>) -> Response {
-    let Some((id, event)) = st.events.lock().await.recv().await else {
+    let Some((id, event, trace)) = st.events.lock().await.recv().await else {
         return StatusCode::GONE.into_response();
     };
     let deadline = std::time::SystemTime::now()
@@ -174,10 +185,7 @@ async fn next(State(st): State<Arc<RuntimeState>>) -> Response {
                 "lambda-runtime-invoked-function-arn",
                 "arn:aws:lambda:us-east-1:123456789012:function:chat-stream".into(),
             ),
-            (
-                "lambda-runtime-trace-id",
-                "Root=1-00000000-000000000000000000000000;Sampled=0".into(),
-            ),
+            ("lambda-runtime-trace-id", trace),
             ("content-type", "application/json".into()),
         ],
         event.to_string(),
@@ -296,4 +304,18 @@ pub fn function_command(x86: &str, function: &str, arm64: bool) -> tokio::proces
         .arg("/usr/aarch64-linux-gnu")
         .arg(arm64_bootstrap(function));
     c
+}
+
+/// A binary of this workspace beside the running test's own (cargo puts
+/// every binary of a `--workspace` build in `target/debug`): for a test that
+/// runs two functions, as one turn does (chat-stream, then db-writer).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().and_then(|d| d.parent()).unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace (make test does)",
+        path.display()
+    );
+    path
 }

@@ -24,9 +24,9 @@ async fn main() -> ExitCode {
             return run_local(&warmer, &config.budget, config.every).await;
         }
         let budget = config.budget;
-        let handler = service_fn(move |_event: LambdaEvent<serde_json::Value>| {
+        let handler = service_fn(move |event: LambdaEvent<serde_json::Value>| {
             let warmer = warmer.clone();
-            async move { run_once(&warmer, &budget).await }
+            async move { run_once(&warmer, &budget, event.context.xray_trace_id.as_deref()).await }
         });
         lambda_runtime::run(handler).await
     })

@@ -11,7 +11,7 @@
 //! - [`provider`], [`cache`], [`live`], [`limits`], [`persistence`]: the
 //!   features the turn uses. Each owns its settings type.
 //! - leaves: [`redis`], [`error`], [`sse`], [`secrets`], [`util`],
-//!   [`http`], [`logging`], [`server`]; [`auth`] (uses the store).
+//!   [`http`], [`logging`], [`obs`], [`server`]; [`auth`] (uses the store).
 //!
 //! Off to the side: [`config`] reads the settings and [`state`] builds the
 //! clients once; only `state` and the mains (through [`runner`]) use
@@ -28,6 +28,7 @@ pub mod http;
 pub mod limits;
 pub mod live;
 pub mod logging;
+pub mod obs;
 pub mod persistence;
 pub mod provider;
 pub mod redis;

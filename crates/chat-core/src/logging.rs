@@ -1,19 +1,16 @@
 //! One JSON object per line on stdout: what CloudWatch Logs and Logs
-//! Insights read best, and what `make run` shows locally.
+//! Insights read best, and what `make run` shows locally. The subscriber
+//! itself (log lines, X-Ray, metrics) is in [`crate::obs`].
 
-use tracing_subscriber::fmt;
-
-/// Installs the global subscriber. Safe to call more than once (later calls
-/// do nothing), which tests rely on.
+/// Installs the global subscriber with logs only (no X-Ray), at `level`.
+/// Safe to call more than once (later calls do nothing), which tests rely
+/// on.
 pub fn init(level: tracing::Level) {
-    let _ = fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_target(false)
-        .with_max_level(level)
-        .try_init();
+    let _ = tracing::subscriber::set_global_default(crate::obs::subscriber(
+        level,
+        crate::obs::LogOut::Stdout,
+        None,
+    ));
 }
 
 /// Reports why a binary stopped, with the error's whole source chain, on

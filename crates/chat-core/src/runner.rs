@@ -58,13 +58,26 @@ where
     Fut: Future<Output = Result<(), BoxError>>,
 {
     let t = std::time::Instant::now();
-    let settings = match flags_to_source(args).and_then(|f| S::read(&Layered(f, EnvSource))) {
+    let read = flags_to_source(args).and_then(|f| {
+        let src = Layered(f, EnvSource);
+        Ok((S::read(&src)?, crate::obs::ObsConfig::from_source(&src)?))
+    });
+    let (settings, mut obs) = match read {
         Ok(s) => s,
         Err(e) => return crate::logging::fail(bin, &e),
     };
-    crate::logging::init(settings.log_level());
+    obs.level = settings.log_level();
+    let t_obs = std::time::Instant::now();
+    let xray = crate::obs::init(bin, &obs);
+    let obs_init = t_obs.elapsed();
+    if let Err(e) = crate::obs::load_user_key(&obs).await {
+        return crate::logging::fail(bin, &e);
+    }
     tracing::info!(
         settings_ms = crate::util::ms(t.elapsed()),
+        obs_init_ms = crate::util::ms(obs_init),
+        xray,
+        metrics = obs.metrics,
         "{bin} settings read"
     );
     match body(settings).await {

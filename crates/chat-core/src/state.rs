@@ -276,6 +276,9 @@ pub struct RequestCtx {
     pub caller: Arc<str>,
     /// The route's path, for the log line a stream writes when it ends.
     pub path: Arc<str>,
+    /// The request's root span (`request`): the phases' spans hang under
+    /// it, and it carries the pseudonymous user once signed in.
+    pub span: tracing::Span,
 }
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestCtx {
@@ -300,6 +303,7 @@ impl RequestCtx {
                 start: tokio::time::Instant::now(),
                 caller: Arc::from("ip:unknown"),
                 path: Arc::from("/chat"),
+                span: tracing::Span::none(),
             })
     }
 }

@@ -25,9 +25,11 @@ async fn main() -> ExitCode {
         let router = app(build_state(config).await?);
         if in_lambda() {
             let router = chat_core::api::with_client_addr(router, source_ip);
+            let router = chat_core::api::with_trace(router, trace_header);
             lambda_http::run_with_streaming_response(router).await
         } else {
             // The template's Function URL CORS policy, when origins are set.
+            let router = chat_core::api::with_local_trace(router);
             let router = if origins.is_empty() {
                 router
             } else {
@@ -46,4 +48,12 @@ fn source_ip(extensions: &lambda_http::http::Extensions) -> Option<String> {
         lambda_http::request::RequestContext::ApiGatewayV2(c) => c.http.source_ip.clone(),
         _ => None,
     }
+}
+
+/// The invocation's X-Ray trace header (`Lambda-Runtime-Trace-Id`).
+fn trace_header(extensions: &lambda_http::http::Extensions) -> Option<String> {
+    extensions
+        .get::<lambda_http::Context>()?
+        .xray_trace_id
+        .clone()
 }

@@ -9,9 +9,10 @@ use std::process::ExitCode;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use chat_core::config::WriterConfig;
-use chat_core::persistence::writer::{build_store, handle_batch, poll_local};
+use chat_core::persistence::writer::{batch_span, build_store, handle_batch, poll_local};
 use chat_core::runner::{self, in_lambda};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
+use tracing::Instrument;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -24,7 +25,10 @@ async fn main() -> ExitCode {
         let handler = service_fn(move |event: LambdaEvent<SqsEvent>| {
             let store = store.clone();
             async move {
-                let (resp, _) = handle_batch(&store, &event.payload).await;
+                // One trace per invocation (Lambda's header); each turn
+                // continues the trace it was sent from.
+                let span = batch_span(event.context.xray_trace_id.as_deref());
+                let (resp, _) = handle_batch(&store, &event.payload).instrument(span).await;
                 Ok::<SqsBatchResponse, Error>(resp)
             }
         });

@@ -7,6 +7,8 @@
 
 use axum::http::HeaderMap;
 
+use tracing::Instrument;
+
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::state::{AppState, RequestCtx};
@@ -32,8 +34,16 @@ pub(super) async fn admit(
     if let Some(b) = state.sign_ins().blocked(address) {
         return Err(blocked(b));
     }
-    let identity = match state.authenticate(headers).await {
-        Ok(i) => i,
+    let authenticated = state
+        .authenticate(headers)
+        .instrument(tracing::info_span!("auth"))
+        .await;
+    let identity = match authenticated {
+        Ok(i) => {
+            ctx.span
+                .record("user", crate::obs::pseudonym::of(&i.user_id).as_str());
+            i
+        }
         Err(e) => {
             if e.code == "invalid_credentials" {
                 if let Some(b) = state.sign_ins().failed(address).await {

@@ -8,6 +8,8 @@ use axum::response::Response;
 
 use super::admit::{Access, admit};
 use super::error_response;
+use tracing::Instrument;
+
 use crate::cache::CacheControl;
 use crate::chat::request::{body_too_large, parse_chat_request};
 use crate::error::ApiError;
@@ -45,8 +47,12 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
     // happens (no body read, no rate-limit count, no history read).
     let identity = admit(&state, &ctx, &parts.headers, Access::Chat).await?;
     let limits = state.config().limits;
-    let bytes = json_body(&parts.headers, body, limits.max_body_bytes).await?;
-    let chat_req = parse_chat_request(&bytes, &limits)?;
+    let chat_req = async {
+        let bytes = json_body(&parts.headers, body, limits.max_body_bytes).await?;
+        parse_chat_request(&bytes, &limits)
+    }
+    .instrument(tracing::info_span!("validate"))
+    .await?;
     let cache_control = parts
         .headers
         .get(header::CACHE_CONTROL)

@@ -30,6 +30,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tracing::Instrument;
 
 use crate::chat::LogDeferred;
 use crate::error::ApiError;
@@ -72,6 +73,43 @@ pub fn with_client_addr(
     ))
 }
 
+/// The invocation's X-Ray trace header: in Lambda the runtime's
+/// (`Lambda-Runtime-Trace-Id`, set by the binary, see [`with_trace`]);
+/// locally a client's `X-Amzn-Trace-Id` (see [`with_local_trace`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvocationTrace(pub String);
+
+/// Sets each request's [`InvocationTrace`] from what `find` reads in its
+/// extensions (the Lambda adapter's context).
+pub fn with_trace(router: Router, find: fn(&axum::http::Extensions) -> Option<String>) -> Router {
+    router.layer(middleware::map_request(
+        move |mut req: Request| async move {
+            if let Some(t) = find(req.extensions()) {
+                req.extensions_mut().insert(InvocationTrace(t));
+            }
+            req
+        },
+    ))
+}
+
+/// The local server: a client's `X-Amzn-Trace-Id` header continues its
+/// trace (what an ALB or API Gateway in front would pass on). Never in
+/// Lambda, where the runtime's header is the only one.
+pub fn with_local_trace(router: Router) -> Router {
+    router.layer(middleware::map_request(|mut req: Request| async move {
+        let t = req
+            .headers()
+            .get("x-amzn-trace-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| crate::obs::TraceHeader::parse(v).is_some())
+            .map(str::to_owned);
+        if let Some(t) = t {
+            req.extensions_mut().insert(InvocationTrace(t));
+        }
+        req
+    }))
+}
+
 /// The error code behind an error response, for the log line.
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorCode(pub &'static str);
@@ -112,14 +150,27 @@ async fn request_context(mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path: Arc<str> = Arc::from(req.uri().path());
     let caller: Arc<str> = Arc::from(format!("ip:{}", client_ip(req.extensions())));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %method,
+        path = %path,
+        trace_header = tracing::field::Empty,
+        user = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    if let Some(InvocationTrace(t)) = req.extensions().get::<InvocationTrace>() {
+        span.record("trace_header", t.as_str());
+    }
     req.extensions_mut().insert(RequestCtx {
         id: id.clone(),
         start,
         caller,
         path: path.clone(),
+        span: span.clone(),
     });
 
-    let mut resp = next.run(req).await;
+    let mut resp = next.run(req).instrument(span.clone()).await;
 
     let elapsed = start.elapsed();
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -131,8 +182,10 @@ async fn request_context(mut req: Request, next: Next) -> Response {
             resp.headers_mut().insert("server-timing", v);
         }
     }
+    span.record("status", resp.status().as_u16());
     if resp.extensions().get::<LogDeferred>().is_none() {
         let code = resp.extensions().get::<ErrorCode>().map(|c| c.0);
+        let _in = span.enter();
         tracing::info!(
             request_id = %id,
             method = %method,
@@ -142,8 +195,42 @@ async fn request_context(mut req: Request, next: Next) -> Response {
             total_ms = ms(elapsed),
             "request"
         );
+        let cache = resp
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        request_metrics(resp.status(), code, cache.as_deref(), elapsed).emit();
     }
     resp
+}
+
+/// The metrics of a response that is not a streamed answer (those are
+/// counted when the answer ends): every refusal and error, and cache hits.
+fn request_metrics(
+    status: StatusCode,
+    code: Option<&'static str>,
+    cache: Option<&str>,
+    elapsed: std::time::Duration,
+) -> crate::obs::emf::Metrics {
+    let mut m = crate::obs::emf::Metrics::new()
+        .ids()
+        .dim("outcome", code.unwrap_or("ok"))
+        .count("Requests", 1.0)
+        .ms("Total", ms(elapsed));
+    if status.is_server_error() {
+        m = m.count("Errors", 1.0);
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        m = m.count("RateLimited", 1.0);
+    }
+    if code.is_some_and(|c| c.starts_with("upstream") || c == "model_unavailable") {
+        m = m.count("UpstreamErrors", 1.0);
+    }
+    if cache == Some("hit") && status.is_success() {
+        m = m.count("CacheHit", 1.0).ms("TimeToFirstToken", ms(elapsed));
+    }
+    m
 }
 
 /// On every response: the body is never sniffed into another type (an

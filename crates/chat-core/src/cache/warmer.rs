@@ -13,6 +13,7 @@
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -238,7 +239,9 @@ pub async fn warm(w: &Warmer, budget: &WarmBudget) -> Result<WarmReport, WarmErr
                 }
                 Err(crate::error::UpstreamError::Truncated)
             };
-            let result = tokio::time::timeout_at(deadline.into(), call).await;
+            let result = tokio::time::timeout_at(deadline.into(), call)
+                .instrument(tracing::info_span!("refresh", model = %mref.model))
+                .await;
             match result {
                 Ok(Ok(answer)) => {
                     permit.success().await;
@@ -247,7 +250,11 @@ pub async fn warm(w: &Warmer, budget: &WarmBudget) -> Result<WarmReport, WarmErr
                         u64::from(answer.output_tokens),
                     );
                     settle(i + o);
-                    let stored = cache.put(&p.key, &answer, ttl).await.is_ok();
+                    let stored = cache
+                        .put(&p.key, &answer, ttl)
+                        .instrument(tracing::info_span!("cache_store"))
+                        .await
+                        .is_ok();
                     if stored {
                         (done(Outcome::Refreshed, None), i, o, true)
                     } else {
@@ -299,13 +306,25 @@ pub async fn warm(w: &Warmer, budget: &WarmBudget) -> Result<WarmReport, WarmErr
     Ok(report)
 }
 
-/// One run: its report is the function's result and one log line.
+/// One run: its report is the function's result, one log line and one
+/// metrics line. `trace_header`: the invocation's (Lambda's), for X-Ray.
 pub async fn run_once(
     w: &Warmer,
     budget: &WarmBudget,
+    trace_header: Option<&str>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
-    match warm(w, budget).await {
+    let span = tracing::info_span!("warm", trace_header = tracing::field::Empty);
+    if let Some(h) = trace_header {
+        span.record("trace_header", h);
+    }
+    match warm(w, budget).instrument(span.clone()).await {
         Ok(report) => {
+            crate::obs::emf::Metrics::new()
+                .count("Refreshes", report.refreshed as f64)
+                .count("RefreshFailures", report.failed as f64)
+                .count("WarmModelCalls", f64::from(report.model_calls))
+                .ms("WarmTime", report.elapsed_ms as f64)
+                .emit();
             tracing::info!(
                 considered = report.considered,
                 refreshed = report.refreshed,
@@ -336,7 +355,7 @@ pub async fn run_local(
     every: Option<Duration>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let Some(every) = every else {
-        return run_once(w, budget).await.map(|_| ());
+        return run_once(w, budget, None).await.map(|_| ());
     };
     tracing::info!(
         every_secs = every.as_secs(),
@@ -348,7 +367,7 @@ pub async fn run_local(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let _ = run_once(w, budget).await;
+                let _ = run_once(w, budget, None).await;
             }
             () = &mut stop => return Ok(()),
         }

@@ -16,6 +16,7 @@ use axum::http::StatusCode;
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::time::{Instant, timeout_at};
+use tracing::Instrument;
 
 use crate::error::{ApiError, TimeoutKind, UpstreamError, upstream_code};
 use crate::limits::{BreakerConfig, Permit, RetryPolicy};
@@ -91,7 +92,11 @@ pub(super) async fn open(
         .cloned()
         .filter(|_| lookup && live.as_ref().is_some_and(|l| l.config.coalesce));
     let lead = match (&live, &coalesce_key) {
-        (Some(l), Some(k)) => l.lead(k, turn_id).await,
+        (Some(l), Some(k)) => {
+            l.lead(k, turn_id)
+                .instrument(tracing::info_span!("lead"))
+                .await
+        }
         _ => Lead::Alone,
     };
     let mut tee = live
@@ -115,6 +120,7 @@ pub(super) async fn open(
                 deadlines,
                 &mut own_answer,
             )
+            .instrument(tracing::info_span!("follow"))
             .await
         }
         _ => open_with_fallback(state, model_req, &deadlines, Some(primary))
@@ -189,6 +195,7 @@ async fn follow(
                 model,
                 input_tokens: Some(0),
                 upstream_connect: t0.elapsed(),
+                upstream_wait: t0.elapsed(),
                 attempts: 0,
                 following: true,
             })
@@ -221,12 +228,17 @@ pub(super) struct Opened {
     pub model: String,
     pub input_tokens: Option<u32>,
     pub upstream_connect: Duration,
+    /// From the request to the model (or the leader we follow) until its
+    /// first text: the model's own share of the time to first token.
+    pub upstream_wait: Duration,
     pub attempts: u32,
     /// The text comes from another request's answer (coalescing).
     pub following: bool,
 }
 
-type FirstText = (ChunkStream, Chunk, String, Option<u32>, Duration);
+/// The stream, its first chunk, the model, input tokens, the time to
+/// connect and the time to the first text (the model's own wait).
+type FirstText = (ChunkStream, Chunk, String, Option<u32>, Duration, Duration);
 
 /// One attempt: open the stream and read up to the first text, within
 /// `deadline` (the first-token deadline of this attempt).
@@ -237,11 +249,50 @@ async fn attempt(
     kind: TimeoutKind,
 ) -> Result<FirstText, UpstreamError> {
     let started = Instant::now();
-    let mut stream = match timeout_at(deadline, provider.stream(req)).await {
-        Ok(r) => r?,
-        Err(_) => return Err(UpstreamError::Timeout(kind)),
+    let connect_span = tracing::info_span!(
+        "upstream_connect",
+        provider = provider.name(),
+        model = %req.model,
+        error_code = tracing::field::Empty,
+    );
+    let opened = timeout_at(deadline, provider.stream(req))
+        .instrument(connect_span.clone())
+        .await;
+    let mut stream = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            connect_span.record("error_code", e.code());
+            return Err(e);
+        }
+        Err(_) => {
+            connect_span.record("error_code", "upstream_timeout");
+            return Err(UpstreamError::Timeout(kind));
+        }
     };
+    drop(connect_span);
     let connect = started.elapsed();
+    let first = first_text(&mut stream, req, deadline, kind)
+        .instrument(tracing::info_span!("first_token"))
+        .await;
+    first.map(|(chunk, model, input_tokens)| {
+        (
+            stream,
+            chunk,
+            model,
+            input_tokens,
+            connect,
+            started.elapsed(),
+        )
+    })
+}
+
+/// Reads up to the first text (or the end) of an opened stream.
+async fn first_text(
+    stream: &mut ChunkStream,
+    req: &ModelRequest,
+    deadline: Instant,
+    kind: TimeoutKind,
+) -> Result<(Chunk, String, Option<u32>), UpstreamError> {
     let mut model = req.model.clone();
     let mut input_tokens = None;
     loop {
@@ -254,7 +305,7 @@ async fn attempt(
                 input_tokens = n;
             }
             Ok(Some(Ok(Chunk::Delta(t)))) if t.is_empty() => {}
-            Ok(Some(Ok(chunk))) => return Ok((stream, chunk, model, input_tokens, connect)),
+            Ok(Some(Ok(chunk))) => return Ok((chunk, model, input_tokens)),
             Ok(Some(Err(e))) => return Err(e),
             Ok(None) => return Err(UpstreamError::Truncated),
             Err(_) => return Err(UpstreamError::Timeout(kind)),
@@ -318,7 +369,7 @@ pub(super) async fn open_with_fallback(
                 ..base.clone()
             };
             let e = match attempt(provider.as_ref(), &req, deadline, kind).await {
-                Ok((stream, first, model, input_tokens, upstream_connect)) => {
+                Ok((stream, first, model, input_tokens, upstream_connect, upstream_wait)) => {
                     permit.success().await;
                     let model = if model.is_empty() { mref.model } else { model };
                     return Ok(Opened {
@@ -329,6 +380,7 @@ pub(super) async fn open_with_fallback(
                         model,
                         input_tokens,
                         upstream_connect,
+                        upstream_wait,
                         attempts,
                         following: false,
                     });

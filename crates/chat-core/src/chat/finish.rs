@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use crate::cache::popular::Popularity;
 use crate::cache::{CachedAnswer, ResponseCache};
@@ -94,29 +95,39 @@ impl Finish {
             return None;
         }
         let handle = tokio::runtime::Handle::try_current().ok()?;
-        Some(handle.spawn(async move {
-            let cache = async {
-                if let Some(((cache, key, ttl), entry)) = cache {
-                    if cache.put(&key, &entry, ttl).await.is_err() {
-                        tracing::debug!("cache unavailable; answer not stored");
-                    }
+        let span = tracing::info_span!("persist");
+        Some(
+            handle.spawn(
+                async move {
+                    let cache = async {
+                        if let Some(((cache, key, ttl), entry)) = cache {
+                            if cache.put(&key, &entry, ttl).await.is_err() {
+                                tracing::debug!("cache unavailable; answer not stored");
+                            }
+                        }
+                        // Later identical requests find the cache now, not us.
+                        if let Some((live, key, turn_id)) = lease {
+                            live.release(&key, &turn_id).await;
+                        }
+                    };
+                    let persist = async {
+                        if let Some((persister, new_conversation, rec)) = persist {
+                            persister.persist(rec, new_conversation).await;
+                        }
+                    };
+                    let count = async {
+                        if let Some((p, key, doc)) = popular {
+                            p.record(&key, &doc).await;
+                        }
+                    };
+                    tokio::join!(
+                        cache.instrument(tracing::info_span!("cache_store")),
+                        persist,
+                        count.instrument(tracing::info_span!("popularity"))
+                    );
                 }
-                // Later identical requests find the cache now, not us.
-                if let Some((live, key, turn_id)) = lease {
-                    live.release(&key, &turn_id).await;
-                }
-            };
-            let persist = async {
-                if let Some((persister, new_conversation, rec)) = persist {
-                    persister.persist(rec, new_conversation).await;
-                }
-            };
-            let count = async {
-                if let Some((p, key, doc)) = popular {
-                    p.record(&key, &doc).await;
-                }
-            };
-            tokio::join!(cache, persist, count);
-        }))
+                .instrument(span),
+            ),
+        )
     }
 }

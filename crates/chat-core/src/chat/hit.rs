@@ -35,6 +35,7 @@ pub(super) fn respond(
         limits: planned.limits,
         history: planned.history,
         upstream_connect: std::time::Duration::ZERO,
+        upstream_wait: std::time::Duration::ZERO,
         ttft: None,
     };
     let new_conversation = req.conversation_id.is_none();

@@ -71,10 +71,18 @@ pub(crate) struct Timings {
     /// Loading the conversation's history (in parallel with `limits`).
     history: Duration,
     upstream_connect: Duration,
+    /// The model's own wait to its first text (see `Opened`).
+    upstream_wait: Duration,
     ttft: Option<Duration>,
 }
 
 impl Timings {
+    /// Our own share of the time to first token: all of it but the
+    /// model's wait (on a cache hit, all of it).
+    pub(crate) fn overhead(&self) -> Option<Duration> {
+        self.ttft.map(|t| t.saturating_sub(self.upstream_wait))
+    }
+
     pub(crate) fn json(&self, total: Duration) -> serde_json::Value {
         json!({
             "validate": ms(self.validate),
@@ -82,6 +90,7 @@ impl Timings {
             "history": ms(self.history),
             "upstream_connect": ms(self.upstream_connect),
             "ttft": self.ttft.map(ms),
+            "overhead": self.overhead().map(ms),
             "total": ms(total),
         })
     }

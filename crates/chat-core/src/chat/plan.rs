@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use tracing::Instrument;
 
 use super::finish::{CachePut, PopularJob};
 use super::request::ChatRequest;
@@ -90,6 +91,7 @@ pub(super) async fn prepare(
         let earlier = match &req.context {
             Some(given) => Ok(given.clone()),
             None => load_history(state, req.conversation_id.as_deref(), identity)
+                .instrument(tracing::info_span!("history"))
                 .await
                 .map(|past| history::to_messages(&past)),
         };
@@ -117,6 +119,7 @@ pub(super) async fn prepare(
         let hit = match (&cache, &key) {
             (Some(c), Some(k)) if plan.lookup => c
                 .get(k)
+                .instrument(tracing::info_span!("cache_lookup"))
                 .await
                 .ok()
                 .flatten()
@@ -133,13 +136,17 @@ pub(super) async fn prepare(
     let reserve = max_tokens.saturating_add(u32::try_from(input_estimate).unwrap_or(u32::MAX));
     // A fresh id: a client-sent request id could name a slot twice.
     let slot_id = new_id();
-    let ((rate, tokens), slot, spent, primary, (messages, key, doc, hit, history_time)) = tokio::join!(
-        state.limiter().check(&caller, reserve),
-        state.streams().take(&caller, &slot_id),
-        spent_today(state, &identity.user_id, started_at_ms),
-        state.circuits().admit(&primary_key),
-        history
-    );
+    let limits = async {
+        tokio::join!(
+            state.limiter().check(&caller, reserve),
+            state.streams().take(&caller, &slot_id),
+            spent_today(state, &identity.user_id, started_at_ms),
+            state.circuits().admit(&primary_key),
+        )
+    }
+    .instrument(tracing::info_span!("limits"));
+    let (((rate, tokens), slot, spent, primary), (messages, key, doc, hit, history_time)) =
+        tokio::join!(limits, history);
     let limits = ctx.start.elapsed() - validate;
     let rate_headers = rate.headers();
     // On any refusal the other checks' holds (tokens, slot, probe permit)

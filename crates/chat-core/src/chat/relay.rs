@@ -18,6 +18,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::time::{Instant, timeout_at};
+use tracing::Instrument;
 
 // A child of this module, so it may drive the relay's private state.
 #[path = "produce.rs"]
@@ -34,6 +35,7 @@ use crate::cache::CachedAnswer;
 use crate::error::{ApiError, UpstreamError};
 use crate::limits::{Reservation, Slot};
 use crate::live::Tee;
+use crate::obs::emf::Metrics;
 use crate::persistence::turn::TurnStatus;
 use crate::provider::{Chunk, ChunkStream};
 use crate::sse;
@@ -68,6 +70,7 @@ pub(super) fn respond(
         model,
         input_tokens,
         upstream_connect,
+        upstream_wait,
         attempts,
         following,
     } = opened;
@@ -114,15 +117,19 @@ pub(super) fn respond(
         limits: planned.limits,
         history: planned.history,
         upstream_connect,
+        upstream_wait,
         ttft,
     };
+    let ttft_now = ttft.unwrap_or_else(|| ctx.start.elapsed());
     let server_timing = format!(
-        "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, upstream_connect;dur={:.3}, ttft;dur={:.3}",
+        "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, upstream_connect;dur={:.3}, upstream;dur={:.3}, overhead;dur={:.3}, ttft;dur={:.3}",
         ms(planned.validate),
         ms(planned.limits),
         ms(planned.history),
         ms(upstream_connect),
-        ms(ttft.unwrap_or_else(|| ctx.start.elapsed()))
+        ms(upstream_wait),
+        ms(ttft_now.saturating_sub(upstream_wait)),
+        ms(ttft_now)
     );
     let relay = Relay {
         provider,
@@ -157,6 +164,7 @@ pub(super) fn respond(
         finished: false,
         log: Some(LogCtx {
             route: planned.route.as_str(),
+            cache: x_cache,
             attempts,
             request_id: ctx.id.to_string(),
             path: ctx.path.clone(),
@@ -166,7 +174,13 @@ pub(super) fn respond(
         }),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    tokio::spawn(produce(relay, tx, finish_on_disconnect));
+    tokio::spawn(
+        produce(relay, tx, finish_on_disconnect).instrument(tracing::info_span!(
+            "stream",
+            outcome = tracing::field::Empty,
+            output_tokens = tracing::field::Empty,
+        )),
+    );
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     });
@@ -180,6 +194,7 @@ pub(super) fn respond(
 struct LogCtx {
     path: std::sync::Arc<str>,
     route: &'static str,
+    cache: &'static str,
     attempts: u32,
     request_id: String,
     model: String,
@@ -413,6 +428,8 @@ impl Relay {
             limits_ms = ms(t.limits),
             upstream_connect_ms = ms(t.upstream_connect),
             ttft_ms = t.ttft.map(ms),
+            upstream_ms = ms(t.upstream_wait),
+            overhead_ms = t.overhead().map(ms),
             total_ms = ms(t.start.elapsed()),
             input_tokens = self.input_tokens,
             output_tokens = self.output_tokens,
@@ -420,6 +437,39 @@ impl Relay {
             events = self.seq,
             "request"
         );
+        let span = tracing::Span::current();
+        span.record("outcome", outcome);
+        if let Some(n) = self.output_tokens {
+            span.record("output_tokens", n);
+        }
+        let total = t.start.elapsed();
+        let mut m = Metrics::new()
+            .dim("model", log.model.as_str())
+            .dim("outcome", error_code.unwrap_or(outcome))
+            .count("Requests", 1.0)
+            .ms("Total", ms(total))
+            .count(
+                match log.cache {
+                    "follow" => "CacheFollow",
+                    "miss" => "CacheMiss",
+                    _ => "CacheBypass",
+                },
+                1.0,
+            )
+            .count("InputTokens", f64::from(self.input_tokens.unwrap_or(0)))
+            .count("OutputTokens", f64::from(self.output_tokens.unwrap_or(0)))
+            .ids()
+            .prop("request_id", log.request_id.as_str());
+        if let Some(ttft) = t.ttft {
+            m = m
+                .ms("TimeToFirstToken", ms(ttft))
+                .ms("UpstreamTime", ms(t.upstream_wait))
+                .ms("Overhead", ms(t.overhead().unwrap_or_default()));
+        }
+        if outcome == "upstream_error" {
+            m = m.count("Errors", 1.0).count("UpstreamErrors", 1.0);
+        }
+        m.emit();
     }
 }
 

@@ -24,6 +24,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
+use tracing::Instrument;
 
 use crate::persistence::history::{BufferedTurn, RecentBuffer};
 use crate::persistence::spool::Spool;
@@ -187,13 +188,28 @@ impl Persister {
                 return Err("turn too large for a message even without its answer".into());
             }
         }
-        let sent = q
-            .client
-            .send_message()
-            .queue_url(&q.url)
-            .message_body(body)
-            .send()
-            .await;
+        let span = tracing::info_span!("queue_send");
+        let trace = span.in_scope(crate::obs::outgoing_trace_header);
+        let t = Instant::now();
+        let mut send = q.client.send_message().queue_url(&q.url).message_body(body);
+        if let Some(h) = trace {
+            // One trace across chat-stream and db-writer: SQS hands the
+            // header to the consumer as the message's AWSTraceHeader.
+            send = send.message_system_attributes(
+                aws_sdk_sqs::types::MessageSystemAttributeNameForSends::AwsTraceHeader,
+                aws_sdk_sqs::types::MessageSystemAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(h)
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let sent = send.send().instrument(span).await;
+        crate::obs::emf::Metrics::new()
+            .dim("outcome", if sent.is_ok() { "ok" } else { "queue_error" })
+            .ms("QueueSendTime", crate::util::ms(t.elapsed()))
+            .ids()
+            .emit();
         self.queue_used.store(true, Ordering::Relaxed);
         match sent {
             Ok(_) => {

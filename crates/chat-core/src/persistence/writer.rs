@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
+use tracing::Instrument;
 
 use crate::persistence::store::{Store, WriteOutcome};
 use crate::persistence::turn::TurnRecord;
@@ -31,7 +32,23 @@ pub struct BatchReport {
     pub failed: usize,
 }
 
-/// The SQS batch handler.
+/// The span a batch is handled under, in the invocation's trace
+/// (`trace_header`: Lambda's; `None` locally).
+pub fn batch_span(trace_header: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "batch",
+        trace_header = tracing::field::Empty,
+        batch_size = tracing::field::Empty,
+        failed = tracing::field::Empty,
+    );
+    if let Some(h) = trace_header {
+        span.record("trace_header", h);
+    }
+    span
+}
+
+/// The SQS batch handler. Each message gets a `turn` span in the trace it
+/// was sent from (its `AWSTraceHeader`), ended when its write is.
 pub async fn handle_batch(store: &Store, event: &SqsEvent) -> (SqsBatchResponse, BatchReport) {
     let calls_before = store.calls();
     let started = Instant::now();
@@ -42,8 +59,18 @@ pub async fn handle_batch(store: &Store, event: &SqsEvent) -> (SqsBatchResponse,
     };
     let mut recs = Vec::with_capacity(event.records.len());
     let mut ids = Vec::with_capacity(event.records.len());
+    let mut spans = Vec::with_capacity(event.records.len());
     for msg in &event.records {
         let id = msg.message_id.clone().unwrap_or_default();
+        let span = tracing::info_span!(
+            "turn",
+            message_id = %id,
+            trace_header = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        if let Some(h) = msg.attributes.get("AWSTraceHeader") {
+            span.record("trace_header", h.as_str());
+        }
         let decoded = msg.body.as_deref().map(TurnRecord::decode).unwrap_or(Err(
             crate::persistence::turn::PoisonError::NotJson("no body".into()),
         ));
@@ -51,9 +78,12 @@ pub async fn handle_batch(store: &Store, event: &SqsEvent) -> (SqsBatchResponse,
             Ok(r) => {
                 recs.push(r);
                 ids.push(id);
+                spans.push(span);
             }
             Err(e) => {
                 report.poison += 1;
+                span.record("outcome", "poison");
+                let _in = span.enter();
                 tracing::warn!(
                     message_id = %id,
                     receive_count = msg.attributes.get("ApproximateReceiveCount").map(String::as_str),
@@ -64,18 +94,40 @@ pub async fn handle_batch(store: &Store, event: &SqsEvent) -> (SqsBatchResponse,
             }
         }
     }
-    let outcomes = store.write_turns(&recs).await;
-    for ((id, rec), outcome) in ids.into_iter().zip(&recs).zip(outcomes) {
+    let outcomes = store
+        .write_turns(&recs)
+        .instrument(tracing::info_span!("write_turns", turns = recs.len()))
+        .await;
+    for (((id, rec), outcome), span) in ids.into_iter().zip(&recs).zip(outcomes).zip(spans) {
+        let _in = span.enter();
         match outcome {
-            WriteOutcome::Written => report.written += 1,
-            WriteOutcome::Duplicate => report.duplicates += 1,
+            WriteOutcome::Written => {
+                report.written += 1;
+                span.record("outcome", "written");
+            }
+            WriteOutcome::Duplicate => {
+                report.duplicates += 1;
+                span.record("outcome", "duplicate");
+            }
             WriteOutcome::Rejected(why) | WriteOutcome::Failed(why) => {
                 report.failed += 1;
+                span.record("outcome", "failed");
                 tracing::warn!(message_id = %id, turn_id = %rec.turn_id, error = %why, "turn not written");
                 resp.add_failure(id);
             }
         }
     }
+    let batch = tracing::Span::current();
+    batch.record("batch_size", report.received);
+    batch.record("failed", report.failed + report.poison);
+    crate::obs::emf::Metrics::new()
+        .count("BatchSize", report.received as f64)
+        .count("TurnsWritten", report.written as f64)
+        .count("Duplicates", report.duplicates as f64)
+        .count("PoisonMessages", report.poison as f64)
+        .count("WriteFailures", report.failed as f64)
+        .ms("BatchTime", started.elapsed().as_secs_f64() * 1e3)
+        .emit();
     tracing::info!(
         received = report.received,
         written = report.written,
@@ -156,7 +208,9 @@ pub async fn poll_once(
         e.event_source = Some("aws:sqs".into());
         event.records.push(e);
     }
-    let (resp, report) = handle_batch(store, &event).await;
+    let (resp, report) = handle_batch(store, &event)
+        .instrument(batch_span(None))
+        .await;
     let failed: std::collections::HashSet<&str> = resp
         .batch_item_failures
         .iter()
