@@ -241,6 +241,8 @@ ALLOWED = {
         ("secretsmanager:GetSecretValue", "param:AnthropicApiKeySecretArn"),
         ("secretsmanager:GetSecretValue", "param:OpenAiApiKeySecretArn"),
         ("secretsmanager:GetSecretValue", "param:ApiKeyHashesSecretArn"),
+        # The stack's own pseudonym key (the secret's Ref is its ARN).
+        ("secretsmanager:GetSecretValue", "param:LogUserKeySecret"),
         *{(a, r) for a in ("dynamodb:GetItem", "dynamodb:Query", "dynamodb:PutItem",
                            "dynamodb:UpdateItem", "dynamodb:BatchWriteItem")
           for r in ("ChatTable.Arn", "ChatTable.Arn/index/GSI1")},
@@ -269,6 +271,8 @@ ALLOWED = {
 MANAGED = {
     "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",
     "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
+    # Tracing: Active (PutTraceSegments and PutTelemetryRecords only).
+    "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
 }
 
 
@@ -399,3 +403,132 @@ def test_no_resource_name_grows_with_the_stack_name():
                 if v is None or (prop == "FunctionName" and r["Type"] != "AWS::Lambda::Function"):
                     continue
                 assert "AWS::StackName" not in json.dumps(v), f"{k}.{prop} grows with the stack name"
+
+
+# --- tracing, metrics, alarms, dashboard, queries (issue 16) ----------------
+
+FUNCTIONS = {"ChatStreamFunction": "chat-stream", "DbWriterFunction": "db-writer", "CacheWarmerFunction": "cache-warmer"}
+
+
+def emitted_metrics():
+    """Every metric name the Rust code writes in an EMF line
+    (`.ms("Name", ..)` / `.count("Name", ..)` / the match of cache outcomes)."""
+    import re
+    names = set()
+    for f in (ROOT / "crates/chat-core/src").rglob("*.rs"):
+        text = f.read_text()
+        names |= set(re.findall(r'\.(?:ms|count)\(\s*"([A-Za-z]+)"', text))
+        names |= set(re.findall(r'=> "(Cache[A-Za-z]+)"', text))
+    return names
+
+
+def test_the_code_emits_the_metrics_the_alarms_and_dashboard_read():
+    names = emitted_metrics()
+    # A sanity check of the scan itself: the metrics of issue 16.
+    for m in ("TimeToFirstToken", "Total", "UpstreamTime", "Overhead", "CacheHit", "CacheMiss",
+              "CacheFollow", "InputTokens", "OutputTokens", "RateLimited", "UpstreamErrors",
+              "QueueSendTime", "BatchSize", "WriteFailures", "Refreshes"):
+        assert m in names, m
+
+
+@pytest.mark.parametrize("name", list(SETS))
+def test_every_function_is_traced_and_alarms_notify_the_topic_when_given(name):
+    res = resolved(name)
+    for logical in FUNCTIONS:
+        if logical in res:
+            props = res[logical]["Properties"]
+            assert props["TracingConfig"] == {"Mode": "Active"}, (name, logical)
+            env = props["Environment"]["Variables"]
+            assert env["METRICS_NAMESPACE"] == {"Ref": "AWS::StackName"}, (name, logical)
+    chat_env = res["ChatStreamFunction"]["Properties"]["Environment"]["Variables"]
+    assert chat_env["LOG_USER_KEY_SECRET_ARN"] == {"Ref": "LogUserKeySecret"}
+    secret = res["LogUserKeySecret"]["Properties"]["GenerateSecretString"]
+    assert secret["PasswordLength"] >= 32
+    alarms = {k: r for k, r in res.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    assert set(alarms) == {"TimeToFirstTokenAlarm", "ErrorRateAlarm", "ThrottlesAlarm",
+                           "TurnDeadLetterAlarm", "TurnQueueAgeAlarm", "DbWriterFailuresAlarm"}
+    topic = SETS[name].get("AlarmTopicArn")
+    for k, a in alarms.items():
+        actions = a["Properties"].get("AlarmActions")
+        if topic:
+            assert actions == [{"Ref": "AlarmTopicArn"}], (name, k)
+        else:
+            assert actions is None, (name, k)
+
+
+def metric_refs(alarm):
+    p = alarm["Properties"]
+    if "MetricName" in p:
+        yield p["Namespace"], p["MetricName"], p.get("Dimensions", [])
+    for m in p.get("Metrics", []):
+        if "MetricStat" in m:
+            mm = m["MetricStat"]["Metric"]
+            yield mm["Namespace"], mm["MetricName"], mm.get("Dimensions", [])
+
+
+def test_alarms_read_metrics_that_exist():
+    res = resolved("samconfig-default")
+    names = emitted_metrics()
+    ttft = res["TimeToFirstTokenAlarm"]["Properties"]
+    assert ttft["ExtendedStatistic"] == "p99"
+    assert ttft["Threshold"] == {"Ref": "TtftP99AlarmMs"}
+    ours = 0
+    for k, a in res.items():
+        if a["Type"] != "AWS::CloudWatch::Alarm":
+            continue
+        for ns, metric, dims in metric_refs(a):
+            if ns == {"Ref": "AWS::StackName"}:
+                ours += 1
+                assert metric in names, (k, metric)
+                assert [d["Name"] for d in dims] == ["function"], (k, dims)
+                assert dims[0]["Value"] in FUNCTIONS.values(), (k, dims)
+            else:
+                assert ns in ("AWS/Lambda", "AWS/SQS"), (k, ns)
+    assert ours >= 4
+    rate = [m for m in res["ErrorRateAlarm"]["Properties"]["Metrics"] if m.get("ReturnData")]
+    assert len(rate) == 1 and "requests" in rate[0]["Expression"]
+
+
+def test_the_dashboard_is_valid_json_of_metrics_that_exist():
+    res = resolved("samconfig-default")
+    body, subs = res["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    assert subs == {"Ns": {"Ref": "AWS::StackName"}}
+    import re
+    filled = re.sub(r"\$\{([A-Za-z0-9:.]+)\}", lambda m: {"TtftP99AlarmMs": "3000"}.get(m.group(1), "X" + m.group(1).replace(":", "").replace(".", "")), body)
+    dash = json.loads(filled)
+    names = emitted_metrics()
+    seen = set()
+    for w in dash["widgets"]:
+        props = w["properties"]
+        if w["type"] == "log":
+            assert props["query"].startswith("SOURCE 'XChatStreamLogGroup'")
+            continue
+        prev = None
+        for row in props["metrics"]:
+            row = [c for c in row if not isinstance(c, dict)]
+            if row == ["..."]:
+                row = prev
+            if row[0] == "XNs":
+                assert row[1] in names, row
+                assert row[2] == "function" and row[3] in FUNCTIONS.values(), row
+                seen.add(row[1])
+            else:
+                assert row[0] in ("AWS/Lambda", "AWS/SQS"), row
+            prev = row
+    assert {"TimeToFirstToken", "Overhead", "UpstreamTime", "CacheHit", "OutputTokens",
+            "WriteFailures"} <= seen
+
+
+def test_saved_queries_read_fields_the_code_writes():
+    res = resolved("samconfig-default")
+    queries = {k: r["Properties"] for k, r in res.items() if r["Type"] == "AWS::Logs::QueryDefinition"}
+    assert set(queries) == {"SlowestRequestsQuery", "CacheHitRateQuery", "TokensPerUserPerDayQuery"}
+    relay = (ROOT / "crates/chat-core/src/chat/relay.rs").read_text()
+    for q in queries.values():
+        assert q["LogGroupNames"] == [{"Ref": "ChatStreamLogGroup"}]
+    slow = queries["SlowestRequestsQuery"]["QueryString"]
+    for field in ("validate_ms", "limits_ms", "history_ms", "upstream_connect_ms", "upstream_ms",
+                  "overhead_ms", "ttft_ms", "total_ms"):
+        assert field in slow and f"{field} =" in relay, field
+    tokens = queries["TokensPerUserPerDayQuery"]["QueryString"]
+    assert "by user" in tokens and "InputTokens" in tokens

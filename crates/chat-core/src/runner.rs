@@ -70,9 +70,7 @@ where
     let t_obs = std::time::Instant::now();
     let xray = crate::obs::init(bin, &obs);
     let obs_init = t_obs.elapsed();
-    if let Err(e) = crate::obs::load_user_key(&obs).await {
-        return crate::logging::fail(bin, &e);
-    }
+    crate::obs::start_user_key(&obs);
     tracing::info!(
         settings_ms = crate::util::ms(t.elapsed()),
         obs_init_ms = crate::util::ms(obs_init),

@@ -23,6 +23,8 @@ async fn main() -> ExitCode {
         let (bind_addr, origins) = (config.bind_addr, config.cors_allow_origins.clone());
         let dev = config.auth == chat_core::auth::AuthMode::Dev;
         let router = app(build_state(config).await?);
+        // The pseudonym key was read beside the rest of init.
+        chat_core::obs::user_key_ready().await?;
         if in_lambda() {
             let router = chat_core::api::with_client_addr(router, source_ip);
             let router = chat_core::api::with_trace(router, trace_header);

@@ -426,6 +426,7 @@ impl Relay {
             turn_id = %log.turn_id,
             validate_ms = ms(t.validate),
             limits_ms = ms(t.limits),
+            history_ms = ms(t.history),
             upstream_connect_ms = ms(t.upstream_connect),
             ttft_ms = t.ttft.map(ms),
             upstream_ms = ms(t.upstream_wait),

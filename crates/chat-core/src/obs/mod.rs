@@ -114,25 +114,50 @@ pub fn init(function: &str, cfg: &ObsConfig) -> bool {
     on
 }
 
-/// Reads the pseudonym key from Secrets Manager when only its ARN is set
-/// (at start, once).
-pub async fn load_user_key(cfg: &ObsConfig) -> Result<(), ConfigError> {
+type KeyLoad = tokio::task::JoinHandle<Result<(), ConfigError>>;
+
+static KEY_LOAD: std::sync::Mutex<Option<KeyLoad>> = std::sync::Mutex::new(None);
+
+/// Starts reading the pseudonym key from Secrets Manager when only its ARN
+/// is set, on a task of its own, so it overlaps the rest of init (the
+/// model key, Redis, the table client); [`user_key_ready`] waits for it.
+pub fn start_user_key(cfg: &ObsConfig) {
     if cfg.user_key.is_some() {
-        return Ok(());
+        return;
     }
-    let Some(arn) = &cfg.user_key_arn else {
+    let Some(arn) = cfg.user_key_arn.clone() else {
         tracing::warn!(
             "neither LOG_USER_KEY nor LOG_USER_KEY_SECRET_ARN is set: user pseudonyms in the logs use a key of this process only"
         );
-        return Ok(());
+        return;
     };
-    let source = crate::secrets::ApiKeySource::SecretsManager {
-        arn: arn.clone(),
-        var: "LOG_USER_KEY_SECRET_ARN".into(),
-    };
-    let key = crate::secrets::resolve_api_key(&source).await?;
-    pseudonym::set_key(key.expose().as_bytes());
-    Ok(())
+    let task = tokio::spawn(async move {
+        let source = crate::secrets::ApiKeySource::SecretsManager {
+            arn,
+            var: "LOG_USER_KEY_SECRET_ARN".into(),
+        };
+        let key = crate::secrets::resolve_api_key(&source).await?;
+        pseudonym::set_key(key.expose().as_bytes());
+        Ok(())
+    });
+    if let Ok(mut slot) = KEY_LOAD.lock() {
+        *slot = Some(task);
+    }
+}
+
+/// Waits for the key [`start_user_key`] is reading (before the first
+/// request is served); at once when there is none.
+pub async fn user_key_ready() -> Result<(), ConfigError> {
+    let task = KEY_LOAD.lock().ok().and_then(|mut s| s.take());
+    match task {
+        Some(t) => t.await.unwrap_or_else(|e| {
+            Err(ConfigError::new(
+                "LOG_USER_KEY_SECRET_ARN",
+                format!("reading the key failed: {e}"),
+            ))
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The trace header for a call made from the current span (an SQS
