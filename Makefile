@@ -19,7 +19,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: fuzz bench-jwt bench-limits bench-stop node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: fuzz bench-jwt bench-limits bench-obs bench-stop node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -157,6 +157,12 @@ bench-limits: $(TOOLS)
 
 # How fast DELETE /chat/streams/{id} stops the model call, through Redis
 # and through the table (moto).
+# What the logs, X-Ray and metrics cost a request and init (BENCHMARKS.md
+# "Instrumentation"); no services needed.
+bench-obs:
+	cargo build --release -p chat-stream -p model-sim -p chat-bench
+	target/release/chat-bench obs --rounds 10 --requests 300 --binary target/release/chat-stream
+
 bench-stop: $(TOOLS)
 	cargo build --release -p chat-bench
 	eval "$$(scripts/services.sh start)" && \

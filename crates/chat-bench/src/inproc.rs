@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 /// chat-stream's router on 127.0.0.1:0 with `env` over the benches'
-/// defaults (dev auth, quiet logs): its base URL and its state.
+/// defaults (dev auth, quiet logs), as its local server mode serves it (a
+/// client's `X-Amzn-Trace-Id` continues its trace): its base URL and its
+/// state.
 pub async fn chat_stream(env: &[(&str, &str)]) -> Result<(String, chat_core::AppState), String> {
     let mut map: HashMap<String, String> = [
         ("ANTHROPIC_API_KEY", "bench-key"),
@@ -28,7 +30,7 @@ pub async fn chat_stream(env: &[(&str, &str)]) -> Result<(String, chat_core::App
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(chat_core::server::serve(
         listener,
-        chat_core::app(state.clone()),
+        chat_core::api::with_local_trace(chat_core::app(state.clone())),
         std::future::pending(),
     ));
     Ok((format!("http://{addr}"), state))

@@ -20,10 +20,7 @@ use std::process::ExitCode;
 
 use serde_json::{Value, json};
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
+use crate::stats::pct;
 
 fn timing(h: &reqwest::header::HeaderMap, name: &str) -> Option<f64> {
     let st = h.get("server-timing")?.to_str().ok()?;

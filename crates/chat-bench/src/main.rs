@@ -17,6 +17,8 @@ mod faults;
 mod inproc;
 mod jwt;
 mod limits;
+mod obs;
+mod stats;
 mod stop;
 mod writer;
 
@@ -299,6 +301,9 @@ async fn main() -> ExitCode {
     }
     if std::env::args().nth(1).as_deref() == Some("limits") {
         return limits::main().await;
+    }
+    if std::env::args().nth(1).as_deref() == Some("obs") {
+        return obs::main().await;
     }
     if std::env::args().nth(1).as_deref() == Some("jwt") {
         return jwt::main().await;

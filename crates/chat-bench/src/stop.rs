@@ -16,10 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
+use crate::stats::pct;
 
 async fn router(env: &[(&str, &str)]) -> Result<String, String> {
     let mut all = vec![("RATE_LIMIT_RPM", "0"), ("CACHE_ENABLED", "false")];

@@ -100,7 +100,8 @@ async fn no_log_line_carries_a_secret_a_credential_or_a_message() {
         .env("AUTH_MODE", "api_key")
         .env(
             "API_KEY_HASHES",
-            format!("{}:planted-user", sha256_hex(api_key)),
+            // Lines name users only by their pseudonym (obs::pseudonym).
+            format!("{}:{}", sha256_hex(api_key), find("planted-user-id")),
         )
         .env("TABLE_NAME", &aws.table)
         .env("TURN_QUEUE_URL", &aws.queue_url)

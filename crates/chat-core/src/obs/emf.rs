@@ -76,6 +76,9 @@ impl Metrics {
 
     /// The current span's request id, trace id and user as properties.
     pub fn ids(mut self) -> Metrics {
+        if !enabled() {
+            return self;
+        }
         let ids = super::current_ids();
         for (k, v) in [
             ("request_id", ids.request_id),

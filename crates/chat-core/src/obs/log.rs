@@ -22,6 +22,8 @@ use super::trace::TraceHeader;
 pub enum LogOut {
     Stdout,
     Memory(Arc<Mutex<Vec<String>>>),
+    /// Any writer (a bench writes to `/dev/null`).
+    Writer(Arc<Mutex<Box<dyn Write + Send>>>),
 }
 
 impl LogOut {
@@ -35,6 +37,12 @@ impl LogOut {
             LogOut::Memory(m) => {
                 if let Ok(mut v) = m.lock() {
                     v.push(line.to_owned());
+                }
+            }
+            LogOut::Writer(w) => {
+                if let Ok(mut w) = w.lock() {
+                    let _ = w.write_all(line.as_bytes());
+                    let _ = w.write_all(b"\n");
                 }
             }
         }
@@ -202,20 +210,21 @@ where
                 }
             }
         }
-        let mut line = String::with_capacity(256);
-        line.push_str("{\"timestamp\":\"");
-        line.push_str(&crate::util::rfc3339(crate::util::now_ms()));
-        line.push_str("\",\"level\":\"");
-        line.push_str(m.level().as_str());
-        line.push('"');
-        let mut put = |k: &str, v: &serde_json::Value| {
-            line.push(',');
-            line.push_str(&serde_json::Value::from(k).to_string());
-            line.push(':');
-            line.push_str(&v.to_string());
+        // Written straight into one buffer (no value per field).
+        let mut line: Vec<u8> = Vec::with_capacity(512);
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        line.extend_from_slice(crate::util::rfc3339(crate::util::now_ms()).as_bytes());
+        line.extend_from_slice(b"\",\"level\":\"");
+        line.extend_from_slice(m.level().as_str().as_bytes());
+        line.push(b'"');
+        let mut put = |k: &str, v: &dyn erased::Json| {
+            line.push(b',');
+            let _ = serde_json::to_writer(&mut line, k);
+            line.push(b':');
+            v.write(&mut line);
         };
         if let Some(msg) = &fields.message {
-            put("message", &serde_json::Value::from(msg.as_str()));
+            put("message", &msg.as_str());
         }
         let has = |k: &str| fields.values.iter().any(|(n, _)| *n == k);
         let context = [
@@ -225,14 +234,14 @@ where
         ];
         for (k, v) in context {
             if let Some(v) = v.filter(|_| !has(k)) {
-                put(k, &serde_json::Value::from(v));
+                put(k, &v.as_str());
             }
         }
         for (k, v) in &fields.values {
             put(k, v);
         }
-        line.push('}');
-        self.out.write_line(&line);
+        line.push(b'}');
+        self.out.write_line(&String::from_utf8_lossy(&line));
     }
 }
 
@@ -267,5 +276,22 @@ impl Visit for EventFields {
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         self.record_str(field, &value.to_string());
+    }
+}
+
+/// A value written as JSON into a buffer.
+mod erased {
+    pub trait Json {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+    impl Json for &str {
+        fn write(&self, out: &mut Vec<u8>) {
+            let _ = serde_json::to_writer(out, self);
+        }
+    }
+    impl Json for serde_json::Value {
+        fn write(&self, out: &mut Vec<u8>) {
+            let _ = serde_json::to_writer(out, self);
+        }
     }
 }

@@ -173,7 +173,7 @@ pub fn outgoing_trace_header() -> Option<String> {
         for s in span.scope() {
             let ext = s.extensions();
             if parent.is_none() {
-                parent = ext.get::<xray::SpanRec>().map(|r| r.id.clone());
+                parent = ext.get::<xray::SpanRec>().map(xray::SpanRec::segment_id);
             }
             if let Some(h) = ext.get::<log::LogFields>().and_then(|f| f.trace.clone()) {
                 let parent = parent.or(h.parent.clone())?;

@@ -22,7 +22,7 @@ use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use super::log::{ours, sdk_operation};
-use super::trace::{TraceHeader, new_segment_id};
+use super::trace::TraceHeader;
 
 /// The daemon takes documents up to 64 KB; above this the children are
 /// sent as documents of their own.
@@ -79,19 +79,27 @@ pub fn daemon_address(v: &str) -> Option<SocketAddr> {
     udp.to_socket_addrs().ok()?.next()
 }
 
-/// One span on its way to a document.
+/// One span on its way to a document. Kept small: it is made for every
+/// span of a sampled request, on the path to the first token.
 pub(crate) struct SpanRec {
-    pub id: String,
+    id: u64,
     /// Set on a root: the trace it belongs to.
     header: Option<TraceHeader>,
     /// Its document will be sent (a sampled root, or under one).
     live: bool,
-    name: String,
+    name: &'static str,
     start: f64,
     sdk: Option<(String, String)>,
-    annotations: Map<String, Value>,
+    annotations: Vec<(&'static str, Value)>,
     fault: bool,
     children: Vec<Value>,
+}
+
+impl SpanRec {
+    /// Its (sub)segment id: 16 hex digits.
+    pub(crate) fn segment_id(&self) -> String {
+        format!("{:016x}", self.id)
+    }
 }
 
 fn epoch_secs() -> f64 {
@@ -123,7 +131,7 @@ struct Fields {
     header: Option<String>,
     service: Option<String>,
     method: Option<String>,
-    annotations: Map<String, Value>,
+    annotations: Vec<(&'static str, Value)>,
     fault: bool,
 }
 
@@ -138,8 +146,7 @@ impl Visit for Fields {
                 if name == "error_code" {
                     self.fault = true;
                 }
-                self.annotations
-                    .insert(name.replace('.', "_"), value.into());
+                self.annotations.push((name, value.into()));
             }
         }
     }
@@ -147,20 +154,16 @@ impl Visit for Fields {
         self.record_str(field, &format!("{value:?}"));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.annotations
-            .insert(field.name().replace('.', "_"), value.into());
+        self.annotations.push((field.name(), value.into()));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.annotations
-            .insert(field.name().replace('.', "_"), value.into());
+        self.annotations.push((field.name(), value.into()));
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.annotations
-            .insert(field.name().replace('.', "_"), value.into());
+        self.annotations.push((field.name(), value.into()));
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.annotations
-            .insert(field.name().replace('.', "_"), value.into());
+        self.annotations.push((field.name(), value.into()));
     }
 }
 
@@ -189,10 +192,10 @@ where
         // until one is recorded (see `on_record`).
         let live = header.as_ref().map_or(parent_live, |h| h.sampled);
         let rec = SpanRec {
-            id: new_segment_id(),
+            id: fastrand::u64(1..),
             live,
             header,
-            name: m.name().to_owned(),
+            name: m.name(),
             start: epoch_secs(),
             sdk: f.service.zip(f.method),
             annotations: f.annotations,
@@ -231,7 +234,7 @@ where
             self.send_root(rec, end);
             return;
         }
-        let doc = document(&rec, end, rec.children.clone());
+        let doc = document(rec, end);
         if let Some(parent) = span.parent() {
             if let Some(p) = parent.extensions_mut().get_mut::<SpanRec>() {
                 p.children.push(doc);
@@ -240,30 +243,36 @@ where
     }
 }
 
-/// The (sub)segment fields of `rec`, with `children` nested.
-fn document(rec: &SpanRec, end: f64, children: Vec<Value>) -> Value {
+/// The (sub)segment fields of `rec`, with its children nested.
+fn document(rec: SpanRec, end: f64) -> Value {
     let mut d = Map::new();
-    d.insert("id".into(), rec.id.clone().into());
+    d.insert("id".into(), rec.segment_id().into());
     d.insert("start_time".into(), rec.start.into());
     d.insert("end_time".into(), end.into());
-    match &rec.sdk {
+    match rec.sdk {
         Some((service, method)) => {
-            d.insert("name".into(), service.clone().into());
+            d.insert("name".into(), service.into());
             d.insert("namespace".into(), "aws".into());
             d.insert("aws".into(), json!({ "operation": method }));
         }
         None => {
-            d.insert("name".into(), rec.name.clone().into());
+            d.insert("name".into(), rec.name.into());
         }
     }
     if !rec.annotations.is_empty() {
-        d.insert("annotations".into(), Value::Object(rec.annotations.clone()));
+        // X-Ray annotation keys: letters, digits and underscores.
+        let a: Map<String, Value> = rec
+            .annotations
+            .into_iter()
+            .map(|(k, v)| (k.replace('.', "_"), v))
+            .collect();
+        d.insert("annotations".into(), Value::Object(a));
     }
     if rec.fault {
         d.insert("fault".into(), true.into());
     }
-    if !children.is_empty() {
-        d.insert("subsegments".into(), Value::Array(children));
+    if !rec.children.is_empty() {
+        d.insert("subsegments".into(), Value::Array(rec.children));
     }
     Value::Object(d)
 }
@@ -273,34 +282,31 @@ impl XRayLayer {
         let Some(header) = rec.header.take() else {
             return;
         };
-        let children = std::mem::take(&mut rec.children);
-        let with = |d: &mut Value, parent: Option<&str>| {
-            d["trace_id"] = header.root.clone().into();
-            match parent {
-                Some(p) => {
-                    d["type"] = "subsegment".into();
-                    d["parent_id"] = p.into();
-                }
-                None => {
-                    // A trace we started: a segment of our own.
-                    d["name"] = self.service.clone().into();
-                }
+        let id = rec.segment_id();
+        let mut root = document(rec, end);
+        root["trace_id"] = header.root.clone().into();
+        match header.parent.as_deref() {
+            Some(p) => {
+                root["type"] = "subsegment".into();
+                root["parent_id"] = p.into();
             }
-        };
-        let mut root = document(&rec, end, children.clone());
-        with(&mut root, header.parent.as_deref());
+            // A trace we started: a segment of our own.
+            None => root["name"] = self.service.clone().into(),
+        }
         let text = root.to_string();
         if text.len() <= MAX_DOC {
             self.sink.send(&text);
             return;
         }
-        let mut root = document(&rec, end, Vec::new());
-        with(&mut root, header.parent.as_deref());
+        let children = root
+            .as_object_mut()
+            .and_then(|o| o.remove("subsegments"))
+            .unwrap_or_default();
         self.sink.send(&root.to_string());
-        for mut child in children {
+        for mut child in children.as_array().cloned().unwrap_or_default() {
             child["trace_id"] = header.root.clone().into();
             child["type"] = "subsegment".into();
-            child["parent_id"] = rec.id.clone().into();
+            child["parent_id"] = id.clone().into();
             self.sink.send(&child.to_string());
         }
     }
