@@ -92,7 +92,12 @@ pub(crate) struct SpanRec {
     sdk: Option<(String, String)>,
     annotations: Vec<(&'static str, Value)>,
     fault: bool,
-    children: Vec<Value>,
+    /// Set when it ends.
+    end: f64,
+    /// Its ended children, kept as records: the JSON is built once, when
+    /// the root ends (after the answer), not on the path to the first
+    /// token.
+    children: Vec<SpanRec>,
 }
 
 impl SpanRec {
@@ -200,6 +205,7 @@ where
             sdk: f.service.zip(f.method),
             annotations: f.annotations,
             fault: f.fault,
+            end: 0.0,
             children: Vec::new(),
         };
         span.extensions_mut().insert(rec);
@@ -223,18 +229,18 @@ where
 
     fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else { return };
-        let Some(rec) = span.extensions_mut().remove::<SpanRec>() else {
+        let Some(mut rec) = span.extensions_mut().remove::<SpanRec>() else {
             return;
         };
         if !rec.live {
             return;
         }
-        let end = epoch_secs();
+        rec.end = epoch_secs();
         if rec.header.is_some() {
-            self.send_root(rec, end);
+            self.send_root(rec);
             return;
         }
-        let doc = document(rec, end);
+        let doc = rec;
         if let Some(parent) = span.parent() {
             if let Some(p) = parent.extensions_mut().get_mut::<SpanRec>() {
                 p.children.push(doc);
@@ -244,11 +250,11 @@ where
 }
 
 /// The (sub)segment fields of `rec`, with its children nested.
-fn document(rec: SpanRec, end: f64) -> Value {
+fn document(rec: SpanRec) -> Value {
     let mut d = Map::new();
     d.insert("id".into(), rec.segment_id().into());
     d.insert("start_time".into(), rec.start.into());
-    d.insert("end_time".into(), end.into());
+    d.insert("end_time".into(), rec.end.into());
     match rec.sdk {
         Some((service, method)) => {
             d.insert("name".into(), service.into());
@@ -272,18 +278,19 @@ fn document(rec: SpanRec, end: f64) -> Value {
         d.insert("fault".into(), true.into());
     }
     if !rec.children.is_empty() {
-        d.insert("subsegments".into(), Value::Array(rec.children));
+        let children = rec.children.into_iter().map(document).collect();
+        d.insert("subsegments".into(), Value::Array(children));
     }
     Value::Object(d)
 }
 
 impl XRayLayer {
-    fn send_root(&self, mut rec: SpanRec, end: f64) {
+    fn send_root(&self, mut rec: SpanRec) {
         let Some(header) = rec.header.take() else {
             return;
         };
         let id = rec.segment_id();
-        let mut root = document(rec, end);
+        let mut root = document(rec);
         root["trace_id"] = header.root.clone().into();
         match header.parent.as_deref() {
             Some(p) => {
