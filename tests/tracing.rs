@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chat_core::obs::{LogOut, Sink, emf};
-use e2e::{ChatServer, LocalAws, read_sse, require_aws_endpoint, require_redis_url, sim};
+use e2e::{
+    ChatServer, LocalAws, find_segment, read_sse, require_aws_endpoint, require_redis_url, sim,
+};
 use serde_json::{Value, json};
 
 struct Captured {
@@ -73,17 +75,6 @@ fn parents(doc: &Value, out: &mut Vec<(String, String)>) {
         assert_eq!(c["id"].as_str().unwrap().len(), 16);
         parents(c, out);
     }
-}
-
-fn find<'a>(doc: &'a Value, name: &str) -> Option<&'a Value> {
-    if doc["name"] == name {
-        return Some(doc);
-    }
-    doc["subsegments"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|c| find(c, name))
 }
 
 #[tokio::test]
@@ -163,11 +154,11 @@ async fn a_turn_is_one_trace_of_named_phases_with_ids_on_every_line_and_valid_me
     ] {
         assert_eq!(parent_of(child), parent, "{child}: {pairs:?}");
     }
-    let sqs = find(&doc, "SQS").unwrap();
+    let sqs = find_segment(&doc, "SQS").unwrap();
     assert_eq!(sqs["namespace"], "aws");
     assert_eq!(sqs["aws"]["operation"], "SendMessage");
     assert_eq!(
-        find(&doc, "upstream_connect").unwrap()["annotations"]["provider"],
+        find_segment(&doc, "upstream_connect").unwrap()["annotations"]["provider"],
         "anthropic"
     );
     // The user is a pseudonym wherever it appears.
@@ -202,8 +193,8 @@ async fn a_turn_is_one_trace_of_named_phases_with_ids_on_every_line_and_valid_me
     assert_eq!(resp.headers()["x-cache"], "hit");
     read_sse(resp, Duration::from_secs(20)).await;
     let doc3 = doc_of(&root3).await;
-    assert!(find(&doc3, "cache_lookup").is_some());
-    assert!(find(&doc3, "upstream_connect").is_none(), "{doc3}");
+    assert!(find_segment(&doc3, "cache_lookup").is_some());
+    assert!(find_segment(&doc3, "upstream_connect").is_none(), "{doc3}");
 
     // Unsampled: no document at all.
     let (root4, _) = trace_header();

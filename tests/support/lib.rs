@@ -24,6 +24,7 @@ pub mod lambda;
 pub mod redis;
 pub mod sim;
 pub mod sse;
+pub mod xray;
 
 pub use aws::*;
 pub use chat_server::*;
@@ -31,3 +32,4 @@ pub use lambda::*;
 pub use redis::*;
 pub use sim::*;
 pub use sse::*;
+pub use xray::find_segment;

@@ -94,6 +94,21 @@ fn dev_null() -> Result<LogOut, String> {
     Ok(LogOut::Writer(Arc::new(Mutex::new(Box::new(f)))))
 }
 
+/// A variant's subscriber: `off` none at all; `logs` the log layer; with
+/// `xray`, the X-Ray layer sending to `daemon` too.
+fn dispatch(kind: &str, daemon: std::net::SocketAddr) -> Result<tracing::Dispatch, String> {
+    let xray = match kind {
+        "off" => return Ok(tracing::Dispatch::none()),
+        "logs" => None,
+        _ => Some((Sink::udp(daemon).map_err(|e| e.to_string())?, "chat-stream")),
+    };
+    Ok(tracing::Dispatch::new(chat_core::obs::subscriber(
+        tracing::Level::INFO,
+        dev_null()?,
+        xray,
+    )))
+}
+
 impl Variant {
     fn new(
         name: &'static str,
@@ -335,35 +350,24 @@ async fn run() -> Result<(), String> {
 
     let sim_url2 = sim_url.clone();
     let variants = std::thread::spawn(move || -> Result<Vec<Variant>, String> {
-        let off = Variant::new("off", tracing::Dispatch::none(), false, false, &sim_url2)?;
-        let logs = Variant::new(
-            "logs",
-            tracing::Dispatch::new(chat_core::obs::subscriber(
-                tracing::Level::INFO,
-                dev_null()?,
-                None,
-            )),
-            false,
-            false,
-            &sim_url2,
-        )?;
-        let full = |name, traced| -> Result<Variant, String> {
-            let sink = Sink::udp(daemon_addr).map_err(|e| e.to_string())?;
+        // (name, metrics lines, requests sampled)
+        [
+            ("off", false, false),
+            ("logs", false, false),
+            ("full, unsampled", true, false),
+            ("full", true, true),
+        ]
+        .into_iter()
+        .map(|(name, metrics, traced)| {
             Variant::new(
                 name,
-                tracing::Dispatch::new(chat_core::obs::subscriber(
-                    tracing::Level::INFO,
-                    dev_null()?,
-                    Some((sink, "chat-stream")),
-                )),
-                true,
+                dispatch(name, daemon_addr)?,
+                metrics,
                 traced,
                 &sim_url2,
             )
-        };
-        let unsampled = full("full, unsampled", false)?;
-        let full = full("full", true)?;
-        Ok(vec![off, logs, unsampled, full])
+        })
+        .collect()
     });
     let mut variants = variants.join().map_err(|_| "variant setup panicked")??;
     let (rounds, requests, think) = (a.rounds, a.requests, a.think);
@@ -428,29 +432,10 @@ async fn run() -> Result<(), String> {
 
     // The same work without the network: each variant's subscriber on
     // this thread, interleaved in blocks of 1,000.
-    let daemon_sink = Sink::udp(daemon_addr).map_err(|e| e.to_string())?;
     let micro = [
-        ("off", tracing::Dispatch::none(), false, false),
-        (
-            "logs",
-            tracing::Dispatch::new(chat_core::obs::subscriber(
-                tracing::Level::INFO,
-                dev_null()?,
-                None,
-            )),
-            false,
-            false,
-        ),
-        (
-            "full",
-            tracing::Dispatch::new(chat_core::obs::subscriber(
-                tracing::Level::INFO,
-                dev_null()?,
-                Some((daemon_sink, "chat-stream")),
-            )),
-            true,
-            true,
-        ),
+        ("off", dispatch("off", daemon_addr)?, false, false),
+        ("logs", dispatch("logs", daemon_addr)?, false, false),
+        ("full", dispatch("full", daemon_addr)?, true, true),
     ];
     let mut times: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); micro.len()];
     for round in 0..21 {

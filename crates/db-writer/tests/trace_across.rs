@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_sqs::types::MessageSystemAttributeName;
-use e2e::{FakeRuntimeApi, LocalAws, event_file, require_aws_endpoint, sibling_binary};
+use e2e::{
+    FakeRuntimeApi, LocalAws, event_file, find_segment, require_aws_endpoint, sibling_binary,
+};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
@@ -83,17 +85,6 @@ async fn wait_for(packets: &Mutex<Vec<Vec<u8>>>, what: impl Fn(&Value) -> bool) 
     panic!("no such document in {:?}", documents(packets));
 }
 
-fn find<'a>(doc: &'a Value, name: &str) -> Option<&'a Value> {
-    if doc["name"] == name {
-        return Some(doc);
-    }
-    doc["subsegments"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|c| find(c, name))
-}
-
 #[tokio::test]
 async fn one_turn_is_one_trace_from_chat_stream_through_the_queue_to_db_writer() {
     let endpoint = require_aws_endpoint();
@@ -152,9 +143,9 @@ async fn one_turn_is_one_trace_from_chat_stream_through_the_queue_to_db_writer()
             .nth(1)
             .and_then(|p| p.split(';').next())
     );
-    let queue_send = find(&request, "queue_send").expect("queue_send in the request");
+    let queue_send = find_segment(&request, "queue_send").expect("queue_send in the request");
     assert_eq!(
-        find(queue_send, "SQS").unwrap()["aws"]["operation"],
+        find_segment(queue_send, "SQS").unwrap()["aws"]["operation"],
         "SendMessage"
     );
 
@@ -215,9 +206,9 @@ async fn one_turn_is_one_trace_from_chat_stream_through_the_queue_to_db_writer()
 
     let batch = wait_for(&packets, |d| d["trace_id"] == root2.as_str()).await;
     assert_eq!(batch["name"], "batch");
-    let write = find(&batch, "write_turns").expect("write_turns in the batch");
+    let write = find_segment(&batch, "write_turns").expect("write_turns in the batch");
     assert!(
-        find(write, "DynamoDB").is_some(),
+        find_segment(write, "DynamoDB").is_some(),
         "the table calls under write_turns: {write}"
     );
     let turn = wait_for(&packets, |d| {
