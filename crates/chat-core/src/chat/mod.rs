@@ -83,6 +83,22 @@ impl Timings {
         self.ttft.map(|t| t.saturating_sub(self.upstream_wait))
     }
 
+    /// The `Server-Timing` of an answer that has started (the time to
+    /// first token is now when the model's first chunk was not text).
+    pub(crate) fn server_timing(&self) -> String {
+        let ttft = self.ttft.unwrap_or_else(|| self.start.elapsed());
+        format!(
+            "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, upstream_connect;dur={:.3}, upstream;dur={:.3}, overhead;dur={:.3}, ttft;dur={:.3}",
+            ms(self.validate),
+            ms(self.limits),
+            ms(self.history),
+            ms(self.upstream_connect),
+            ms(self.upstream_wait),
+            ms(ttft.saturating_sub(self.upstream_wait)),
+            ms(ttft)
+        )
+    }
+
     pub(crate) fn json(&self, total: Duration) -> serde_json::Value {
         json!({
             "validate": ms(self.validate),

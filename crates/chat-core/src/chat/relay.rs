@@ -120,17 +120,7 @@ pub(super) fn respond(
         upstream_wait,
         ttft,
     };
-    let ttft_now = ttft.unwrap_or_else(|| ctx.start.elapsed());
-    let server_timing = format!(
-        "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, upstream_connect;dur={:.3}, upstream;dur={:.3}, overhead;dur={:.3}, ttft;dur={:.3}",
-        ms(planned.validate),
-        ms(planned.limits),
-        ms(planned.history),
-        ms(upstream_connect),
-        ms(upstream_wait),
-        ms(ttft_now.saturating_sub(upstream_wait)),
-        ms(ttft_now)
-    );
+    let server_timing = timings.server_timing();
     let relay = Relay {
         provider,
         model_key,
@@ -443,6 +433,9 @@ impl Relay {
         if let Some(n) = self.output_tokens {
             span.record("output_tokens", n);
         }
+        if !crate::obs::emf::enabled() {
+            return;
+        }
         let total = t.start.elapsed();
         let mut m = Metrics::new()
             .dim("model", log.model.as_str())
@@ -460,6 +453,7 @@ impl Relay {
             .count("InputTokens", f64::from(self.input_tokens.unwrap_or(0)))
             .count("OutputTokens", f64::from(self.output_tokens.unwrap_or(0)))
             .ids()
+            // (also when this runs outside the request's span: a drop)
             .prop("request_id", log.request_id.as_str());
         if let Some(ttft) = t.ttft {
             m = m
