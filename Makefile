@@ -8,6 +8,10 @@ SHELL := /bin/bash
 
 VENV     := $(CURDIR)/.venv
 TOOLS    := $(VENV)/.installed
+# LiteLLM for make bench-peers, in a venv of its own, every package pinned
+# with its hash (never an unpinned install: a release of that package was
+# compromised).
+BENCH_VENV := $(CURDIR)/.bench-venv
 # The npm packages of the JavaScript client tests, exactly as locked.
 NODE_DEPS := tests/clients/node_modules/.installed tests/web/node_modules/.installed
 export PATH := $(VENV)/bin:$(PATH)
@@ -19,7 +23,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: fuzz bench-jwt bench-limits bench-obs bench-stop node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: bench-peers fuzz bench-jwt bench-limits bench-obs bench-stop node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -38,6 +42,11 @@ $(TOOLS): requirements-dev.txt
 	@touch $@
 
 tools: $(TOOLS)
+
+$(BENCH_VENV)/.installed: bench/litellm-requirements.txt
+	@test -x $(BENCH_VENV)/bin/pip || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r bench/litellm-requirements.txt
+	@touch $@
 
 tests/clients/node_modules/.installed: tests/clients/package-lock.json
 	scripts/ensure-node.sh
@@ -137,6 +146,12 @@ bench-coldstart: $(TOOLS) build
 bench: $(TOOLS)
 	cargo build --release -p chat-stream -p model-sim -p chat-bench
 	scripts/bench.sh
+
+# chat-stream next to LiteLLM, a bare relay and the template default, in
+# one interleaved run; then 1,000 slow streams. See BENCHMARKS.md.
+bench-peers: $(TOOLS) $(BENCH_VENV)/.installed
+	cargo build --release --locked -p chat-stream -p model-sim -p chat-bench
+	scripts/bench-peers.sh
 
 # What JWT sign-in costs per request, per algorithm (first and cached).
 bench-jwt:

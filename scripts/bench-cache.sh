@@ -38,7 +38,7 @@ eval "$("$VENV/bin/python" scripts/local_aws.py ensure --prefix benchcache)"
 CACHE_TABLE=$TABLE_NAME
 
 # chat-bench sends x-api-key: bench; only its hash is configured.
-common=(ANTHROPIC_API_KEY=bench LOG_LEVEL=info RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000
+common=(ANTHROPIC_API_KEY=bench LOG_LEVEL=info RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000 MAX_STREAMS_PER_USER=10000
   AUTH_MODE=api_key API_KEY_HASHES="$(printf %s bench | sha256sum | cut -d' ' -f1):bench-user")
 
 start_chat() { # SIM_PORT ENV...

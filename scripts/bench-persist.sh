@@ -52,7 +52,7 @@ eval "$("$VENV/bin/python" scripts/local_aws.py ensure --prefix bench)"
 KEY_HASH=$(printf %s bench | sha256sum | cut -d' ' -f1)
 common=(ANTHROPIC_BASE_URL="http://127.0.0.1:$SIM_PORT" ANTHROPIC_API_KEY=bench LOG_LEVEL=info
   AUTH_MODE=api_key API_KEY_HASHES="$KEY_HASH:bench-user" REDIS_URL="redis://127.0.0.1:$RPORT"
-  RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000 TURN_QUEUE_TIMEOUT_MS=60000)
+  RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000 MAX_STREAMS_PER_USER=10000 TURN_QUEUE_TIMEOUT_MS=60000)
 
 # run NAME CONVERSATION ENV...: one round of one configuration at c=1 and 20.
 run() {

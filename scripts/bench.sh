@@ -80,7 +80,7 @@ run() {
 }
 
 # Limits high enough never to refuse: the production path without Redis.
-LIMITS=(RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000)
+LIMITS=(RATE_LIMIT_RPM=1000000 RATE_LIMIT_TPM=1000000000 MAX_STREAMS_PER_USER=10000)
 have_redis=false
 if can_pin && command -v redis-server >/dev/null; then
   RPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -94,7 +94,7 @@ for _ in $(seq 1 "$ROUNDS"); do
   run shared "" "" "${LIMITS[@]}"
   if can_pin; then
     run pinned 0 1 "${LIMITS[@]}"
-    run pinned-off 0 1 RATE_LIMIT_RPM=0 RATE_LIMIT_TPM=0
+    run pinned-off 0 1 RATE_LIMIT_RPM=0 RATE_LIMIT_TPM=0 MAX_STREAMS_PER_USER=0
     if $have_redis; then
       # Redis for limits and breakers only, then with live streams (every
       # event teed into a Redis Stream, for resume and coalescing).

@@ -48,6 +48,92 @@ async fn entries_round_trip_and_expire() {
     round_trip_and_expire(&RedisCache::new(link, Duration::from_millis(500))).await;
 }
 
+/// Asks queued on the hot path reach Redis together, repeated asks of one
+/// question combined, and rank as if each had been sent alone.
+#[tokio::test]
+async fn queued_asks_are_sent_together_and_count_as_many() {
+    use chat_core::cache::popular::{FLUSH_EVERY, Popularity, PopularityConfig};
+    let redis = RedisServer::start().await;
+    let link = Arc::new(RedisLink::new(&redis.url(), Duration::from_millis(500), false).unwrap());
+    let config = PopularityConfig {
+        max_entries: 100,
+        half_life: Duration::from_secs(3600),
+    };
+    let p = Arc::new(Popularity::new(link, Duration::from_millis(500), config));
+    for _ in 0..3 {
+        p.ask("k-three", "doc three");
+    }
+    p.ask("k-one", "doc one");
+    // Nothing is sent until the flush is due.
+    assert_eq!(p.top(10).await.unwrap(), vec![]);
+    tokio::time::sleep(FLUSH_EVERY * 4).await;
+    let top = p.top(10).await.unwrap();
+    assert_eq!(top.len(), 2, "{top:?}");
+    assert_eq!(
+        (top[0].key.as_str(), top[0].doc.as_str()),
+        ("k-three", "doc three")
+    );
+    assert!((top[0].weight - 3.0).abs() < 0.01, "{top:?}");
+    assert!((top[1].weight - 1.0).abs() < 0.01, "{top:?}");
+    // The same as asks sent one at a time.
+    p.record("k-one", "doc one").await;
+    p.record("k-one", "doc one").await;
+    let top = p.top(10).await.unwrap();
+    assert!(top.iter().all(|e| (e.weight - 3.0).abs() < 0.01), "{top:?}");
+}
+
+/// The cache lookup takes the coalescing lease in the same script on a
+/// miss, takes none on a hit, and a stored answer gives the lease up only
+/// if it is still ours.
+#[tokio::test]
+async fn the_lookup_leads_on_a_miss_and_the_store_releases() {
+    use chat_core::live::{Lead, Live, LiveConfig, Looked, lock_key};
+    let redis = RedisServer::start().await;
+    let link = Arc::new(RedisLink::new(&redis.url(), Duration::from_millis(500), false).unwrap());
+    let cache = RedisCache::new(link.clone(), Duration::from_millis(500));
+    let live = Live::new(
+        link,
+        Duration::from_millis(500),
+        LiveConfig {
+            retention: Duration::from_secs(60),
+            lease: Duration::from_secs(30),
+            coalesce: true,
+            finish_on_disconnect: true,
+        },
+    );
+    let entry = cache.redis_key("q").unwrap();
+    assert_eq!(
+        live.lookup_or_lead(&entry, "q", "t1").await,
+        Some(Looked::Missed(Lead::Leader))
+    );
+    assert_eq!(
+        live.lookup_or_lead(&entry, "q", "t2").await,
+        Some(Looked::Missed(Lead::Follow("t1".into())))
+    );
+    assert_eq!(live.holder("q").await, Ok(Some("t1".into())));
+    // Someone else's turn cannot give the lease up; the leader's store does.
+    let stored = answer("forty-two");
+    let json = serde_json::to_string(&stored).unwrap();
+    assert!(
+        live.store_and_release(&entry, &json, Duration::from_secs(60), "q", "t2")
+            .await
+    );
+    assert_eq!(live.holder("q").await, Ok(Some("t1".into())));
+    assert!(
+        live.store_and_release(&entry, &json, Duration::from_secs(60), "q", "t1")
+            .await
+    );
+    assert_eq!(live.holder("q").await, Ok(None));
+    assert_eq!(cache.get("q").await, Ok(Some(stored)));
+    // A hit: the entry, and no lease taken.
+    assert_eq!(
+        live.lookup_or_lead(&entry, "q", "t3").await,
+        Some(Looked::Cached(json))
+    );
+    assert_eq!(live.holder("q").await, Ok(None));
+    assert!(lock_key("q").contains("{q}"));
+}
+
 #[tokio::test]
 async fn a_dead_redis_is_an_error_at_once() {
     let mut redis = RedisServer::start().await;

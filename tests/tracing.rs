@@ -143,7 +143,6 @@ async fn a_turn_is_one_trace_of_named_phases_with_ids_on_every_line_and_valid_me
         ("validate", "request"),
         ("limits", "request"),
         ("cache_lookup", "request"),
-        ("lead", "request"),
         ("upstream_connect", "request"),
         ("first_token", "request"),
         ("stream", "request"),
@@ -154,6 +153,13 @@ async fn a_turn_is_one_trace_of_named_phases_with_ids_on_every_line_and_valid_me
     ] {
         assert_eq!(parent_of(child), parent, "{child}: {pairs:?}");
     }
+    // The lookup took the coalescing lease in the same round trip: no
+    // `lead` span of its own.
+    assert!(find_segment(&doc, "lead").is_none(), "{doc}");
+    assert_eq!(
+        find_segment(&doc, "cache_lookup").unwrap()["annotations"]["lead"],
+        "leader"
+    );
     let sqs = find_segment(&doc, "SQS").unwrap();
     assert_eq!(sqs["namespace"], "aws");
     assert_eq!(sqs["aws"]["operation"], "SendMessage");

@@ -20,6 +20,7 @@ mod limits;
 mod obs;
 mod stats;
 mod stop;
+mod streams;
 mod writer;
 
 use std::process::ExitCode;
@@ -45,6 +46,10 @@ struct Args {
     /// Every request asks the same question at temperature 0 (cache hits
     /// after the first).
     repeat: bool,
+    /// `--temperature T`: sent with every (unique) question.
+    temperature: Option<f64>,
+    /// `--message TEXT`: the question every request asks (with `--repeat`).
+    message: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -68,6 +73,8 @@ fn parse_args() -> Result<Args, String> {
         continue_conversation: false,
         think: Duration::ZERO,
         repeat: false,
+        temperature: None,
+        message: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -100,6 +107,13 @@ fn parse_args() -> Result<Args, String> {
             "--label" => a.label = v,
             "--max-tokens" => a.max_tokens = num(&v)? as u32,
             "--think-ms" => a.think = Duration::from_millis(num(&v)? as u64),
+            "--temperature" => {
+                a.temperature = Some(
+                    v.parse::<f64>()
+                        .map_err(|_| format!("--temperature: {v:?} is not a number"))?,
+                )
+            }
+            "--message" => a.message = Some(v),
             "--conversation" => {
                 a.continue_conversation = match v.as_str() {
                     "new" => false,
@@ -122,6 +136,10 @@ fn parse_args() -> Result<Args, String> {
 #[derive(Default)]
 struct Sample {
     ttft: Option<Duration>,
+    /// When the answer's last event arrived (`done`, `[DONE]`,
+    /// `message_stop`): the client has the whole answer. The body may
+    /// stay open after it (chat-stream makes the turn durable first).
+    done: Option<Duration>,
     total: Option<Duration>,
     /// From the `meta` event (chat API).
     conversation_id: Option<String>,
@@ -155,7 +173,9 @@ async fn one(
     conversation: Option<&str>,
 ) -> Result<Sample, String> {
     let message = if a.repeat {
-        "benchmark repeated question".to_owned()
+        a.message
+            .clone()
+            .unwrap_or_else(|| "benchmark repeated question".to_owned())
     } else {
         format!("benchmark question number {i}")
     };
@@ -167,6 +187,9 @@ async fn one(
             }
             if a.repeat {
                 body["temperature"] = json!(0);
+            }
+            if let Some(t) = a.temperature {
+                body["temperature"] = json!(t);
             }
             (body, b"event: delta\n")
         }
@@ -180,6 +203,9 @@ async fn one(
                                   "stream": true, "messages": [{"role": "user", "content": message}]});
             if a.repeat {
                 body["temperature"] = json!(0);
+            }
+            if let Some(t) = a.temperature {
+                body["temperature"] = json!(t);
             }
             // A content delta that is not the empty one of the role chunk.
             (body, b"\"delta\":{\"content\":\"")
@@ -201,8 +227,24 @@ async fn one(
     let mut buf: Vec<u8> = Vec::new();
     let mut sample = Sample::default();
     let mut tail: Vec<u8> = Vec::new();
+    let end_marker: &[u8] = match a.api {
+        Api::Chat => b"event: done\n",
+        Api::Anthropic => b"event: message_stop\n",
+        Api::OpenAi => b"data: [DONE]",
+    };
+    // The bytes of the stream's end seen so far (a marker may be split
+    // across reads).
+    let mut last: Vec<u8> = Vec::new();
     while let Some(chunk) = s.next().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
+        if sample.done.is_none() {
+            last.extend_from_slice(&chunk);
+            if last.windows(end_marker.len()).any(|w| w == end_marker) {
+                sample.done = Some(start.elapsed());
+            } else if last.len() > 256 {
+                last.drain(..last.len() - 64);
+            }
+        }
         if a.api == Api::Chat {
             // Keep the last few KB: the `done` event is at the end.
             tail.extend_from_slice(&chunk);
@@ -222,6 +264,7 @@ async fn one(
         }
     }
     sample.total = Some(start.elapsed());
+    sample.done.get_or_insert(start.elapsed());
     sample.server_ttft = server_ttft_in(&tail);
     if sample.ttft.is_none() {
         return Err("stream ended without a delta".into());
@@ -305,6 +348,9 @@ async fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("obs") {
         return obs::main().await;
     }
+    if std::env::args().nth(1).as_deref() == Some("streams") {
+        return streams::main().await;
+    }
     if std::env::args().nth(1).as_deref() == Some("jwt") {
         return jwt::main().await;
     }
@@ -376,6 +422,7 @@ async fn main() -> ExitCode {
         .collect();
     let mut ttft = Vec::new();
     let mut total = Vec::new();
+    let mut done = Vec::new();
     let mut server_ttft = Vec::new();
     let mut errors = 0usize;
     let mut first_error = None;
@@ -387,6 +434,7 @@ async fn main() -> ExitCode {
                         Ok(s) => {
                             ttft.extend(s.ttft);
                             total.extend(s.total);
+                            done.extend(s.done);
                             server_ttft.extend(s.server_ttft);
                         }
                         Err(e) => {
@@ -405,6 +453,7 @@ async fn main() -> ExitCode {
     let elapsed = started.elapsed();
     ttft.sort();
     total.sort();
+    done.sort();
     server_ttft.sort();
     let ok = ttft.len();
     let rps = ok as f64 / elapsed.as_secs_f64();
@@ -413,6 +462,7 @@ async fn main() -> ExitCode {
             "label": a.label, "concurrency": a.concurrency, "requests": ok + errors, "ok": ok, "errors": errors,
             "ttft_ms": {"p50": pct(&ttft, 50.0), "p95": pct(&ttft, 95.0), "p99": pct(&ttft, 99.0)},
             "total_ms": {"p50": pct(&total, 50.0), "p95": pct(&total, 95.0), "p99": pct(&total, 99.0)},
+            "done_ms": {"p50": pct(&done, 50.0), "p95": pct(&done, 95.0), "p99": pct(&done, 99.0)},
             "server_ttft_ms": {"p50": pct(&server_ttft, 50.0), "p95": pct(&server_ttft, 95.0)},
             "rps": rps,
         });

@@ -13,6 +13,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
+use std::fmt::Write as _;
 
 /// One dispatched event. `event` is `"message"` when the stream named none.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,18 +148,46 @@ impl SseParser {
 
 /// Encodes one event. `data` must be a single line (JSON from serde is).
 pub fn encode(id: Option<u64>, event: &str, data: &str) -> Bytes {
-    let mut b = BytesMut::with_capacity(data.len() + event.len() + 32);
+    encode_at(id, event, data).0
+}
+
+/// [`encode`], and where `data` is in the frame (to share it).
+pub fn encode_at(id: Option<u64>, event: &str, data: &str) -> (Bytes, std::ops::Range<usize>) {
+    let mut b = head(id, event, data.len());
+    let at = b.len();
+    b.put_slice(data.as_bytes());
+    let end = b.len();
+    b.put_slice(b"\n\n");
+    (b.freeze(), at..end)
+}
+
+/// The frame of a `delta` event, `{"text":"..."}` with `text` escaped
+/// as JSON straight into the frame, and where its data is.
+pub fn encode_delta(id: u64, text: &str) -> (Bytes, std::ops::Range<usize>) {
+    let mut b = head(Some(id), "delta", text.len() + 12);
+    let at = b.len();
+    b.put_slice(b"{\"text\":");
+    // Writing into a BytesMut cannot fail, nor can serialising a str.
+    let mut w = b.writer();
+    let _ = serde_json::to_writer(&mut w, text);
+    let mut b = w.into_inner();
+    b.put_u8(b'}');
+    let end = b.len();
+    b.put_slice(b"\n\n");
+    (b.freeze(), at..end)
+}
+
+/// `id:` and `event:` lines and `data: `, in a buffer with room for `data_len`.
+fn head(id: Option<u64>, event: &str, data_len: usize) -> BytesMut {
+    let mut b = BytesMut::with_capacity(data_len + event.len() + 40);
     if let Some(id) = id {
-        b.put_slice(b"id: ");
-        b.put_slice(id.to_string().as_bytes());
-        b.put_u8(b'\n');
+        // (formatting into a BytesMut cannot fail)
+        let _ = writeln!(b, "id: {id}");
     }
     b.put_slice(b"event: ");
     b.put_slice(event.as_bytes());
     b.put_slice(b"\ndata: ");
-    b.put_slice(data.as_bytes());
-    b.put_slice(b"\n\n");
-    b.freeze()
+    b
 }
 
 /// A 200 `text/event-stream` response that proxies and browsers pass on

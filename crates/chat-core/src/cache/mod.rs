@@ -77,6 +77,12 @@ pub struct CachedAnswer {
 }
 
 impl CachedAnswer {
+    /// An entry as stored; `None` for one that does not parse (an older
+    /// format), which is a miss.
+    pub fn parse(raw: &str) -> Option<Self> {
+        serde_json::from_str(raw).ok()
+    }
+
     /// Whether the entry is young enough for a `max-age` (none: any age).
     pub fn fresh_for(&self, max_age: Option<Duration>, now_ms: u64) -> bool {
         max_age.is_none_or(|m| now_ms.saturating_sub(self.stored_at_ms) <= m.as_millis() as u64)
@@ -99,6 +105,13 @@ pub trait ResponseCache: Send + Sync {
         answer: &'a CachedAnswer,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// The Redis key of `key`'s entry, for a backend in the Redis that
+    /// live streams use: the lookup and the coalescing lease then go in
+    /// one script ([`crate::live::Live::lookup_or_lead`]). `None` for other
+    /// backends.
+    fn redis_key(&self, _key: &str) -> Option<String> {
+        None
+    }
 }
 
 #[cfg(test)]

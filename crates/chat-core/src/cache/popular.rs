@@ -15,10 +15,15 @@
 //! are dropped in the same script. Documents over [`DOC_MAX_BYTES`] are
 //! counted but not kept (the warmer skips them).
 //!
-//! Off the hot path: the relay records an ask on the task that persists
-//! the turn, after the client has its answer.
+//! Off the hot path: an answer queues its ask ([`Popularity::ask`]) and
+//! the asks of the last [`FLUSH_EVERY`] go to Redis together, in one
+//! script call, on a task nothing waits for (repeated asks of one
+//! question are combined first). A process that ends before a flush loses
+//! those counts; in Lambda the flush runs when the environment next thaws.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::Script;
@@ -66,6 +71,48 @@ end
 return tostring(s)
 ";
 
+/// [`RECORD`] for many asks: ARGV[1] is the maximum, then (key, doc,
+/// increment) for each question.
+const RECORD_MANY: &str = r"
+local max = tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+  local key, doc, inc = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local s = redis.call('ZSCORE', KEYS[1], key)
+  if s then
+    s = tonumber(s)
+    local hi = math.max(s, inc)
+    local lo = math.min(s, inc)
+    s = hi + math.log(1 + 2 ^ (lo - hi)) / math.log(2)
+  else
+    s = inc
+  end
+  redis.call('ZADD', KEYS[1], s, key)
+  if doc ~= '' and redis.call('HEXISTS', KEYS[2], key) == 0 then
+    redis.call('HSET', KEYS[2], key, doc)
+  end
+end
+local n = redis.call('ZCARD', KEYS[1])
+if n > max then
+  local drop = redis.call('ZRANGE', KEYS[1], 0, n - max - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - max - 1)
+  for _, m in ipairs(drop) do redis.call('HDEL', KEYS[2], m) end
+end
+return n
+";
+
+/// How long asks are gathered before they are sent together.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+
+/// Most distinct questions held between flushes (more are dropped: a
+/// count lost, never memory without bound).
+const PENDING_MAX: usize = 10_000;
+
+/// log2(2^a + 2^b), without overflow: two decayed asks as one.
+fn add_log2(a: f64, b: f64) -> f64 {
+    let (hi, lo) = if a > b { (a, b) } else { (b, a) };
+    hi + (1.0 + (lo - hi).exp2()).log2()
+}
+
 const TOP: &str = r"
 local top = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
 local out = {}
@@ -93,7 +140,12 @@ pub struct Popularity {
     timeout: Duration,
     config: PopularityConfig,
     record: Script,
+    record_many: Script,
     top: Script,
+    /// Asks not sent yet: cache key -> (document, combined increment).
+    pending: Mutex<HashMap<String, (String, f64)>>,
+    /// A flush is due (one task at a time).
+    flushing: AtomicBool,
 }
 
 fn now_units(half_life: Duration, now_ms: u64) -> f64 {
@@ -107,8 +159,66 @@ impl Popularity {
             timeout,
             config,
             record: Script::new(RECORD),
+            record_many: Script::new(RECORD_MANY),
             top: Script::new(TOP),
+            pending: Mutex::new(HashMap::new()),
+            flushing: AtomicBool::new(false),
         }
+    }
+
+    /// Queues one ask of `key` (whose document is `doc`); sent with the
+    /// others within [`FLUSH_EVERY`] on a task of its own. Never waits.
+    pub fn ask(self: &Arc<Self>, key: &str, doc: &str) {
+        let doc = if doc.len() > DOC_MAX_BYTES { "" } else { doc };
+        let inc = now_units(self.config.half_life, crate::util::now_ms());
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let full = p.len() >= PENDING_MAX;
+            match p.get_mut(key) {
+                Some((_, sum)) => *sum = add_log2(*sum, inc),
+                None if full => return,
+                None => {
+                    p.insert(key.to_owned(), (doc.to_owned(), inc));
+                }
+            }
+        }
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.flushing.store(false, Ordering::Release);
+            return;
+        };
+        let me = self.clone();
+        rt.spawn(async move {
+            tokio::time::sleep(FLUSH_EVERY).await;
+            // Asks queued from here on schedule the next flush.
+            me.flushing.store(false, Ordering::Release);
+            me.flush().await;
+        });
+    }
+
+    /// Sends every queued ask now, in one script call.
+    pub async fn flush(&self) {
+        let batch: Vec<(String, (String, f64))> = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.drain().collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let mut args = Vec::with_capacity(1 + batch.len() * 3);
+        args.push(self.config.max_entries.to_string());
+        for (key, (doc, inc)) in batch {
+            args.push(key);
+            args.push(doc);
+            args.push(inc.to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _: Option<i64> = self
+            .link
+            .script(&self.record_many, &[ZSET, DOCS], &args, self.timeout)
+            .await;
     }
 
     /// Counts one ask of `key` (whose document is `doc`). Best effort: a
@@ -184,10 +294,9 @@ impl Popularity {
 mod tests {
     use super::*;
 
-    /// The script's arithmetic, in Rust: log2(2^a + 2^b).
+    /// The script's arithmetic, in Rust (as the queue combines asks).
     fn add(a: f64, b: f64) -> f64 {
-        let (hi, lo) = if a > b { (a, b) } else { (b, a) };
-        hi + (1.0 + (lo - hi).exp2()).log2()
+        add_log2(a, b)
     }
 
     #[test]

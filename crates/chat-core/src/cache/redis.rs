@@ -21,7 +21,7 @@ impl RedisCache {
         Self { link, timeout }
     }
 
-    fn redis_key(key: &str) -> String {
+    fn entry_key(key: &str) -> String {
         format!("cache:{{{}}}", tag(key))
     }
 
@@ -31,7 +31,7 @@ impl RedisCache {
         let mut ok = true;
         for k in keys {
             let mut pipe = redis::pipe();
-            pipe.del(Self::redis_key(k)).ignore();
+            pipe.del(Self::entry_key(k)).ignore();
             ok &= self.link.pipe::<()>(&pipe, self.timeout).await.is_some();
         }
         ok
@@ -46,15 +46,18 @@ impl ResponseCache for RedisCache {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<CachedAnswer>, CacheError>> {
         Box::pin(async move {
             let mut pipe = redis::pipe();
-            pipe.get(Self::redis_key(key));
+            pipe.get(Self::entry_key(key));
             let (raw,): (Option<String>,) = self
                 .link
                 .pipe(&pipe, self.timeout)
                 .await
                 .ok_or(CacheError::Unavailable)?;
-            // An entry that does not parse (an older format) is a miss.
-            Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+            Ok(raw.as_deref().and_then(CachedAnswer::parse))
         })
+    }
+
+    fn redis_key(&self, key: &str) -> Option<String> {
+        Some(Self::entry_key(key))
     }
 
     fn put<'a>(
@@ -66,7 +69,7 @@ impl ResponseCache for RedisCache {
         Box::pin(async move {
             let json = serde_json::to_string(answer).map_err(|_| CacheError::Unavailable)?;
             let mut pipe = redis::pipe();
-            pipe.set_ex(Self::redis_key(key), json, ttl.as_secs().max(1))
+            pipe.set_ex(Self::entry_key(key), json, ttl.as_secs().max(1))
                 .ignore();
             self.link
                 .pipe::<()>(&pipe, self.timeout)

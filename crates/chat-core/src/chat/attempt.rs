@@ -84,6 +84,7 @@ pub(super) async fn open(
     primary: Option<Permit>,
     cache_key: Option<&String>,
     lookup: bool,
+    lead: Option<Lead>,
     turn_id: &str,
     owner: &str,
 ) -> Result<Source, ApiError> {
@@ -91,8 +92,10 @@ pub(super) async fn open(
     let coalesce_key = cache_key
         .cloned()
         .filter(|_| lookup && live.as_ref().is_some_and(|l| l.config.coalesce));
-    let lead = match (&live, &coalesce_key) {
-        (Some(l), Some(k)) => {
+    let lead = match (lead, &live, &coalesce_key) {
+        // Taken with the cache lookup (see `plan`).
+        (Some(lead), Some(_), Some(_)) => lead,
+        (_, Some(l), Some(k)) => {
             l.lead(k, turn_id)
                 .instrument(tracing::info_span!("lead"))
                 .await
@@ -464,7 +467,7 @@ async fn abort_followers(tee: Option<&mut Tee>, status: u16, body: &str) {
         t.send(
             0,
             "abort",
-            &json!({"status": status, "body": body}).to_string(),
+            json!({"status": status, "body": body}).to_string().into(),
         );
         t.flush().await;
     }

@@ -83,7 +83,10 @@ pub(super) struct Finish {
 
 impl Finish {
     /// Runs it on its own task; `None` when there is nothing to do (or no
-    /// runtime, when called from a drop at shutdown).
+    /// runtime, when called from a drop at shutdown). The handle is what
+    /// the body waits for: the cache entry, the lease and the durable turn.
+    /// The ask is queued and counted with others on a task that nothing
+    /// waits for (see [`Popularity::ask`]).
     pub(super) fn spawn(self) -> Option<tokio::task::JoinHandle<()>> {
         let Finish {
             cache,
@@ -91,23 +94,45 @@ impl Finish {
             popular,
             lease,
         } = self;
-        if cache.is_none() && persist.is_none() && popular.is_none() && lease.is_none() {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        if let Some((p, key, doc)) = popular {
+            p.ask(&key, &doc);
+        }
+        if cache.is_none() && persist.is_none() && lease.is_none() {
             return None;
         }
-        let handle = tokio::runtime::Handle::try_current().ok()?;
         let span = tracing::info_span!("persist");
         Some(
             handle.spawn(
                 async move {
+                    // The entry and the lease are in one slot: one round
+                    // trip where one after the other took two.
                     let cache = async {
-                        if let Some(((cache, key, ttl), entry)) = cache {
-                            if cache.put(&key, &entry, ttl).await.is_err() {
-                                tracing::debug!("cache unavailable; answer not stored");
+                        match (cache, lease) {
+                            (
+                                Some(((cache, key, ttl), entry)),
+                                Some((live, lease_key, turn_id)),
+                            ) if lease_key == key && cache.redis_key(&key).is_some() => {
+                                let entry_key = cache.redis_key(&key).unwrap_or_default();
+                                let json = serde_json::to_string(&entry).unwrap_or_default();
+                                if !live
+                                    .store_and_release(&entry_key, &json, ttl, &key, &turn_id)
+                                    .await
+                                {
+                                    tracing::debug!("cache unavailable; answer not stored");
+                                }
                             }
-                        }
-                        // Later identical requests find the cache now, not us.
-                        if let Some((live, key, turn_id)) = lease {
-                            live.release(&key, &turn_id).await;
+                            (cache, lease) => {
+                                if let Some(((cache, key, ttl), entry)) = cache {
+                                    if cache.put(&key, &entry, ttl).await.is_err() {
+                                        tracing::debug!("cache unavailable; answer not stored");
+                                    }
+                                }
+                                // Later identical requests find the cache now, not us.
+                                if let Some((live, key, turn_id)) = lease {
+                                    live.release(&key, &turn_id).await;
+                                }
+                            }
                         }
                     };
                     let persist = async {
@@ -115,15 +140,9 @@ impl Finish {
                             persister.persist(rec, new_conversation).await;
                         }
                     };
-                    let count = async {
-                        if let Some((p, key, doc)) = popular {
-                            p.record(&key, &doc).await;
-                        }
-                    };
                     tokio::join!(
                         cache.instrument(tracing::info_span!("cache_store")),
-                        persist,
-                        count.instrument(tracing::info_span!("popularity"))
+                        persist
                     );
                 }
                 .instrument(span),

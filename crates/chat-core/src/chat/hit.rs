@@ -42,32 +42,31 @@ pub(super) fn respond(
     let conversation_id = req.conversation_id.unwrap_or_else(new_id);
     let turn_id = new_id();
     let mut frames = Vec::new();
-    let mut frame = |event: &str, data: String| {
-        let id = frames.len() as u64 + 1;
-        frames.push(sse::encode(Some(id), event, &data));
-    };
-    frame(
+    let next_id = |frames: &Vec<Bytes>| Some(frames.len() as u64 + 1);
+    frames.push(sse::encode(
+        next_id(&frames),
         "meta",
-        json!({"conversation_id": conversation_id, "turn_id": turn_id, "model": hit.model, "cache": "hit"})
+        &json!({"conversation_id": conversation_id, "turn_id": turn_id, "model": hit.model, "cache": "hit"})
             .to_string(),
-    );
+    ));
     for part in split_utf8(&hit.text, 1024) {
-        frame("delta", json!({ "text": part }).to_string());
+        frames.push(sse::encode_delta(frames.len() as u64 + 1, part).0);
     }
     let total = timings.start.elapsed();
     let t = Timings {
         ttft: Some(total),
         ..timings
     };
-    frame(
+    frames.push(sse::encode(
+        next_id(&frames),
         "done",
-        json!({
+        &json!({
             "stop_reason": hit.stop_reason,
             "usage": {"input_tokens": 0, "output_tokens": 0},
             "timings_ms": t.json(total),
         })
         .to_string(),
-    );
+    ));
     let mut headers = answer_ids(req.persist, &conversation_id, &turn_id);
     headers.extend(planned.rate_headers);
     let persister = state.deps().persister.clone().filter(|_| req.persist);
@@ -91,6 +90,14 @@ pub(super) fn respond(
             output_tokens: 0,
         })
     });
+    // No model tokens, and the stream is over as it starts: the
+    // reservation and the slot go back (one script) on a task.
+    let (tokens, slot) = (planned.tokens, planned.slot);
+    if tokens.is_some() || slot.is_some() {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(crate::limits::release(tokens, slot, 0));
+        }
+    }
     let persisting = Finish {
         persist,
         popular: planned.popular,

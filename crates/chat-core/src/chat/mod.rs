@@ -126,7 +126,10 @@ pub async fn start(
     mut req: ChatRequest,
     cache_control: CacheControl,
 ) -> Result<Response, ApiError> {
-    let mut planned = plan::prepare(&state, &ctx, &identity, &req, cache_control).await?;
+    // The answer's id first: a miss may take the coalescing lease under
+    // it in the same round trip as the cache lookup.
+    let turn_id = new_id();
+    let mut planned = plan::prepare(&state, &ctx, &identity, &req, cache_control, &turn_id).await?;
     if let Some(hit) = planned.hit.take() {
         // No model call: a probe permit goes back.
         if let Some(p) = planned.primary.take() {
@@ -148,7 +151,6 @@ pub async fn start(
         total: ctx.start + config.timeouts.total,
         idle: config.timeouts.idle,
     };
-    let turn_id = new_id();
     let owner = format!("user:{}", identity.user_id);
     let opened = attempt::open(
         &state,
@@ -158,6 +160,7 @@ pub async fn start(
         planned.primary.take(),
         planned.cache_key.as_ref(),
         planned.lookup,
+        planned.lead.take(),
         &turn_id,
         &owner,
     )

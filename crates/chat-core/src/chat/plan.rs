@@ -13,9 +13,12 @@ use tracing::Instrument;
 use super::finish::{CachePut, PopularJob};
 use super::request::ChatRequest;
 use crate::auth::Identity;
-use crate::cache::{CacheControl, CachedAnswer, KeyInput, Plan, cache_doc, key_of_doc};
+use crate::cache::{
+    CacheControl, CachedAnswer, KeyInput, Plan, ResponseCache, cache_doc, key_of_doc,
+};
 use crate::error::ApiError;
 use crate::limits::{Permit, Reservation, Slot};
+use crate::live::{Lead, Live, Looked};
 use crate::persistence::history::{self, HistoryError, PastTurn};
 use crate::provider::routing::{ModelRef, Reason};
 use crate::provider::{Message, Role};
@@ -38,6 +41,9 @@ pub(super) struct Planned {
     /// Whether a cached answer may be used (and so followed).
     pub lookup: bool,
     pub hit: Option<CachedAnswer>,
+    /// On a miss looked up with the lease in one script: who leads this
+    /// question's answer (`None`: not known yet, see `attempt::open`).
+    pub lead: Option<Lead>,
     /// Where the answer is cached once complete.
     pub cache_put: Option<CachePut>,
     pub popular: Option<PopularJob>,
@@ -58,6 +64,7 @@ pub(super) async fn prepare(
     identity: &Identity,
     req: &ChatRequest,
     cache_control: CacheControl,
+    turn_id: &str,
 ) -> Result<Planned, ApiError> {
     let config = state.config();
     let validate = ctx.start.elapsed();
@@ -76,6 +83,7 @@ pub(super) async fn prepare(
         .with_field("model"));
     }
     let cache = state.deps().cache.clone();
+    let live = state.deps().live.as_deref().filter(|l| l.config.coalesce);
     let (plan, ttl) = match (&config.cache, &cache) {
         (Some(c), Some(_)) => (c.policy.plan(req.temperature, cache_control), c.policy.ttl),
         _ => (Plan::NONE, Duration::ZERO),
@@ -116,17 +124,19 @@ pub(super) async fn prepare(
             _ => None,
         };
         let key = doc.as_deref().map(key_of_doc);
-        let hit = match (&cache, &key) {
-            (Some(c), Some(k)) if plan.lookup => c
-                .get(k)
-                .instrument(tracing::info_span!("cache_lookup"))
-                .await
-                .ok()
-                .flatten()
-                .filter(|a| a.fresh_for(plan.max_age, now_ms())),
-            _ => None,
+        let (hit, lead) = match (&cache, &key) {
+            (Some(c), Some(k)) if plan.lookup => {
+                let (hit, lead) = lookup(c.as_ref(), live, k, turn_id)
+                    .instrument(tracing::info_span!(
+                        "cache_lookup",
+                        lead = tracing::field::Empty
+                    ))
+                    .await;
+                (hit.filter(|a| a.fresh_for(plan.max_age, now_ms())), lead)
+            }
+            _ => (None, None),
         };
-        (messages, key, doc, hit, t.elapsed())
+        (messages, key, doc, hit, lead, t.elapsed())
     };
     let primary_key = model_ref.key();
     // The answer's tokens are reserved now (its max_tokens plus an estimate
@@ -137,16 +147,23 @@ pub(super) async fn prepare(
     // A fresh id: a client-sent request id could name a slot twice.
     let slot_id = new_id();
     let limits = async {
-        tokio::join!(
-            state.limiter().check(&caller, reserve),
-            state.streams().take(&caller, &slot_id),
+        // The rate limit and the slot share the caller's Redis slot: one
+        // script (see `limits::admit`).
+        let ((rate, slot), spent, primary) = tokio::join!(
+            crate::limits::admit(state.limiter(), state.streams(), &caller, reserve, &slot_id),
             spent_today(state, &identity.user_id, started_at_ms),
             state.circuits().admit(&primary_key),
-        )
+        );
+        (rate, slot, spent, primary)
     }
     .instrument(tracing::info_span!("limits"));
-    let (((rate, tokens), slot, spent, primary), (messages, key, doc, hit, history_time)) =
+    let (((rate, tokens), slot, spent, primary), (messages, key, doc, hit, lead, history_time)) =
         tokio::join!(limits, history);
+    // A lease taken with the lookup goes back if the request is refused.
+    let mut held = HeldLease(match (&lead, &key, &state.deps().live) {
+        (Some(Lead::Leader), Some(k), Some(l)) => Some((l.clone(), k.clone(), turn_id.to_owned())),
+        _ => None,
+    });
     let limits = ctx.start.elapsed() - validate;
     let rate_headers = rate.headers();
     // On any refusal the other checks' holds (tokens, slot, probe permit)
@@ -205,6 +222,8 @@ pub(super) async fn prepare(
         (Some(c), Some(k)) if plan.store => Some((c, k.clone(), ttl)),
         _ => None,
     };
+    // Admitted: the lease (if any) is the answer's now.
+    held.0 = None;
     Ok(Planned {
         model,
         route,
@@ -214,6 +233,7 @@ pub(super) async fn prepare(
         cache_key: key,
         lookup: plan.lookup,
         hit,
+        lead,
         cache_put,
         popular,
         rate_headers,
@@ -224,6 +244,49 @@ pub(super) async fn prepare(
         limits,
         history: history_time,
     })
+}
+
+/// The cache lookup of `key`: with the coalescing lease in one script when
+/// the cache is in the Redis live streams use (a miss then also knows who
+/// leads its answer), otherwise a plain lookup. `None` for the lead: not
+/// taken here.
+async fn lookup(
+    cache: &dyn ResponseCache,
+    live: Option<&Live>,
+    key: &str,
+    turn_id: &str,
+) -> (Option<CachedAnswer>, Option<Lead>) {
+    if let (Some(live), Some(entry_key)) = (live, cache.redis_key(key)) {
+        let (hit, lead) = match live.lookup_or_lead(&entry_key, key, turn_id).await {
+            Some(Looked::Cached(raw)) => (CachedAnswer::parse(&raw), None),
+            Some(Looked::Missed(lead)) => (None, Some(lead)),
+            // Redis is not answering: a miss, answered alone.
+            None => (None, Some(Lead::Alone)),
+        };
+        let role = match &lead {
+            Some(Lead::Leader) => "leader",
+            Some(Lead::Follow(_)) => "follow",
+            Some(Lead::Alone) => "alone",
+            None => "none",
+        };
+        tracing::Span::current().record("lead", role);
+        return (hit, lead);
+    }
+    (cache.get(key).await.ok().flatten(), None)
+}
+
+/// A coalescing lease taken before the request was admitted: given back
+/// (on a task) if it is dropped while still held.
+struct HeldLease(Option<(Arc<Live>, String, String)>);
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        if let Some((live, key, turn_id)) = self.0.take() {
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move { live.release(&key, &turn_id).await });
+            }
+        }
+    }
 }
 
 /// The history of `conversation_id` for `identity`; none for a new

@@ -125,7 +125,7 @@ pub(super) fn respond(
         provider,
         model_key,
         tokens: planned.tokens,
-        _slot: planned.slot,
+        slot: planned.slot,
         stop,
         state,
         upstream,
@@ -199,8 +199,9 @@ pub(super) struct Relay {
     /// The tokens reserved for this answer: settled to the real usage on
     /// every exit (complete, failed, client gone).
     tokens: Option<Reservation>,
-    /// The user's stream slot, given back when the relay ends.
-    _slot: Option<Slot>,
+    /// The user's stream slot, given back with the reservation when the
+    /// answer ends (or, if it never does, when the relay is dropped).
+    slot: Option<Slot>,
     /// A stop request for this answer (`DELETE /chat/streams/{id}`).
     stop: StopWatch,
     state: AppState,
@@ -241,12 +242,27 @@ pub(super) struct Relay {
 }
 
 impl Relay {
-    fn frame(&mut self, event: &str, data: &str) -> Bytes {
+    /// The next event's frame, encoded once: the live stream gets a
+    /// slice of the same bytes.
+    fn frame(&mut self, event: &'static str, data: &str) -> Bytes {
         self.seq += 1;
+        let (frame, at) = sse::encode_at(Some(self.seq), event, data);
+        self.tee_frame(event, &frame, at)
+    }
+
+    /// A `delta` event of `text`: its JSON written straight into the
+    /// frame (no JSON value built, no second string).
+    fn delta_frame(&mut self, text: &str) -> Bytes {
+        self.seq += 1;
+        let (frame, at) = sse::encode_delta(self.seq, text);
+        self.tee_frame("delta", &frame, at)
+    }
+
+    fn tee_frame(&self, event: &'static str, frame: &Bytes, at: std::ops::Range<usize>) -> Bytes {
         if let Some(t) = &self.tee {
-            t.send(self.seq, event, data);
+            t.send(self.seq, event, frame.slice(at));
         }
-        sse::encode(Some(self.seq), event, data)
+        frame.clone()
     }
 
     async fn next_frame(&mut self) -> Option<Bytes> {
@@ -298,8 +314,7 @@ impl Relay {
                     if self.draft.is_some() || self.cache_put.is_some() {
                         self.answer.push_str(&text);
                     }
-                    let data = json!({ "text": text }).to_string();
-                    return Some(self.frame("delta", &data));
+                    return Some(self.delta_frame(&text));
                 }
                 Chunk::Start { .. } => {}
                 Chunk::Stop {
@@ -314,9 +329,12 @@ impl Relay {
                 Chunk::End => {
                     // Count the tokens before the final event, while the
                     // invocation is surely still running.
-                    if let Some(r) = self.tokens.take() {
-                        r.settle(self.used_tokens()).await;
-                    }
+                    crate::limits::release(
+                        self.tokens.take(),
+                        self.slot.take(),
+                        self.used_tokens(),
+                    )
+                    .await;
                     return Some(self.complete());
                 }
             }
@@ -348,9 +366,7 @@ impl Relay {
     async fn stopped(&mut self) -> Bytes {
         self.finished = true;
         self.upstream = Box::pin(futures_util::stream::empty());
-        if let Some(r) = self.tokens.take() {
-            r.settle(self.used_tokens()).await;
-        }
+        crate::limits::release(self.tokens.take(), self.slot.take(), self.used_tokens()).await;
         self.stop_reason = Some("stopped".to_owned());
         let total = self.timings.start.elapsed();
         let data = json!({
@@ -380,9 +396,7 @@ impl Relay {
 
     async fn fail(&mut self, e: UpstreamError) -> Bytes {
         self.finished = true;
-        if let Some(r) = self.tokens.take() {
-            r.settle(self.used_tokens()).await;
-        }
+        crate::limits::release(self.tokens.take(), self.slot.take(), self.used_tokens()).await;
         if !self.following {
             // A follower's failure is its leader's, already counted.
             self.state.health(self.provider).record_error(&e);
@@ -483,7 +497,9 @@ impl Drop for Relay {
                 t.send(
                     self.seq + 1,
                     "gone",
-                    r#"{"code":"client_disconnected","message":"the answer was stopped when its client left"}"#,
+                    Bytes::from_static(
+                        br#"{"code":"client_disconnected","message":"the answer was stopped when its client left"}"#,
+                    ),
                 );
             }
             let _ = self.hand_over(TurnStatus::Interrupted, Some("client_disconnected"));

@@ -14,6 +14,7 @@
 //!
 //! Uses: [`crate::redis`], the AWS SDK. Used by: `chat`, `cache::warmer`, `state`.
 
+pub mod admit;
 pub mod breaker;
 pub mod circuit;
 pub mod failures;
@@ -22,6 +23,7 @@ pub mod retry;
 pub mod streams;
 pub mod table;
 
+pub use admit::{admit, release};
 pub use breaker::{Admission, BreakerConfig, BreakerState, Breakers};
 pub use circuit::{Circuits, Permit};
 pub use failures::{Blocked, FailedSignIns};

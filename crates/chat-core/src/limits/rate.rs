@@ -23,7 +23,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-const WINDOW_MS: u64 = 60_000;
+pub(super) const WINDOW_MS: u64 = 60_000;
 
 /// Requests and tokens per minute, per caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,7 @@ impl Decision {
 /// minute, plus the current window's. Checks both limits, then counts the
 /// request and reserves its tokens. KEYS: req cur, req prev, tok cur, tok
 /// prev. ARGV: rpm, tpm, ms into the window, window ms, tokens to reserve.
-const RATE_LUA: &str = r"
+pub(super) const RATE_LUA: &str = r"
 local rpm = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
 local weight = 1 - tonumber(ARGV[3]) / tonumber(ARGV[4])
@@ -237,37 +237,12 @@ impl RateLimiter {
             };
             return (d, index);
         }
-        if let Some(r) = &self.redis {
-            let c = tag(caller);
-            let keys = [
-                format!("rl:{{{c}}}:r:{index}"),
-                format!("rl:{{{c}}}:r:{}", index.saturating_sub(1)),
-                format!("rl:{{{c}}}:t:{index}"),
-                format!("rl:{{{c}}}:t:{}", index.saturating_sub(1)),
-            ];
-            let args = [
-                i64::from(self.limits.rpm),
-                i64::from(self.limits.tpm),
-                into as i64,
-                WINDOW_MS as i64,
-                i64::from(reserve),
-            ];
-            if let Some((allowed, remaining, why)) =
-                r.eval::<(i64, i64, i64)>(&self.rate, &keys, &args).await
+        if let Some((r, check)) = self.redis_check(caller, reserve) {
+            if let Some((allowed, remaining, why)) = r
+                .eval::<(i64, i64, i64)>(&self.rate, &check.keys, &check.args)
+                .await
             {
-                let d = Decision {
-                    allowed: allowed == 1,
-                    limit,
-                    remaining: remaining.clamp(0, i64::from(u32::MAX)) as u32,
-                    reset,
-                    exceeded: match why {
-                        1 => Some("requests"),
-                        2 => Some("tokens"),
-                        _ => None,
-                    },
-                    scope: "fleet",
-                };
-                return (d, index);
+                return (check.decision(allowed, remaining, why), check.index);
             }
         } else if let Some(t) = &self.table {
             let expires = (index + 2) * WINDOW_MS / 1000;
@@ -333,6 +308,65 @@ impl RateLimiter {
         (d, index)
     }
 
+    /// The Redis script's keys and arguments for one check of `caller`
+    /// (see [`RATE_LUA`]); `None` without Redis or with both limits off.
+    pub(super) fn redis_check(
+        &self,
+        caller: &str,
+        reserve: u32,
+    ) -> Option<(&Arc<RedisLink>, RedisCheck)> {
+        let r = self.redis.as_ref()?;
+        if self.limits.rpm == 0 && self.limits.tpm == 0 {
+            return None;
+        }
+        let reserve = if self.limits.tpm == 0 { 0 } else { reserve };
+        let now = now_ms();
+        let index = now / WINDOW_MS;
+        let into = now % WINDOW_MS;
+        let c = tag(caller);
+        Some((
+            r,
+            RedisCheck {
+                keys: [
+                    format!("rl:{{{c}}}:r:{index}"),
+                    format!("rl:{{{c}}}:r:{}", index.saturating_sub(1)),
+                    format!("rl:{{{c}}}:t:{index}"),
+                    format!("rl:{{{c}}}:t:{}", index.saturating_sub(1)),
+                ],
+                args: [
+                    i64::from(self.limits.rpm),
+                    i64::from(self.limits.tpm),
+                    into as i64,
+                    WINDOW_MS as i64,
+                    i64::from(reserve),
+                ],
+                index,
+                reset: Duration::from_millis(WINDOW_MS - into),
+                limit: self.limits.rpm,
+            },
+        ))
+    }
+
+    /// A check the script answered, with its reservation (as [`Self::check`]).
+    pub(super) fn checked(
+        self: &Arc<Self>,
+        caller: &str,
+        check: &RedisCheck,
+        (allowed, remaining, why): (i64, i64, i64),
+    ) -> (Decision, Option<Reservation>) {
+        let d = check.decision(allowed, remaining, why);
+        let reserve = check.args[4] as u32;
+        let reservation = (d.allowed && reserve > 0 && self.limits.tpm > 0).then(|| Reservation {
+            limiter: self.clone(),
+            caller: caller.to_owned(),
+            reserved: reserve,
+            index: check.index,
+            fleet: true,
+            settled: false,
+        });
+        (d, reservation)
+    }
+
     /// Moves `caller`'s token count of window `index` by `delta` (a
     /// reservation settled to the real usage), where it was reserved.
     async fn adjust(&self, caller: &str, index: u64, delta: i64, fleet: bool) {
@@ -367,6 +401,33 @@ impl RateLimiter {
     }
 }
 
+/// One check in Redis: the script's keys and arguments, and what its
+/// answer needs to become a [`Decision`].
+pub(super) struct RedisCheck {
+    pub keys: [String; 4],
+    pub args: [i64; 5],
+    index: u64,
+    reset: Duration,
+    limit: u32,
+}
+
+impl RedisCheck {
+    fn decision(&self, allowed: i64, remaining: i64, why: i64) -> Decision {
+        Decision {
+            allowed: allowed == 1,
+            limit: self.limit,
+            remaining: remaining.clamp(0, i64::from(u32::MAX)) as u32,
+            reset: self.reset,
+            exceeded: match why {
+                1 => Some("requests"),
+                2 => Some("tokens"),
+                _ => None,
+            },
+            scope: "fleet",
+        }
+    }
+}
+
 /// Tokens reserved for one request. Settle it with the tokens the answer
 /// really used; dropped unsettled (an error before the answer, a client
 /// that left) it settles in the background with no usage, so no exit path
@@ -383,6 +444,26 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// The Redis link of a reservation held there (not yet settled).
+    pub(super) fn fleet_link(&self) -> Option<&Arc<RedisLink>> {
+        self.limiter
+            .redis
+            .as_ref()
+            .filter(|_| self.fleet && !self.settled)
+    }
+
+    /// The Redis key, link and token change of settling to `used`, for a
+    /// reservation held in Redis; marks it settled (the caller sends it).
+    pub(super) fn take_fleet(&mut self, used: u32) -> Option<(Arc<RedisLink>, String, i64)> {
+        if !self.fleet || self.settled {
+            return None;
+        }
+        let r = self.limiter.redis.clone()?;
+        self.settled = true;
+        let key = format!("rl:{{{}}}:t:{}", tag(&self.caller), self.index);
+        Some((r, key, i64::from(used) - i64::from(self.reserved)))
+    }
+
     /// Replaces the reservation by `used` tokens.
     pub async fn settle(mut self, used: u32) {
         self.settled = true;

@@ -20,7 +20,7 @@ use crate::util::now_ms;
 
 /// KEYS: the user's slot set. ARGV: now ms, this slot's expiry ms, max,
 /// id, lease ms. Drops expired slots, refuses at `max`, else adds.
-const TAKE_LUA: &str = r"
+pub(super) const TAKE_LUA: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local open = redis.call('ZCARD', KEYS[1])
 if open >= tonumber(ARGV[3]) then return {0, open} end
@@ -104,26 +104,13 @@ impl StreamSlots {
             max: self.max,
             scope,
         };
-        if let Some(r) = &self.redis {
-            let key = format!("streams:{{{}}}", tag(caller));
-            let args = [
-                now.to_string(),
-                expires.to_string(),
-                self.max.to_string(),
-                id.to_owned(),
-                self.lease.as_millis().to_string(),
-            ];
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Some((r, take)) = self.redis_take(caller, id) {
+            let args: Vec<&str> = take.args.iter().map(String::as_str).collect();
             let taken = r
-                .script::<(i64, i64)>(&self.take, &[&key], &args, r.timeout())
+                .script::<(i64, i64)>(&self.take, &[&take.key], &args, r.timeout())
                 .await;
-            if let Some((ok, open)) = taken {
-                let open = open.clamp(0, i64::from(u32::MAX)) as u32;
-                return if ok == 1 {
-                    Ok(Some(slot(Kept::Redis)))
-                } else {
-                    Err(full(open, "fleet"))
-                };
+            if let Some(t) = taken {
+                return self.taken(caller, id, &take, t).map(Some);
             }
         } else if let Some(t) = &self.table {
             let taken = t
@@ -143,6 +130,61 @@ impl StreamSlots {
         }
         mine.push((id.to_owned(), expires));
         Ok(Some(slot(Kept::Local)))
+    }
+
+    /// The Redis script's key and arguments for taking a slot of `caller`
+    /// as `id` (see [`TAKE_LUA`]); `None` without Redis or with the limit off.
+    pub(super) fn redis_take(
+        &self,
+        caller: &str,
+        id: &str,
+    ) -> Option<(&Arc<RedisLink>, RedisTake)> {
+        let r = self.redis.as_ref()?;
+        if self.max == 0 {
+            return None;
+        }
+        let now = now_ms();
+        let expires = now + self.lease.as_millis() as u64;
+        Some((
+            r,
+            RedisTake {
+                key: format!("streams:{{{}}}", tag(caller)),
+                args: [
+                    now.to_string(),
+                    expires.to_string(),
+                    self.max.to_string(),
+                    id.to_owned(),
+                    self.lease.as_millis().to_string(),
+                ],
+                expires,
+            },
+        ))
+    }
+
+    /// A take the script answered: `(1, open)` taken, `(0, open)` full.
+    pub(super) fn taken(
+        self: &Arc<Self>,
+        caller: &str,
+        id: &str,
+        take: &RedisTake,
+        (ok, open): (i64, i64),
+    ) -> Result<Slot, StreamsFull> {
+        if ok == 1 {
+            Ok(Slot {
+                slots: self.clone(),
+                caller: caller.to_owned(),
+                id: id.to_owned(),
+                expires_ms: take.expires,
+                kept: Kept::Redis,
+                given: false,
+            })
+        } else {
+            Err(StreamsFull {
+                open: open.clamp(0, i64::from(u32::MAX)) as u32,
+                max: self.max,
+                scope: "fleet",
+            })
+        }
     }
 
     async fn give(&self, caller: &str, id: &str, expires_ms: u64, kept: Kept) {
@@ -175,6 +217,13 @@ impl StreamSlots {
     }
 }
 
+/// One take in Redis: the script's key and arguments, and the slot's expiry.
+pub(super) struct RedisTake {
+    pub key: String,
+    pub args: [String; 5],
+    expires: u64,
+}
+
 /// One answer's slot; given back when dropped (locally at once, in Redis
 /// or the table on a task).
 pub struct Slot {
@@ -187,6 +236,29 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// The Redis link of a slot held there (not yet given back).
+    pub(super) fn fleet_link(&self) -> Option<&Arc<RedisLink>> {
+        self.slots
+            .redis
+            .as_ref()
+            .filter(|_| self.kept == Kept::Redis && !self.given)
+    }
+
+    /// The Redis link, key and member of a slot held in Redis; marks it
+    /// given (the caller removes it).
+    pub(super) fn take_fleet(&mut self) -> Option<(Arc<RedisLink>, String, String)> {
+        if self.kept != Kept::Redis || self.given {
+            return None;
+        }
+        let r = self.slots.redis.clone()?;
+        self.given = true;
+        Some((
+            r,
+            format!("streams:{{{}}}", tag(&self.caller)),
+            std::mem::take(&mut self.id),
+        ))
+    }
+
     /// Gives the slot back now (an answer that ended).
     pub async fn give_back(mut self) {
         self.given = true;

@@ -11,7 +11,9 @@
 //!   `done` or `error`. No model call.
 //! - **Coalescing**: a cacheable request that misses the cache tries to
 //!   become the *leader* of its cache key: `SET lead:{key} turn_id NX PX
-//!   lease`. The winner calls the model and keeps the lease alive while it
+//!   lease`, in the same script as its cache lookup
+//!   ([`Live::lookup_or_lead`]) when the cache is in this Redis. The
+//!   winner calls the model and keeps the lease alive while it
 //!   streams. Everyone else *follows* the leader's stream (`meta.cache =
 //!   "follow"`) instead of calling the model, and gets the same answer as
 //!   their own turn.
@@ -104,6 +106,39 @@ if ok then return ARGV[1] end
 return redis.call('GET', KEYS[1])
 ";
 
+/// The cache lookup and, on a miss, the lease of the same key, in one
+/// round trip: both keys carry the cache key's `{hash tag}`, so they share
+/// a slot (cluster mode). `{1, entry}` on a hit (no lease taken);
+/// `{0, holder}` on a miss (`''`: the lease ran out between SET and GET).
+const LOOKUP_LEAD: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then return {1, v} end
+local ok = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+if ok then return {0, ARGV[1]} end
+local h = redis.call('GET', KEYS[2])
+if h then return {0, h} end
+return {0, ''}
+";
+
+/// Stores a complete answer in the cache and gives up its lease if we
+/// still hold it: one round trip (the keys share the cache key's slot).
+const STORE_RELEASE: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
+end
+return 1
+";
+
+/// What [`Live::lookup_or_lead`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Looked {
+    /// The cache held this entry (as stored); no lease was taken.
+    Cached(String),
+    /// A miss, and who leads its answer now.
+    Missed(Lead),
+}
+
 /// Renews the lease only while we hold it (a new leader may have it).
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -125,6 +160,8 @@ pub struct Live {
     timeout: Duration,
     pub config: LiveConfig,
     lead: Script,
+    lookup_lead: Script,
+    store_release: Script,
     renew: Script,
     release: Script,
 }
@@ -148,6 +185,8 @@ impl Live {
             timeout,
             config,
             lead: Script::new(LEAD),
+            lookup_lead: Script::new(LOOKUP_LEAD),
+            store_release: Script::new(STORE_RELEASE),
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
         }
@@ -181,6 +220,61 @@ impl Live {
             // wait for a second round trip to find out.
             Some(None) => Lead::Alone,
         }
+    }
+
+    /// Looks `cache_key` up in the cache entry `entry_key` (the Redis
+    /// cache's key for it, in the same slot) and, on a miss, becomes its
+    /// leader as `turn_id` or learns whom to follow: one round trip where
+    /// [`Live::lead`] after a `GET` takes two. `None` when Redis is not
+    /// answering (the caller then calls the model alone, as a miss).
+    pub async fn lookup_or_lead(
+        &self,
+        entry_key: &str,
+        cache_key: &str,
+        turn_id: &str,
+    ) -> Option<Looked> {
+        let lease = self.config.lease.as_millis().to_string();
+        let lock = lock_key(cache_key);
+        let (hit, v): (i64, String) = self
+            .link
+            .script(
+                &self.lookup_lead,
+                &[entry_key, &lock],
+                &[turn_id, &lease],
+                self.timeout,
+            )
+            .await?;
+        Some(match (hit, v) {
+            (1, entry) => Looked::Cached(entry),
+            (_, h) if h == turn_id => Looked::Missed(Lead::Leader),
+            (_, h) if h.is_empty() => Looked::Missed(Lead::Alone),
+            (_, h) => Looked::Missed(Lead::Follow(h)),
+        })
+    }
+
+    /// Stores `entry` (a cache entry as JSON) under the Redis cache's
+    /// `entry_key` for `ttl` and
+    /// gives up the lease on `cache_key` if `turn_id` holds it, in one
+    /// script; false when Redis did not answer (the lease then runs out).
+    pub async fn store_and_release(
+        &self,
+        entry_key: &str,
+        entry: &str,
+        ttl: Duration,
+        cache_key: &str,
+        turn_id: &str,
+    ) -> bool {
+        let ttl = ttl.as_secs().max(1).to_string();
+        let lock = lock_key(cache_key);
+        self.link
+            .script::<i64>(
+                &self.store_release,
+                &[entry_key, &lock],
+                &[entry, &ttl, turn_id],
+                self.timeout,
+            )
+            .await
+            .is_some()
     }
 
     /// Gives up the lease on `cache_key` if `turn_id` holds it.
@@ -234,7 +328,7 @@ impl Live {
         turn_id: String,
         owner: String,
         lock: Option<String>,
-        mut rx: mpsc::UnboundedReceiver<Entry>,
+        mut rx: mpsc::UnboundedReceiver<tee::Queued>,
     ) {
         let stream = stream_key(&turn_id);
         let retention = self.config.retention.as_secs().max(1);
@@ -258,10 +352,7 @@ impl Live {
             while let Ok(e) = rx.try_recv() {
                 batch.push(e);
             }
-            let terminal = batch
-                .iter()
-                .find(|e| e.is_terminal())
-                .map(|e| e.event.clone());
+            let terminal = batch.iter().find(|e| e.is_terminal()).map(|e| e.event);
             if !batch.is_empty() {
                 let mut pipe = redis::pipe();
                 for e in &batch {
@@ -271,9 +362,9 @@ impl Live {
                         .arg("i")
                         .arg(e.seq)
                         .arg("e")
-                        .arg(&e.event)
+                        .arg(e.event)
                         .arg("d")
-                        .arg(&e.data)
+                        .arg(&e.data[..])
                         .ignore();
                 }
                 // The owner lives exactly as long as the stream: both are
@@ -290,7 +381,7 @@ impl Live {
                 }
             }
             if let Some(lock) = &lock {
-                match terminal.as_deref() {
+                match terminal {
                     // Failures are not shared with later requests. A done
                     // answer's lease is given up by the relay once the
                     // cache has it ([`Live::release`]).

@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use super::log::LogOut;
 
@@ -100,41 +100,106 @@ impl Metrics {
     }
 
     /// The line, at `timestamp_ms`, for `namespace` and `function`.
+    /// Written straight into one string (no JSON values built: this runs
+    /// for every request). A name given twice keeps its last value; a
+    /// property never hides a dimension or a metric.
     pub fn line(&self, namespace: &str, function: &str, timestamp_ms: u64) -> String {
-        let mut sets = vec![json!(["function"])];
-        if !self.dims.is_empty() {
-            let mut all = vec!["function"];
-            all.extend(self.dims.iter().map(|(k, _)| *k));
-            sets.push(json!(all));
+        use std::fmt::Write as _;
+        // Writing into a String cannot fail, nor can serialising a str or
+        // a JSON value.
+        fn text(out: &mut String, s: &str) {
+            if let Ok(q) = serde_json::to_string(s) {
+                out.push_str(&q);
+            }
         }
-        let metrics: Vec<Value> = self
+        let last = |i: usize, name: &str, names: &mut dyn Iterator<Item = &'static str>| {
+            !names.skip(i + 1).any(|n| n == name)
+        };
+        let dims: Vec<&(&'static str, String)> = self
+            .dims
+            .iter()
+            .enumerate()
+            .filter(|(i, (n, _))| {
+                n != &"function" && last(*i, n, &mut self.dims.iter().map(|d| d.0))
+            })
+            .map(|(_, d)| d)
+            .collect();
+        let values: Vec<&(&'static str, f64, Unit)> = self
             .values
             .iter()
-            .map(|(n, _, u)| json!({ "Name": n, "Unit": u.as_str() }))
+            .enumerate()
+            .filter(|(i, (n, ..))| last(*i, n, &mut self.values.iter().map(|v| v.0)))
+            .map(|(_, v)| v)
             .collect();
-        let mut root = Map::new();
-        root.insert(
-            "_aws".into(),
-            json!({
-                "Timestamp": timestamp_ms,
-                "CloudWatchMetrics": [{
-                    "Namespace": namespace,
-                    "Dimensions": sets,
-                    "Metrics": metrics,
-                }],
-            }),
+        let mut out = String::with_capacity(512);
+        let _ = write!(
+            out,
+            "{{\"_aws\":{{\"Timestamp\":{timestamp_ms},\"CloudWatchMetrics\":[{{\"Namespace\":"
         );
-        root.insert("function".into(), function.into());
-        for (k, v) in &self.dims {
-            root.insert((*k).into(), v.clone().into());
+        text(&mut out, namespace);
+        out.push_str(",\"Dimensions\":[[\"function\"]");
+        if !dims.is_empty() {
+            out.push_str(",[\"function\"");
+            for (k, _) in &dims {
+                out.push(',');
+                text(&mut out, k);
+            }
+            out.push(']');
         }
-        for (k, v, _) in &self.values {
-            root.insert((*k).into(), (*v).into());
+        out.push_str("],\"Metrics\":[");
+        for (i, (n, _, u)) in values.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str("{\"Name\":");
+            text(&mut out, n);
+            let _ = write!(out, ",\"Unit\":\"{}\"}}", u.as_str());
         }
+        out.push_str("]}]},\"function\":");
+        text(&mut out, function);
+        for (k, v) in &dims {
+            out.push(',');
+            text(&mut out, k);
+            out.push(':');
+            text(&mut out, v);
+        }
+        for (k, v, _) in &values {
+            out.push(',');
+            text(&mut out, k);
+            out.push(':');
+            // JSON has no NaN or infinity: those become null (as a JSON
+            // value would have made them).
+            if v.is_finite() {
+                let _ = write!(
+                    out,
+                    "{}",
+                    serde_json::Number::from_f64(*v).map_or_else(String::new, |n| n.to_string())
+                );
+            } else {
+                out.push_str("null");
+            }
+        }
+        let taken = |k: &str| {
+            k == "_aws"
+                || k == "function"
+                || dims.iter().any(|d| d.0 == k)
+                || values.iter().any(|v| v.0 == k)
+        };
+        let mut seen: Vec<&str> = Vec::new();
         for (k, v) in &self.props {
-            root.entry(*k).or_insert_with(|| v.clone());
+            if taken(k) || seen.contains(k) {
+                continue;
+            }
+            seen.push(k);
+            out.push(',');
+            text(&mut out, k);
+            out.push(':');
+            if let Ok(j) = serde_json::to_string(v) {
+                out.push_str(&j);
+            }
         }
-        Value::Object(root).to_string()
+        out.push('}');
+        out
     }
 
     /// Writes the line (nothing when metrics are off or empty).
@@ -230,6 +295,7 @@ pub fn validate(line: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_line_is_valid_emf_with_its_dimensions_and_units() {
@@ -250,6 +316,46 @@ mod tests {
             json!([["function"], ["function", "model", "outcome"]])
         );
         assert_eq!(v["request_id"], "r1");
+    }
+
+    #[test]
+    fn the_line_is_exactly_this_json() {
+        // Escaped strings, a name given twice (the last value counts), a
+        // property that would hide a metric (it does not), a property
+        // given twice (the first counts), a value that is not finite.
+        let line = Metrics::new()
+            .dim("model", "m\"1\n")
+            .ms("Total", 1.0)
+            .count("Errors", 1.0)
+            .ms("Total", 2.5)
+            .count("Odd", f64::NAN)
+            .prop("Total", "hidden")
+            .prop("request_id", "r1")
+            .prop("request_id", "r2")
+            .prop("n", 3)
+            .line("n\"s", "f", 7);
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "_aws": {"Timestamp": 7, "CloudWatchMetrics": [{
+                    "Namespace": "n\"s",
+                    "Dimensions": [["function"], ["function", "model"]],
+                    "Metrics": [
+                        {"Name": "Errors", "Unit": "Count"},
+                        {"Name": "Total", "Unit": "Milliseconds"},
+                        {"Name": "Odd", "Unit": "Count"},
+                    ],
+                }]},
+                "function": "f",
+                "model": "m\"1\n",
+                "Errors": 1.0,
+                "Total": 2.5,
+                "Odd": null,
+                "request_id": "r1",
+                "n": 3,
+            })
+        );
     }
 
     #[test]

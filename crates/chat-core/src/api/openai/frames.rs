@@ -75,7 +75,14 @@ pub struct Chunker {
     created: u64,
     id: String,
     model: String,
+    /// A content chunk's JSON before and after its content (known once
+    /// `meta` has named the turn and model): a `delta`'s text is already
+    /// a JSON string in our frame, so it goes between them as it is.
+    content: Option<(Bytes, Bytes)>,
 }
+
+/// Stands in for the content while a content chunk's two halves are made.
+const HOLE: &str = "\u{0}hole";
 
 impl Chunker {
     pub fn new(include_usage: bool, created: u64) -> Self {
@@ -84,7 +91,19 @@ impl Chunker {
             created,
             id: String::from("chatcmpl-"),
             model: String::new(),
+            content: None,
         }
+    }
+
+    /// The JSON of a content chunk split around its content.
+    fn content_halves(&self) -> Option<(Bytes, Bytes)> {
+        let whole = self.chunk(json!({ "content": HOLE }), None).to_string();
+        let hole = serde_json::to_string(HOLE).ok()?;
+        let at = whole.find(&hole)?;
+        Some((
+            Bytes::copy_from_slice(&whole.as_bytes()[..at]),
+            Bytes::copy_from_slice(&whole.as_bytes()[at + hole.len()..]),
+        ))
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
@@ -105,14 +124,39 @@ impl Chunker {
     /// The frames for one of our events (none for an event it does not
     /// know, so a newer event kind is passed over, not an error).
     pub fn frames(&mut self, ev: &SseEvent, out: &mut BytesMut) {
-        let data: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
         let id = ev.id.as_deref();
+        if ev.event == "delta" {
+            // `{"text":"..."}` as our frames write it: the string passes
+            // through without being parsed and written again.
+            let text = ev
+                .data
+                .strip_prefix("{\"text\":")
+                .and_then(|r| r.strip_suffix('}'))
+                .filter(|t| {
+                    t.starts_with('"') && serde_json::from_str::<serde::de::IgnoredAny>(t).is_ok()
+                });
+            if let (Some(text), Some((before, after))) = (text, &self.content) {
+                if let Some(id) = id {
+                    out.put_slice(b"id: ");
+                    out.put_slice(id.as_bytes());
+                    out.put_u8(b'\n');
+                }
+                out.put_slice(b"data: ");
+                out.put_slice(before);
+                out.put_slice(text.as_bytes());
+                out.put_slice(after);
+                out.put_slice(b"\n\n");
+                return;
+            }
+        }
+        let data: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
         match ev.event.as_str() {
             "meta" => {
                 if let Some(t) = data["turn_id"].as_str() {
                     self.id = format!("chatcmpl-{t}");
                 }
                 self.model = data["model"].as_str().unwrap_or_default().to_owned();
+                self.content = self.content_halves();
                 let c = self.chunk(json!({"role": "assistant", "content": ""}), None);
                 out.put(data_frame(id, &c));
             }
@@ -268,6 +312,44 @@ mod tests {
         assert!(chunks[..4].iter().all(|c| c["usage"].is_null()));
         // Our event ids ride along, for a resume.
         assert_eq!(events[1].id.as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_delta_passed_through_is_the_chunk_a_json_value_would_make() {
+        for include_usage in [false, true] {
+            for text in [
+                "plain",
+                "quo\"te \\ back",
+                "line\nbreak\ttab",
+                "\u{1} ctl",
+                "é ✓ 😀",
+                "</script>",
+            ] {
+                let mut c = Chunker::new(include_usage, 7);
+                let mut out = BytesMut::new();
+                c.frames(&answer()[0], &mut out);
+                out.clear();
+                // As the relay writes a delta.
+                let (frame, _) = crate::sse::encode_delta(2, text);
+                let ev = SseParser::new().feed(&frame).unwrap().remove(0);
+                c.frames(&ev, &mut out);
+                let fast = String::from_utf8(out.to_vec()).unwrap();
+                let slow = String::from_utf8(
+                    data_frame(Some("2"), &c.chunk(json!({ "content": text }), None)).to_vec(),
+                )
+                .unwrap();
+                assert_eq!(fast, slow, "{text:?}");
+            }
+        }
+        // Data that is not exactly `{"text": <string>}` takes the slow path.
+        let mut c = Chunker::new(false, 7);
+        let mut out = BytesMut::new();
+        c.frames(&answer()[0], &mut out);
+        out.clear();
+        c.frames(&ev(2, "delta", json!({"text": "a", "x": "b"})), &mut out);
+        let s = String::from_utf8(out.to_vec()).unwrap();
+        let chunk: Value = serde_json::from_str(s.trim().rsplit("data: ").next().unwrap()).unwrap();
+        assert_eq!(chunk["choices"][0]["delta"]["content"], "a");
     }
 
     #[test]
