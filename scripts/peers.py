@@ -36,6 +36,7 @@ import http.client
 import json
 import os
 import resource
+import secrets
 import signal
 import socket
 import statistics
@@ -124,7 +125,8 @@ class Procs:
 
     def start(self, name, argv, env=None):
         log = open(os.path.join(self.out, f"{name}.log"), "ab")
-        p = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        merged = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+        p = subprocess.Popen(argv, env=merged, stdout=log, stderr=subprocess.STDOUT,
                              cwd=ROOT, start_new_session=True)
         self.all.append(p)
         return p
@@ -146,8 +148,13 @@ class Procs:
             self.stop(p)
 
 
+BEARER = {}
+
+
 def bench(out, label, args):
     """One chat-bench run; its JSON line, or None (errors are in the log)."""
+    if label in BEARER:
+        args = [*args, "--bearer", BEARER[label]]
     r = subprocess.run([os.path.join(BIN, "chat-bench"), *args, "--json", "--label", label],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     line = next((l for l in r.stderr.splitlines() if l.startswith("{")), None)
@@ -181,18 +188,29 @@ def run(a, out, procs, nofile):
     litellm_version = open(os.path.join(ROOT, "bench", "litellm.in")).read().split("==")[1].split()[0]
     use_litellm = not a.no_litellm and os.path.exists(os.path.join(BENCH_VENV, "bin", "litellm"))
 
-    rport, moto_port = free_port(), free_port()
+    rport = free_port()
     procs.start("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-    procs.start("moto", [os.path.join(VENV, "bin", "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)])
     wait_port(rport)
-    wait_port(moto_port)
-    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}", "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    ensured = subprocess.run([os.path.join(VENV, "bin", "python"), "scripts/local_aws.py", "ensure", "--prefix", "peers",
-                              "--format", "json"], env={**os.environ, **aws}, capture_output=True, text=True, cwd=ROOT,
-                             check=True)
-    tables = json.loads(ensured.stdout)
     redis_url = f"redis://127.0.0.1:{rport}"
+    moto = {"proc": None, "env": {}}
+
+    def fresh_moto():
+        """A new moto with the template's table and queue: moto slows as
+        its queue fills (nothing drains it here), so each row that
+        persists gets its own."""
+        if moto["proc"] is not None:
+            procs.stop(moto["proc"])
+        port = free_port()
+        moto["proc"] = procs.start("moto", [os.path.join(VENV, "bin", "moto_server"), "-H", "127.0.0.1", "-p", str(port)])
+        wait_port(port)
+        aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        ensured = subprocess.run([os.path.join(VENV, "bin", "python"), "scripts/local_aws.py", "ensure", "--prefix",
+                                  "peers", "--format", "json"], env={**os.environ, **aws}, capture_output=True,
+                                 text=True, cwd=ROOT, check=True)
+        t = json.loads(ensured.stdout)
+        moto["env"] = {**aws, "TABLE_NAME": t["TABLE_NAME"], "TURN_QUEUE_URL": t["TURN_QUEUE_URL"]}
+        return moto["env"]
 
     def redis_flush():
         subprocess.run(["redis-cli", "-p", str(rport), "flushall"], capture_output=True)
@@ -200,15 +218,21 @@ def run(a, out, procs, nofile):
     common = {"ANTHROPIC_API_KEY": "bench", "LOG_LEVEL": "info", "AUTH_MODE": "api_key",
               "API_KEY_HASHES": f"{key_hash}:bench-user",
               # Limits high enough never to refuse: checked on every request, never hit.
-              "RATE_LIMIT_RPM": "1000000", "RATE_LIMIT_TPM": "1000000000", "MAX_STREAMS_PER_USER": "10000",
-              **aws, "TABLE_NAME": tables["TABLE_NAME"], "TURN_QUEUE_URL": tables["TURN_QUEUE_URL"]}
+              "RATE_LIMIT_RPM": "1000000", "RATE_LIMIT_TPM": "1000000000", "MAX_STREAMS_PER_USER": "10000"}
+    # (None: not set at all in the child's environment)
+    no_aws = {"TABLE_NAME": None, "TURN_QUEUE_URL": None, "AWS_ENDPOINT_URL": None}
 
     def chat_full(sim, port):
-        env = {**common, "ANTHROPIC_BASE_URL": sim, "REDIS_URL": redis_url, "CACHE_BACKEND": "redis"}
+        env = {**common, **no_aws, "ANTHROPIC_BASE_URL": sim, "REDIS_URL": redis_url, "CACHE_BACKEND": "redis"}
+        return [os.path.join(BIN, "chat-stream"), "--bind-addr", f"127.0.0.1:{port}"], env
+
+    def chat_persist(sim, port):
+        env = {**common, **fresh_moto(), "ANTHROPIC_BASE_URL": sim, "REDIS_URL": redis_url, "CACHE_BACKEND": "redis"}
         return [os.path.join(BIN, "chat-stream"), "--bind-addr", f"127.0.0.1:{port}"], env
 
     def chat_default(sim, port):
-        env = {**common, "ANTHROPIC_BASE_URL": sim, "CACHE_BACKEND": "dynamodb", "CACHE_ENABLED": "true"}
+        env = {**common, **fresh_moto(), "ANTHROPIC_BASE_URL": sim, "CACHE_BACKEND": "dynamodb",
+               "CACHE_ENABLED": "true", "REDIS_URL": None}
         return [os.path.join(BIN, "chat-stream"), "--bind-addr", f"127.0.0.1:{port}"], env
 
     def litellm(sim, port):
@@ -227,7 +251,7 @@ litellm_settings:
     host: 127.0.0.1
     port: {rport}
 """)
-        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
+        env = {"LITELLM_MASTER_KEY": master_key, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
                "DISABLE_SCHEMA_UPDATE": "true"}
         return [os.path.join(BENCH_VENV, "bin", "litellm"), "--config", cfg, "--host", "127.0.0.1", "--port", str(port),
                 "--num_workers", "1"], env
@@ -236,14 +260,22 @@ litellm_settings:
         return [os.path.join(BIN, "bare-relay"), "--addr", f"127.0.0.1:{port}", "--upstream", sim,
                 "--redis", redis_url], {}
 
-    # (key, label, how to start it, path, chat-bench api)
-    rows = [("full", "chat-stream, every feature on", chat_full, "/chat", "chat"),
-            ("default", "chat-stream, template default (DynamoDB cache + limits in the table; moto)", chat_default,
-             "/chat", "chat")]
+    # (key, label, how to start it, path, chat-bench api, TTFT concurrencies, hit concurrencies)
+    rows = [("full", "chat-stream, every feature on (API key, limits + slots + breakers in Redis, Redis cache, "
+                     "coalescing, live stream copy); persistence off", chat_full, "/chat", "chat", (1, 20, 100), (1, 20)),
+            ("persist", "the same + persistence (turns to SQS, history buffer in Redis; SQS in moto)", chat_persist,
+             "/chat", "chat", (1,), (1,)),
+            ("default", "chat-stream, template default (DynamoDB cache, limits in the table, persistence; all moto)",
+             chat_default, "/chat", "chat", (1,), (1,))]
     if use_litellm:
         rows.append(("litellm", f"LiteLLM {litellm_version} (1 worker, Redis cache)", litellm, "/v1/chat/completions",
-                     "openai"))
-    rows.append(("bare", "bare relay (axum + reqwest, no features)", bare, "/chat", "chat"))
+                     "openai", (1, 20, 100), (1, 20)))
+    rows.append(("bare", "bare relay (axum + reqwest, no features)", bare, "/chat", "chat", (1, 20, 100), (1, 20)))
+
+    # LiteLLM refuses to start without a master key: every request to it
+    # carries this one (our rows check an API key too).
+    master_key = "sk-" + secrets.token_hex(32)
+    BEARER["litellm"] = master_key
 
     def ready(port, path, api, i):
         if api == "openai":
@@ -251,7 +283,8 @@ litellm_settings:
                     "messages": [{"role": "user", "content": f"ready {i} {time.time()}"}]}
         else:
             body = {"message": f"ready {i} {time.time()}", "max_tokens": 16}
-        return answer_once(port, path, body, {"x-api-key": "bench", "anthropic-version": "2023-06-01"})
+        headers = {"authorization": f"Bearer {master_key}"} if api == "openai" else {"x-api-key": "bench"}
+        return answer_once(port, path, body, headers)
 
     def start_row(key, start, sim_url, path, api, tag):
         port = free_port()
@@ -290,8 +323,13 @@ litellm_settings:
     meta = {}  # key -> list of dicts per round
 
     def req_for(key, c):
-        slow = key in ("litellm",)
-        return {1: 100 if slow else 500, 20: 300 if slow else 2000, 100: 400 if slow else 2000}[c]
+        if key == "litellm":
+            return {1: 100, 20: 300, 100: 400}[c]
+        if key == "persist":
+            return {1: 300, 20: 300}[c]
+        if key == "default":
+            return {1: 60}[c]
+        return {1: 500, 20: 2000, 100: 2000}[c]
 
     profile = {}  # (key, kind) -> {command: calls per request}
 
@@ -323,27 +361,30 @@ litellm_settings:
                 counts[cmd] = counts.get(cmd, 0) + 1
             profile[(key, kind)] = {c: v / n for c, v in counts.items()}
 
+    def warm(key, c):
+        return 5 if key == "default" else max(50, c)
+
     for rnd in range(a.rounds):
         for c in (1, 20, 100):
             r = bench(out, "direct", ["--url", f"{fast_url}/v1/messages", "--api", "anthropic", "--concurrency", str(c),
                                       "--requests", str(req_for("direct", c)), "--warmup", str(max(50, c))])
             res.setdefault(("direct", f"ttft{c}"), []).append(r)
-        for key, label, start, path, api in rows:
+        for key, label, start, path, api, ttft_cs, hit_cs in rows:
             redis_flush()
             load0 = loadavg()
             p, port, startup = start_row(key, start, fast_url, path, api, f"r{rnd}")
             cpu0 = cpu_s(p.pid)
             url = f"http://127.0.0.1:{port}{path}"
-            for c in (1, 20, 100):
+            for c in ttft_cs:
                 r = bench(out, key, ["--url", url, "--api", api, "--concurrency", str(c), "--requests",
-                                     str(req_for(key, c)), "--warmup", str(max(50, c)), "--temperature", "0"])
+                                     str(req_for(key, c)), "--warmup", str(warm(key, c)), "--temperature", "0"])
                 res.setdefault((key, f"ttft{c}"), []).append(r)
-            for c in (1, 20):
+            for c in hit_cs:
                 r = bench(out, key, ["--url", url, "--api", api, "--concurrency", str(c), "--requests",
-                                     str(req_for(key, c)), "--warmup", str(max(20, c)), "--repeat", "--message",
+                                     str(req_for(key, c)), "--warmup", str(warm(key, c)), "--repeat", "--message",
                                      f"peers hit question round {rnd} c {c}"])
                 res.setdefault((key, f"hit{c}"), []).append(r)
-            if rnd == 0 and key in ("full", "bare"):
+            if rnd == 0 and key in ("full", "persist", "bare"):
                 redis_profile(key, url, api)
             tree = proc_tree(p.pid)
             rss = sum(status_kib(t, "VmHWM") for t in tree) / 1024
@@ -356,7 +397,9 @@ litellm_settings:
     slow = sim("sim-slow", "--ttft-ms", "400", "--tps", "80", "--tokens", "32")
     slow_url = f"http://127.0.0.1:{slow}"
     stampede = {}
-    for key, label, start, path, api in rows:
+    for key, label, start, path, api, *_ in rows:
+        if key == "persist":
+            continue
         redis_flush()
         p, port, _ = start_row(key, start, slow_url, path, api, "stampede")
         before = sim_calls(slow)
@@ -372,7 +415,7 @@ litellm_settings:
     drip = sim("sim-drip", "--ttft-ms", "500", "--tps", "2", "--tokens", "16")
     drip_url = f"http://127.0.0.1:{drip}"
     streams = {}
-    for key, label, start, path, api in rows:
+    for key, label, start, path, api, *_ in rows:
         if key not in ("full", "bare"):
             continue
         redis_flush()
@@ -413,7 +456,7 @@ def report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_
           f"median of {a.rounds} interleaved rounds)\n")
     print("model-sim answers at once (ttft 0, 16 tokens, no pacing), so \"added\" is each row's TTFT minus "
           "model-sim direct's in the same round. Unique questions at temperature 0 (every request looks the cache "
-          "up and misses). Requests per row: 500 (c=1), 2000 (c=20, c=100); LiteLLM 100 / 300 / 400.\n")
+          "up and misses). Requests per row: 500 (c=1), 2000 (c=20, c=100); LiteLLM 100 / 300 / 400; with persistence 300 (c=1); the template default 60 (c=1; moto, a Python server, is the bottleneck there).\n")
     label = {k: l for k, l, *_ in rows}
     label["direct"] = "model-sim direct (baseline)"
     keys = ["direct"] + [k for k, *_ in rows]
@@ -425,6 +468,9 @@ def report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_
         cells = []
         e = 0
         for c in (1, 20, 100):
+            if (k, f"ttft{c}") not in res:
+                cells += ["-", "-", "-"]
+                continue
             for q in ("p50", "p95", "p99"):
                 v = med(res[(k, f"ttft{c}")], "ttft_ms", q)
                 d = med(res[("direct", f"ttft{c}")], "ttft_ms", q)
@@ -433,31 +479,37 @@ def report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_
                 cells.append(f"{x:.3f}" if k != "direct" else f"({v:.3f})")
             e += errs(res[(k, f"ttft{c}")])
         print(f"| {label[k]} | " + " | ".join(cells) + f" | {e} |")
-    print("\n(The direct row shows model-sim's own TTFT in brackets; the others are added to it.)\n")
+    print("\n(The direct row shows model-sim's own TTFT in brackets; the others are added to it. \"-\": not run: "
+          "moto, a Python server on the same two cores, cannot keep up with the turns at that concurrency.)\n")
     if use_litellm:
-        print("### Ratios in this run (added TTFT p50, LiteLLM / row)\n")
-        print("| row | c=1 | c=20 | c=100 |")
-        print("|---|---|---|---|")
+        print("### Ratios in this run (added TTFT, LiteLLM / row)\n")
+        print("| row | c=1 p50 | c=20 p50 | c=100 p50 | c=20 p99 |")
+        print("|---|---|---|---|---|")
         for k in keys[1:]:
             if k == "litellm":
                 continue
             cells = []
-            for c in (1, 20, 100):
-                ours = added[(k, c, "p50")]
-                cells.append(f"{added[('litellm', c, 'p50')] / ours:.0f}x" if ours > 0 else "n/a (<= 0)")
+            for c, q in ((1, "p50"), (20, "p50"), (100, "p50"), (20, "p99")):
+                ours = added.get((k, c, q))
+                theirs = added.get(("litellm", c, q))
+                if ours is None or theirs is None:
+                    cells.append("-")
+                else:
+                    cells.append(f"{theirs / ours:.0f}x" if ours > 0 else "n/a (ours <= 0)")
             print(f"| {label[k]} | " + " | ".join(cells) + " |")
         print()
     print("### Cache hits (the same question at temperature 0; the first is the miss in the warm-up)\n")
     print("\"answer\" = request sent to the answer's last event (`done` / `[DONE]`): the client has the whole "
-          "answer. \"body end\" = the response's end (chat-stream keeps `/chat`'s body open until the turn is "
-          "durable: here a moto SQS send). hits/s counts complete responses.\n")
+          "answer. \"body end\" = the response's end (chat-stream keeps a persisted turn's body open until it is "
+          "durable: a moto SQS send here). hits/s counts complete responses.\n")
     print("| row | c=1 answer p50 ms | p95 | p99 | c=1 body end p50 ms | c=20 answer p50 ms | c=20 hits/s | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for k in keys[1:]:
-        h1, h20 = res[(k, "hit1")], res[(k, "hit20")]
+        h1, h20 = res.get((k, "hit1")), res.get((k, "hit20"))
+        c20 = (f"{med(h20, 'done_ms', 'p50'):.3f} | {med(h20, 'rps'):.0f}" if h20 else "- | -")
         print(f"| {label[k]} | {med(h1, 'done_ms', 'p50'):.3f} | {med(h1, 'done_ms', 'p95'):.3f} | "
-              f"{med(h1, 'done_ms', 'p99'):.3f} | {med(h1, 'total_ms', 'p50'):.3f} | {med(h20, 'done_ms', 'p50'):.3f} | "
-              f"{med(h20, 'rps'):.0f} | {errs(h1) + errs(h20)} |")
+              f"{med(h1, 'done_ms', 'p99'):.3f} | {med(h1, 'total_ms', 'p50'):.3f} | {c20} | "
+              f"{errs(h1) + (errs(h20) if h20 else 0)} |")
     print()
     if profile:
         print("### Redis round trips per request (Redis MONITOR, 200 requests each, c=1, first round)\n")
@@ -484,6 +536,8 @@ def report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_
     print("| row | model calls | answered | errors | TTFT p50 ms |")
     print("|---|---|---|---|---|")
     for k in keys[1:]:
+        if k not in stampede:
+            continue
         s = stampede[k]
         print(f"| {label[k]} | {s['calls']} | {s['ok']} | {s['errors']} | {s['ttft_p50']:.1f} |")
     print()
@@ -500,7 +554,7 @@ def report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_
               f"{s['rss_per_stream_kib']:.1f} | {s['rss_after_mib']:.1f} | {s['cpu_ms_per_stream']:.3f} | "
               f"{s['wall_s']:.1f} |")
     print()
-    print(f"LiteLLM: {'version ' + litellm_version + ', installed with --require-hashes from bench/litellm-requirements.txt; `litellm --num_workers 1`, cache on (type redis, same Redis), no master key, no database, LITELLM_LOCAL_MODEL_COST_MAP=True' if use_litellm else 'not run (--no-litellm)'}.")
+    print(f"LiteLLM: {'version ' + litellm_version + ', installed with --require-hashes from bench/litellm-requirements.txt; `litellm --num_workers 1`, cache on (type redis, same Redis), a master key (sent by the client as a bearer token, as our rows send an API key), no database, LITELLM_LOCAL_MODEL_COST_MAP=True' if use_litellm else 'not run (--no-litellm)'}.")
     print(f"Raw chat-bench output and every process's log: {out}")
 
 

@@ -50,6 +50,9 @@ struct Args {
     temperature: Option<f64>,
     /// `--message TEXT`: the question every request asks (with `--repeat`).
     message: Option<String>,
+    /// `--bearer TOKEN`: sent as `Authorization: Bearer TOKEN` too (a
+    /// LiteLLM proxy's master key).
+    bearer: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -75,6 +78,7 @@ fn parse_args() -> Result<Args, String> {
         repeat: false,
         temperature: None,
         message: None,
+        bearer: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -114,6 +118,7 @@ fn parse_args() -> Result<Args, String> {
                 )
             }
             "--message" => a.message = Some(v),
+            "--bearer" => a.bearer = Some(v),
             "--conversation" => {
                 a.continue_conversation = match v.as_str() {
                     "new" => false,
@@ -207,19 +212,20 @@ async fn one(
             if let Some(t) = a.temperature {
                 body["temperature"] = json!(t);
             }
-            // A content delta that is not the empty one of the role chunk.
-            (body, b"\"delta\":{\"content\":\"")
+            // Content that is not the empty one of a role-only chunk (a
+            // first chunk may carry the role and text together).
+            (body, b"\"content\":\"")
         }
     };
     let start = Instant::now();
-    let resp = client
+    let mut req = client
         .post(&a.url)
         .header("x-api-key", "bench")
-        .header("anthropic-version", "2023-06-01")
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+        .header("anthropic-version", "2023-06-01");
+    if let Some(t) = &a.bearer {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.json(&body).send().await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
         return Err(format!("HTTP {}", resp.status()));
     }

@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::serve::ListenerExt;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -219,7 +220,10 @@ async fn main() -> ExitCode {
     });
     let app = Router::new().route("/chat", post(chat)).with_state(relay);
     let listener = match tokio::net::TcpListener::bind(&addr).await {
-        Ok(l) => l,
+        // Frames go out as they are written (no Nagle delay), as ours do.
+        Ok(l) => l.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        }),
         Err(e) => {
             eprintln!("bare-relay: bind {addr}: {e}");
             return ExitCode::FAILURE;
