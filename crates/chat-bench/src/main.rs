@@ -182,7 +182,10 @@ async fn one(
             .clone()
             .unwrap_or_else(|| "benchmark repeated question".to_owned())
     } else {
-        format!("benchmark question number {i}")
+        // Unique across runs too (the process id and its start): a later
+        // run against the same cache must not find an earlier run's
+        // answers.
+        format!("benchmark question number {i} of run {}", run_tag())
     };
     let (body, marker): (serde_json::Value, &[u8]) = match a.api {
         Api::Chat => {
@@ -276,6 +279,17 @@ async fn one(
         return Err("stream ended without a delta".into());
     }
     Ok(sample)
+}
+
+/// This process's id and start time, once.
+fn run_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{}-{t}", std::process::id())
+    })
 }
 
 /// Where the first delta with text starts in `buf`.
