@@ -108,12 +108,21 @@ impl Finish {
                     // The entry and the lease are in one slot: one round
                     // trip where one after the other took two.
                     let cache = async {
-                        match (cache, lease) {
+                        // (the entry key is asked for once, in the guard)
+                        let one_script = match (&cache, &lease) {
+                            (Some(((c, key, _), _)), Some((_, lease_key, _)))
+                                if lease_key == key =>
+                            {
+                                c.redis_key(key)
+                            }
+                            _ => None,
+                        };
+                        match (cache, lease, one_script) {
                             (
-                                Some(((cache, key, ttl), entry)),
-                                Some((live, lease_key, turn_id)),
-                            ) if lease_key == key && cache.redis_key(&key).is_some() => {
-                                let entry_key = cache.redis_key(&key).unwrap_or_default();
+                                Some(((_, key, ttl), entry)),
+                                Some((live, _, turn_id)),
+                                Some(entry_key),
+                            ) => {
                                 let json = serde_json::to_string(&entry).unwrap_or_default();
                                 if !live
                                     .store_and_release(&entry_key, &json, ttl, &key, &turn_id)
@@ -122,7 +131,7 @@ impl Finish {
                                     tracing::debug!("cache unavailable; answer not stored");
                                 }
                             }
-                            (cache, lease) => {
+                            (cache, lease, _) => {
                                 if let Some(((cache, key, ttl), entry)) = cache {
                                     if cache.put(&key, &entry, ttl).await.is_err() {
                                         tracing::debug!("cache unavailable; answer not stored");
