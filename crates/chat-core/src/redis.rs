@@ -161,7 +161,10 @@ impl RedisLink {
         timeout: Duration,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
-        match tokio::time::timeout(timeout, call).await {
+        // Boxed: the call (with the cluster client's connect path in it) is
+        // a large state machine, and inline it would be copied into every
+        // future that awaits Redis (the request's, each spawned task's).
+        match tokio::time::timeout(timeout, Box::pin(call)).await {
             Ok(Ok(v)) => {
                 *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Some(v)
@@ -193,6 +196,11 @@ impl RedisLink {
             Some(_) => "ok",
             None => "down",
         }
+    }
+
+    /// Whether this is a cluster (a pipeline then must keep to one slot).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster { .. })
     }
 
     /// The per-call timeout.

@@ -7,9 +7,12 @@
 //!
 //! - in this process (the local server, or a request that lands on the
 //!   same environment): a registry of the answers streaming here;
-//! - with Redis: the key `stop:{turn_id}`, read every `STOP_POLL_MS`
-//!   (100; one GET per answer per interval), set by the stop request
-//!   after it checked the owner of the answer's live stream;
+//! - with Redis: the key `stop:{turn_id}`, set by the stop request after
+//!   it checked the owner of the answer's live stream. One task per
+//!   process reads the keys of every answer streaming here each
+//!   `STOP_POLL_MS` (100): one pipeline of `EXISTS` (in cluster mode, where
+//!   the keys are on different slots, one command each, sent together on
+//!   the multiplexed connection), not a task and a timer per answer;
 //! - without Redis, with the table: the answer's `STREAM#{turn_id}` item
 //!   (written when it starts), read every `STOP_POLL_TABLE_MS` (1000; one
 //!   eventually consistent GetItem, half a read unit), updated by the stop
@@ -21,6 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -32,7 +36,20 @@ use crate::util::now_ms;
 pub struct Stops {
     /// Answers streaming in this process: turn id -> (owner, signal).
     here: Mutex<HashMap<String, (String, watch::Sender<bool>)>>,
+    /// Answers streaming here whose `stop:` key is read in Redis.
+    polled: Mutex<Polled>,
 }
+
+#[derive(Default)]
+struct Polled {
+    /// turn id -> signal.
+    turns: HashMap<String, watch::Sender<bool>>,
+    /// Whether the poller task runs (it ends when no answer is left).
+    running: bool,
+}
+
+/// Keys per pipeline of the poller.
+const POLL_CHUNK: usize = 500;
 
 fn stop_key(turn_id: &str) -> String {
     format!("stop:{{{}}}", crate::redis::tag(turn_id))
@@ -58,7 +75,19 @@ impl Stops {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(turn_id.to_owned(), (owner.to_owned(), tx.clone()));
-        let poller = poll(state, turn_id, owner, tx);
+        let poller = match state.deps().live.clone() {
+            Some(live) => {
+                let mut polled = self.polled.lock().unwrap_or_else(|p| p.into_inner());
+                polled.turns.insert(turn_id.to_owned(), tx);
+                if !polled.running {
+                    polled.running = true;
+                    let every = state.config().timeouts.stop_poll;
+                    tokio::spawn(poll_redis(self.clone(), live.link().clone(), every));
+                }
+                None
+            }
+            None => poll_table(state, turn_id, owner, tx),
+        };
         StopWatch {
             rx,
             stops: self.clone(),
@@ -113,9 +142,70 @@ impl Stops {
     }
 }
 
-/// Watches Redis or the table for a stop of this answer; `None` when
-/// neither is there (only this process can stop it then).
-fn poll(
+/// Reads the `stop:` keys of every answer of this process watched in
+/// Redis, each `every`, until none is left.
+async fn poll_redis(stops: Arc<Stops>, link: Arc<crate::redis::RedisLink>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let turns: Vec<String> = {
+            let mut polled = stops.polled.lock().unwrap_or_else(|p| p.into_inner());
+            if polled.turns.is_empty() {
+                polled.running = false;
+                return;
+            }
+            polled.turns.keys().cloned().collect()
+        };
+        let found = stopped_in_redis(&link, &turns).await;
+        if found.is_empty() {
+            continue;
+        }
+        let mut polled = stops.polled.lock().unwrap_or_else(|p| p.into_inner());
+        for turn in found {
+            if let Some(tx) = polled.turns.remove(turn) {
+                let _ = tx.send(true);
+            }
+        }
+    }
+}
+
+/// Which of `turns` have a stop request in Redis (none when Redis does
+/// not answer: the next round asks again).
+async fn stopped_in_redis<'t>(link: &crate::redis::RedisLink, turns: &'t [String]) -> Vec<&'t str> {
+    let mut found = Vec::new();
+    if link.is_cluster() {
+        let asks = turns.iter().map(|t| async move {
+            let mut p = redis::pipe();
+            p.cmd("EXISTS").arg(stop_key(t));
+            (t, link.pipe::<(i64,)>(&p, link.timeout()).await)
+        });
+        for (t, seen) in futures_util::future::join_all(asks).await {
+            if let Some((1,)) = seen {
+                found.push(t.as_str());
+            }
+        }
+        return found;
+    }
+    for chunk in turns.chunks(POLL_CHUNK) {
+        let mut p = redis::pipe();
+        for t in chunk {
+            p.cmd("EXISTS").arg(stop_key(t));
+        }
+        if let Some(seen) = link.pipe::<Vec<i64>>(&p, link.timeout()).await {
+            found.extend(
+                chunk
+                    .iter()
+                    .zip(seen)
+                    .filter(|(_, n)| *n == 1)
+                    .map(|(t, _)| t.as_str()),
+            );
+        }
+    }
+    found
+}
+
+/// Watches the table for a stop of this answer (without Redis); `None`
+/// when there is no table either (only this process can stop it then).
+fn poll_table(
     state: &AppState,
     turn_id: &str,
     owner: &str,
@@ -124,22 +214,6 @@ fn poll(
     let deps = state.deps();
     let timeouts = state.config().timeouts;
     let turn_id = turn_id.to_owned();
-    if let Some(live) = deps.live.clone() {
-        let every = timeouts.stop_poll;
-        return Some(tokio::spawn(async move {
-            let key = stop_key(&turn_id);
-            loop {
-                tokio::time::sleep(every).await;
-                let mut p = redis::pipe();
-                p.cmd("EXISTS").arg(&key);
-                let link = live.link();
-                if let Some((1,)) = link.pipe::<(i64,)>(&p, link.timeout()).await {
-                    let _ = tx.send(true);
-                    return;
-                }
-            }
-        }));
-    }
     let store = deps.store.clone()?;
     let every = timeouts.stop_poll_table;
     let expires = now_ms() / 1000 + timeouts.total.as_secs() + 60;
@@ -181,6 +255,12 @@ impl Drop for StopWatch {
         if let Some(p) = self.poller.take() {
             p.abort();
         }
+        self.stops
+            .polled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .turns
+            .remove(&self.turn_id);
         self.stops
             .here
             .lock()
