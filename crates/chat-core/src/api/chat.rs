@@ -45,7 +45,9 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
     let ctx = RequestCtx::of(&parts.extensions);
     // Who is calling comes first: without valid credentials nothing else
     // happens (no body read, no rate-limit count, no history read).
-    let identity = admit(&state, &ctx, &parts.headers, Access::Chat).await?;
+    // Boxed: a sign-in that fetches keys is a large future, and inline it
+    // would size the whole request's (see `chat::start`).
+    let identity = Box::pin(admit(&state, &ctx, &parts.headers, Access::Chat)).await?;
     let limits = state.config().limits;
     let chat_req = async {
         let bytes = json_body(&parts.headers, body, limits.max_body_bytes).await?;

@@ -129,7 +129,19 @@ pub async fn start(
     // The answer's id first: a miss may take the coalescing lease under
     // it in the same round trip as the cache lookup.
     let turn_id = new_id();
-    let mut planned = plan::prepare(&state, &ctx, &identity, &req, cache_control, &turn_id).await?;
+    // The pre-work and the model call's opening are boxed: inline, their
+    // state machines would size this future (held by every request in
+    // flight, the whole time to first token) at the largest of them, about
+    // 20 KB. Boxed, each takes its memory only while it runs.
+    let mut planned = Box::pin(plan::prepare(
+        &state,
+        &ctx,
+        &identity,
+        &req,
+        cache_control,
+        &turn_id,
+    ))
+    .await?;
     if let Some(hit) = planned.hit.take() {
         // No model call: a probe permit goes back.
         if let Some(p) = planned.primary.take() {
@@ -152,7 +164,7 @@ pub async fn start(
         idle: config.timeouts.idle,
     };
     let owner = format!("user:{}", identity.user_id);
-    let opened = attempt::open(
+    let opened = Box::pin(attempt::open(
         &state,
         &ctx,
         &model_req,
@@ -163,7 +175,7 @@ pub async fn start(
         planned.lead.take(),
         &turn_id,
         &owner,
-    )
+    ))
     .await;
     let source = match opened {
         Ok(s) => s,
