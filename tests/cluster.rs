@@ -88,3 +88,63 @@ async fn limits_breakers_cache_and_resume_work_on_a_redis_cluster() {
     let spread = cluster.keys_per_node();
     assert!(spread.iter().filter(|n| **n > 0).count() >= 2, "{spread:?}");
 }
+
+/// A stop sent to another instance reaches the answer through the cluster:
+/// the streaming instance reads the stop keys of all its answers each
+/// interval, one command per key (they are on different slots), and ends
+/// only the answer that was stopped.
+#[tokio::test]
+async fn a_stop_through_the_cluster_ends_that_answer_only() {
+    let cluster = RedisCluster::start().await;
+    // 400 tokens at 20 a second: each answer streams for 20 s.
+    let sim = sim(5, 20.0, 400).await;
+    let a = server(&sim, &cluster).await;
+    let b = server(&sim, &cluster).await;
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        let r = a
+            .post_chat(
+                Some("stella"),
+                &json!({"message": format!("a long story {i}"), "model": "claude-sim", "max_tokens": 400}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-stream-id"].to_str().unwrap().to_owned();
+        let mut s = body_stream(r);
+        read_deltas(&mut s, 2).await;
+        answers.push((id, s));
+    }
+    let (stopped_id, stopped) = answers.remove(2);
+    let r = reqwest::Client::new()
+        .delete(b.url(&format!("/chat/streams/{stopped_id}")))
+        .header("x-dev-user", "stella")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let text = rest(stopped, Duration::from_secs(10)).await;
+    assert!(
+        text.contains(r#""stop_reason":"stopped""#),
+        "not stopped: {text}"
+    );
+    // The others are still streaming a second later.
+    for (id, s) in answers {
+        let more = rest(s, Duration::from_secs(1)).await;
+        assert!(
+            more.contains("event: delta") && !more.contains("event: done"),
+            "answer {id} ended or stalled: {more}"
+        );
+    }
+}
+
+/// What a body sends within `limit` (all of it if it ends sooner).
+async fn rest(mut s: e2e::BodyStream, limit: Duration) -> String {
+    let mut out = String::new();
+    let read = async {
+        while let Some(b) = futures_util::StreamExt::next(&mut s).await {
+            out.push_str(&String::from_utf8_lossy(&b.unwrap()));
+        }
+    };
+    let _ = tokio::time::timeout(limit, read).await;
+    out
+}
