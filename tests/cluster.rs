@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use e2e::{ChatServer, RedisCluster, answer_text, body_stream, read_deltas, read_sse, sim};
+use e2e::{
+    ChatServer, RedisCluster, answer_text, body_stream, read_deltas, read_rest, read_sse, sim,
+};
 use model_sim::Sim;
 use serde_json::json;
 
@@ -122,29 +124,17 @@ async fn a_stop_through_the_cluster_ends_that_answer_only() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let text = rest(stopped, Duration::from_secs(10)).await;
+    let (text, _) = read_rest(stopped, Duration::from_secs(10)).await;
     assert!(
         text.contains(r#""stop_reason":"stopped""#),
         "not stopped: {text}"
     );
     // The others are still streaming a second later.
     for (id, s) in answers {
-        let more = rest(s, Duration::from_secs(1)).await;
+        let (more, _) = read_rest(s, Duration::from_secs(1)).await;
         assert!(
             more.contains("event: delta") && !more.contains("event: done"),
             "answer {id} ended or stalled: {more}"
         );
     }
-}
-
-/// What a body sends within `limit` (all of it if it ends sooner).
-async fn rest(mut s: e2e::BodyStream, limit: Duration) -> String {
-    let mut out = String::new();
-    let read = async {
-        while let Some(b) = futures_util::StreamExt::next(&mut s).await {
-            out.push_str(&String::from_utf8_lossy(&b.unwrap()));
-        }
-    };
-    let _ = tokio::time::timeout(limit, read).await;
-    out
 }

@@ -44,17 +44,10 @@ async fn delete(server: &ChatServer, user: &str, id: &str) -> reqwest::Response 
 }
 
 /// The rest of a stream, as text, within 10 s.
-async fn rest(mut s: BodyStream) -> String {
-    let mut out = String::new();
-    let read = async {
-        while let Some(b) = futures_util::StreamExt::next(&mut s).await {
-            out.push_str(&String::from_utf8_lossy(&b.unwrap()));
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("the stream did not end after the stop");
-    out
+async fn rest(s: BodyStream) -> String {
+    let (text, ended) = e2e::read_rest(s, Duration::from_secs(10)).await;
+    assert!(ended, "the stream did not end after the stop");
+    text
 }
 
 fn ended_stopped(text: &str) {

@@ -85,6 +85,19 @@ pub fn body_stream(resp: reqwest::Response) -> BodyStream {
     futures_util::StreamExt::boxed(resp.bytes_stream())
 }
 
+/// The rest of `stream` as text, read for at most `limit`; `true` when
+/// the body ended within it.
+pub async fn read_rest(mut stream: BodyStream, limit: Duration) -> (String, bool) {
+    let mut out = String::new();
+    let read = async {
+        while let Some(b) = futures_util::StreamExt::next(&mut stream).await {
+            out.push_str(&String::from_utf8_lossy(&b.expect("body read")));
+        }
+    };
+    let ended = tokio::time::timeout(limit, read).await.is_ok();
+    (out, ended)
+}
+
 /// Reads SSE from `stream` until `n` delta events have arrived; gives the
 /// events so far and the id of the last one (0 if it had none).
 pub async fn read_deltas(stream: &mut BodyStream, n: usize) -> (Vec<Event>, u64) {
