@@ -130,9 +130,9 @@ pub async fn start(
     // it in the same round trip as the cache lookup.
     let turn_id = new_id();
     // The pre-work and the model call's opening are boxed: inline, their
-    // state machines would size this future (held by every request in
-    // flight, the whole time to first token) at the largest of them, about
-    // 20 KB. Boxed, each takes its memory only while it runs.
+    // state machines would size this future at the largest of them (the
+    // pre-work's join is the largest), and every move of it would copy
+    // that much. Boxed, the pre-work's memory is held only while it runs.
     let mut planned = Box::pin(plan::prepare(
         &state,
         &ctx,
