@@ -4,7 +4,7 @@
 //! One sorted set `pop:{all}` (cache key -> decayed score) and one hash
 //! `popdoc:{all}` (cache key -> the canonical key document, which is the
 //! whole question, so the warmer can ask it again). Both share a hash tag,
-//! so the one Lua script per ask stays in one slot.
+//! so the one Lua script per flush stays in one slot.
 //!
 //! Decay without rewriting old scores: scores are log2 of a count in which
 //! an ask at time t weighs 2^(t / half_life). An ask adds 2^(now/h) by a
@@ -46,33 +46,10 @@ pub const DOC_MAX_BYTES: usize = 64 * 1024;
 const ZSET: &str = "pop:{all}";
 const DOCS: &str = "popdoc:{all}";
 
-const RECORD: &str = r"
-local inc = tonumber(ARGV[3])
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if s then
-  s = tonumber(s)
-  local hi = math.max(s, inc)
-  local lo = math.min(s, inc)
-  s = hi + math.log(1 + 2 ^ (lo - hi)) / math.log(2)
-else
-  s = inc
-end
-redis.call('ZADD', KEYS[1], s, ARGV[1])
-if ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-end
-local n = redis.call('ZCARD', KEYS[1])
-local max = tonumber(ARGV[4])
-if n > max then
-  local drop = redis.call('ZRANGE', KEYS[1], 0, n - max - 1)
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - max - 1)
-  for _, m in ipairs(drop) do redis.call('HDEL', KEYS[2], m) end
-end
-return tostring(s)
-";
-
-/// [`RECORD`] for many asks: ARGV[1] is the maximum, then (key, doc,
-/// increment) for each question.
+/// Counts asks: ARGV[1] is the most entries kept, then (key, doc,
+/// increment) for each question. An ask adds its increment to the key's
+/// score by a log-sum-exp; above the maximum the lowest entries (and
+/// their documents) are dropped.
 const RECORD_MANY: &str = r"
 local max = tonumber(ARGV[1])
 for i = 2, #ARGV, 3 do
@@ -139,7 +116,6 @@ pub struct Popularity {
     link: Arc<RedisLink>,
     timeout: Duration,
     config: PopularityConfig,
-    record: Script,
     record_many: Script,
     top: Script,
     /// Asks not sent yet: cache key -> (document, combined increment).
@@ -158,7 +134,6 @@ impl Popularity {
             link,
             timeout,
             config,
-            record: Script::new(RECORD),
             record_many: Script::new(RECORD_MANY),
             top: Script::new(TOP),
             pending: Mutex::new(HashMap::new()),
@@ -221,18 +196,19 @@ impl Popularity {
             .await;
     }
 
-    /// Counts one ask of `key` (whose document is `doc`). Best effort: a
-    /// Redis that is away loses the count, never the answer.
+    /// Counts one ask of `key` (whose document is `doc`) now, with the
+    /// same script as a flush. Best effort: a Redis that is away loses the
+    /// count, never the answer.
     pub async fn record(&self, key: &str, doc: &str) {
         let doc = if doc.len() > DOC_MAX_BYTES { "" } else { doc };
         let inc = now_units(self.config.half_life, crate::util::now_ms()).to_string();
         let max = self.config.max_entries.to_string();
-        let _: Option<String> = self
+        let _: Option<i64> = self
             .link
             .script(
-                &self.record,
+                &self.record_many,
                 &[ZSET, DOCS],
-                &[key, doc, &inc, &max],
+                &[&max, key, doc, &inc],
                 self.timeout,
             )
             .await;
