@@ -145,7 +145,7 @@ pub async fn start(
     if let Some(hit) = planned.hit.take() {
         // No model call: a probe permit goes back.
         if let Some(p) = planned.primary.take() {
-            p.unused().await;
+            Box::pin(p.unused()).await;
         }
         return Ok(hit::respond(&state, &ctx, &identity, req, planned, hit));
     }
@@ -184,7 +184,7 @@ pub async fn start(
             // client hears so, not on a task after it (a retry at once
             // would find them still held).
             if let Some(r) = planned.tokens.take() {
-                r.settle(0).await;
+                Box::pin(r.settle(0)).await;
             }
             return Err(e);
         }

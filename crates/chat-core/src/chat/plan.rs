@@ -98,10 +98,14 @@ pub(super) async fn prepare(
         let t = tokio::time::Instant::now();
         let earlier = match &req.context {
             Some(given) => Ok(given.clone()),
-            None => load_history(state, req.conversation_id.as_deref(), identity)
-                .instrument(tracing::info_span!("history"))
-                .await
-                .map(|past| history::to_messages(&past)),
+            // Boxed, as the table read is a large future that a new
+            // conversation (no history) would otherwise carry too.
+            None => Box::pin(
+                load_history(state, req.conversation_id.as_deref(), identity)
+                    .instrument(tracing::info_span!("history")),
+            )
+            .await
+            .map(|past| history::to_messages(&past)),
         };
         let messages = earlier.map(|mut m| {
             m.push(Message {
@@ -341,7 +345,7 @@ async fn spent_today(state: &AppState, user: &str, now_ms: u64) -> Option<u64> {
     }
     let store = state.deps().store.as_deref()?;
     let limit = state.config().abuse.table_timeout;
-    match tokio::time::timeout(limit, store.usage(user, &utc_day(now_ms))).await {
+    match tokio::time::timeout(limit, Box::pin(store.usage(user, &utc_day(now_ms)))).await {
         Ok(Ok((_, input, output))) => Some(input.saturating_add(output)),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "usage unavailable; the daily budget is not checked");

@@ -76,18 +76,23 @@ pub async fn release(tokens: Option<Reservation>, slot: Option<Slot>, used: u32)
                 tracing::debug!("reservation and slot not released in redis");
             }
         }
+        // Boxed like `admit`'s: every answer awaits `release` while it
+        // streams, so this large and rarer path would size every one.
         (t, s) => {
-            let settle = async {
-                if let Some(t) = t {
-                    t.settle(used).await;
-                }
-            };
-            let give = async {
-                if let Some(s) = s {
-                    s.give_back().await;
-                }
-            };
-            tokio::join!(settle, give);
+            Box::pin(async move {
+                let settle = async {
+                    if let Some(t) = t {
+                        t.settle(used).await;
+                    }
+                };
+                let give = async {
+                    if let Some(s) = s {
+                        s.give_back().await;
+                    }
+                };
+                tokio::join!(settle, give);
+            })
+            .await;
         }
     }
 }
@@ -135,5 +140,8 @@ pub async fn admit(
             }
         }
     }
-    tokio::join!(limiter.check(caller, reserve), slots.take(caller, slot_id))
+    // Boxed: the two checks on their own are a large future, and inline
+    // they would size (and be copied with) every request's pre-work.
+    Box::pin(async { tokio::join!(limiter.check(caller, reserve), slots.take(caller, slot_id)) })
+        .await
 }
