@@ -351,8 +351,25 @@ async fn faults_main() -> ExitCode {
     }
 }
 
+/// What `-h`/`--help` prints: the modes and the main mode's flags.
+const USAGE: &str = "\
+usage: chat-bench --url URL [--api chat|anthropic|openai] [--concurrency N] [--requests N]
+                  [--warmup N] [--label TEXT] [--json] [--max-tokens N] [--think-ms MS]
+                  [--repeat] [--temperature T] [--message TEXT] [--bearer TOKEN]
+                  [--conversation new|continue]
+       chat-bench faults|writer|stop|limits|obs|streams|jwt ...  (see each mode's module docs)
+";
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    if matches!(std::env::args().nth(1).as_deref(), Some("-h" | "--help")) {
+        // Asked for: the usage is this call's output.
+        #[allow(clippy::print_stdout)]
+        {
+            print!("{USAGE}");
+        }
+        return ExitCode::SUCCESS;
+    }
     if std::env::args().nth(1).as_deref() == Some("faults") {
         return faults_main().await;
     }
@@ -377,7 +394,7 @@ async fn main() -> ExitCode {
     let a = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("chat-bench: {e}");
+            eprintln!("chat-bench: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
