@@ -11,6 +11,14 @@ use std::process::ExitCode;
 use chat_core::runner::{self, in_lambda, serve_local};
 use chat_core::{Config, app, build_state};
 
+/// mimalloc, not glibc's malloc: a cache hit allocates and frees a few
+/// hundred small blocks, and glibc's malloc/free were about a sixth of the
+/// process's CPU in a profile of 20 concurrent hits. Built without
+/// transparent huge pages (`no_thp`): with them, 1,000 slow streams held
+/// 128 MiB instead of 87. Figures: BENCHMARKS.md (issue 17, third pass).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
