@@ -9,8 +9,10 @@
 //! no exit path can leave a half-open probe in flight. Probes also expire
 //! by time, locally and in Redis, in case a process dies holding one.
 //!
-//! Every Redis operation is one Lua script (one round trip, atomic); the
-//! keys of a circuit share a `{hash tag}`, so cluster mode accepts them.
+//! Every Redis operation is one round trip: a Lua script (atomic) for
+//! each change, and for the check a plain `MGET` of the circuit's two
+//! flags, with the script only when a probe may be due. The keys of a
+//! circuit share a `{hash tag}`, so cluster mode accepts them.
 
 use std::sync::Arc;
 
@@ -79,13 +81,26 @@ impl Circuits {
 
     async fn admission(&self, model_key: &str) -> Admission {
         if let Some(r) = &self.0.redis {
+            let keys = Self::keys(model_key);
+            // Closed or open is a plain read of the two flags (one slot: a
+            // shared tag), cheaper for Redis than a script; only a circuit
+            // past its cooldown (tripped, no longer open) runs the script,
+            // which checks again and takes the probe atomically.
+            let mut read = redis::pipe();
+            read.cmd("MGET").arg(&keys[1]).arg(&keys[2]);
+            match r
+                .pipe::<((Option<String>, Option<String>),)>(&read, r.timeout())
+                .await
+            {
+                Some(((None, None),)) => return Admission::Allowed,
+                Some(((Some(_), _),)) => return Admission::Rejected,
+                Some(((None, Some(_)),)) => {}
+                None => return self.0.local.get(model_key).admit(Instant::now()),
+            }
             // A probe may take up to a cooldown; after that another
             // instance may probe.
             let probe_ttl = self.0.cfg.cooldown.as_millis() as i64;
-            if let Some(v) = r
-                .eval::<i64>(&self.0.admit, &Self::keys(model_key), &[probe_ttl])
-                .await
-            {
+            if let Some(v) = r.eval::<i64>(&self.0.admit, &keys, &[probe_ttl]).await {
                 return match v {
                     0 => Admission::Allowed,
                     1 => Admission::Probe,

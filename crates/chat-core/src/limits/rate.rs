@@ -75,10 +75,11 @@ pub(super) const RATE_LUA: &str = r"
 local rpm = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
 local weight = 1 - tonumber(ARGV[3]) / tonumber(ARGV[4])
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
-local tcur = tonumber(redis.call('GET', KEYS[3]) or '0')
-local tprev = tonumber(redis.call('GET', KEYS[4]) or '0')
+local v = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local cur = tonumber(v[1] or '0')
+local prev = tonumber(v[2] or '0')
+local tcur = tonumber(v[3] or '0')
+local tprev = tonumber(v[4] or '0')
 local req = prev * weight + cur
 local tok = tprev * weight + tcur
 if rpm > 0 and req + 1 > rpm then return {0, 0, 1} end
