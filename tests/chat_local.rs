@@ -551,6 +551,105 @@ async fn the_model_connection_is_prewarmed_and_reused() {
     assert_eq!(sim.connections(), 0);
 }
 
+/// `UPSTREAM_HTTP2_PRIOR_KNOWLEDGE=true` against model-sim's h2c: ten
+/// answers streaming at once share one connection, each is complete, and a
+/// client that leaves stops its own upstream stream and no other.
+#[tokio::test]
+async fn with_http2_prior_knowledge_concurrent_answers_share_one_connection() {
+    // 20 tokens at 20/s: each answer streams for about a second.
+    let sim = sim(0, 20.0, 20).await;
+    let server = chat(
+        &sim,
+        &[
+            ("UPSTREAM_HTTP2_PRIOR_KNOWLEDGE", "true"),
+            ("MAX_STREAMS_PER_USER", "0"),
+        ],
+    )
+    .await;
+    // The one that leaves: it reads one delta and hangs up.
+    let leaver = server
+        .post_chat(None, &json!({"message": "a question left early"}))
+        .await;
+    assert_eq!(leaver.status(), 200);
+    let mut leaver = e2e::body_stream(leaver);
+    e2e::read_deltas(&mut leaver, 1).await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let url = server.url("/chat");
+        tasks.push(tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .json(&json!({"message": format!("multiplexed {i}")}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let (events, _) = read_sse(resp, LIMIT).await;
+            (
+                i,
+                answer_text(&events),
+                events.last().unwrap().event.clone(),
+            )
+        }));
+    }
+    drop(leaver);
+    let mut texts = Vec::new();
+    for t in tasks {
+        let (i, text, last) = t.await.unwrap();
+        assert_eq!(last, "done", "answer {i}");
+        texts.push((i, text));
+    }
+    // The pre-warm's connection carried all eleven.
+    assert_eq!(
+        sim.connections(),
+        1,
+        "each answer opened its own model connection"
+    );
+    let t = Instant::now();
+    while sim.cancelled() == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the leaver's stream was not stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sim.cancelled(), 1, "the leaver's stream, and only it");
+    assert_eq!(sim.completed(), 10);
+    // Each is the model's own answer to its question (asked directly, at
+    // once: each takes a second).
+    let direct = futures_util::future::join_all(texts.iter().map(|(i, _)| {
+        let q = format!("multiplexed {i}");
+        let sim = &sim;
+        async move { direct_answer(sim, "claude-sonnet-4-5", None, &q, 1024).await }
+    }))
+    .await;
+    for ((i, text), direct) in texts.into_iter().zip(direct) {
+        assert_eq!(text, direct, "answer {i}");
+    }
+
+    // Without the setting, answers streaming at once need a connection each.
+    let sim = self::sim(0, 20.0, 20).await;
+    let server = chat(&sim, &[("MAX_STREAMS_PER_USER", "0")]).await;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let url = server.url("/chat");
+        tasks.push(tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .json(&json!({"message": format!("one each {i}")}))
+                .send()
+                .await
+                .unwrap();
+            read_sse(resp, LIMIT).await
+        }));
+    }
+    for t in tasks {
+        let (events, _) = t.await.unwrap();
+        assert_eq!(events.last().unwrap().event, "done");
+    }
+    assert!(sim.connections() >= 4, "{} connections", sim.connections());
+}
+
 /// Every response, streamed or not, success or error: nosniff, no
 /// referrer, and never stored by a browser or a shared cache.
 #[tokio::test]

@@ -44,7 +44,7 @@ pub async fn main() -> ExitCode {
         jwks_min_refresh: Duration::from_secs(30),
         max_token_bytes: 8192,
     };
-    let http = match chat_core::http::build_client(Duration::from_secs(2)) {
+    let http = match chat_core::http::build_client(Duration::from_secs(2), false) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("chat-bench jwt: http client: {e}");

@@ -4,12 +4,22 @@
 //! connection to a model API costs one to three round trips before the
 //! request is even sent. reqwest negotiates HTTP/2 by ALPN where the server
 //! offers it (one connection, many streams) and keeps HTTP/1.1 connections
-//! in a pool otherwise.
+//! in a pool otherwise; `http2_prior_knowledge` makes it speak HTTP/2 from
+//! the first byte (for plain-http endpoints that speak h2c).
 
 use std::time::Duration;
 
-pub fn build_client(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+pub fn build_client(
+    connect_timeout: Duration,
+    http2_prior_knowledge: bool,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let builder = reqwest::Client::builder();
+    let builder = if http2_prior_knowledge {
+        builder.http2_prior_knowledge()
+    } else {
+        builder
+    };
+    builder
         .connect_timeout(connect_timeout)
         // Lambda freezes idle environments; servers close idle connections
         // after ~60-120 s. Dropping ours a little earlier avoids reusing a

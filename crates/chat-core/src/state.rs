@@ -322,7 +322,7 @@ async fn build_providers(
     settings: &ProviderSettings,
     connect_timeout: Duration,
 ) -> Result<Providers, InitError> {
-    let client = crate::http::build_client(connect_timeout)?;
+    let client = crate::http::build_client(connect_timeout, settings.http2_prior_knowledge)?;
     let mut list: Vec<Arc<dyn ModelProvider>> = Vec::new();
     if let Some(a) = &settings.anthropic {
         let key = resolve_api_key(&a.api_key).await?;
@@ -454,7 +454,7 @@ async fn build_auth(
         Ok(auth::ApiKeyAuth::new(fixed, store, unknown_max))
     }
     async fn tokens(config: &auth::JwtConfig) -> Result<Arc<auth::jwt::JwtAuth>, InitError> {
-        let http = crate::http::build_client(Duration::from_secs(2))?;
+        let http = crate::http::build_client(Duration::from_secs(2), false)?;
         let jwt = Arc::new(auth::jwt::JwtAuth::new(config.clone(), http));
         // At init, so the first request does not wait for it; a failure is
         // logged and the first token tries again.

@@ -8,7 +8,12 @@
 //!
 //! ```text
 //! bare-relay --addr 127.0.0.1:3200 --upstream http://127.0.0.1:4010 [--redis redis://127.0.0.1:6379]
+//!            [--http2-prior-knowledge true]
 //! ```
+//!
+//! `--http2-prior-knowledge true` speaks HTTP/2 to the upstream from the
+//! first byte (h2c), as chat-stream does with
+//! `UPSTREAM_HTTP2_PRIOR_KNOWLEDGE=true`.
 //!
 //! Written for the bench only: it trusts its input more than a service
 //! should (a bad body is a 400 with a JSON error, nothing more).
@@ -170,6 +175,7 @@ async fn main() -> ExitCode {
     let mut addr = "127.0.0.1:3200".to_owned();
     let mut upstream = String::new();
     let mut redis_url = None;
+    let mut h2c = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let Some(v) = it.next() else {
@@ -180,6 +186,14 @@ async fn main() -> ExitCode {
             "--addr" => addr = v,
             "--upstream" => upstream = v,
             "--redis" => redis_url = Some(v),
+            "--http2-prior-knowledge" => match v.as_str() {
+                "true" => h2c = true,
+                "false" => h2c = false,
+                _ => {
+                    eprintln!("bare-relay: --http2-prior-knowledge takes true or false, not {v}");
+                    return ExitCode::from(2);
+                }
+            },
             _ => {
                 eprintln!("bare-relay: unknown flag {flag}");
                 return ExitCode::from(2);
@@ -206,7 +220,13 @@ async fn main() -> ExitCode {
         },
         None => None,
     };
-    let http = match reqwest::Client::builder().tcp_nodelay(true).build() {
+    let builder = reqwest::Client::builder().tcp_nodelay(true);
+    let builder = if h2c {
+        builder.http2_prior_knowledge()
+    } else {
+        builder
+    };
+    let http = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("bare-relay: {e}");

@@ -83,6 +83,7 @@ pub(crate) fn providers<S: ConfigSource + ?Sized>(
         bedrock,
         default_provider,
         prewarm: r.bool("UPSTREAM_PREWARM", true)?,
+        http2_prior_knowledge: r.bool("UPSTREAM_HTTP2_PRIOR_KNOWLEDGE", false)?,
     })
 }
 

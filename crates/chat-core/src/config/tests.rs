@@ -25,6 +25,7 @@ fn defaults_are_valid() {
     assert!(c.providers.openai.is_none());
     assert_eq!(c.bind_addr.port(), 3000);
     assert!(c.providers.prewarm);
+    assert!(!c.providers.http2_prior_knowledge);
     assert!(c.limits.default_max_tokens <= c.limits.max_tokens);
 }
 

@@ -332,6 +332,11 @@ pub struct ProviderSettings {
     /// Open the upstream connection at init so the first request does not
     /// pay for TCP + TLS.
     pub prewarm: bool,
+    /// Speak HTTP/2 to the model APIs without negotiating it first
+    /// ("prior knowledge"). Over TLS reqwest negotiates HTTP/2 by ALPN on
+    /// its own; this is for plain-http endpoints that speak h2c (model-sim),
+    /// so one connection carries every concurrent answer there too.
+    pub http2_prior_knowledge: bool,
 }
 
 impl ProviderSettings {
