@@ -650,6 +650,49 @@ async fn with_http2_prior_knowledge_concurrent_answers_share_one_connection() {
     assert!(sim.connections() >= 4, "{} connections", sim.connections());
 }
 
+/// Small SSE frames from many answers at once on one HTTP/2 connection:
+/// h2 charges each unread small DATA frame against a budget of half the
+/// connection window and closes the connection (`ENHANCE_YOUR_CALM`) when
+/// it runs out. With a 64 KiB window (what adaptive windows start at) a
+/// few hundred unread deltas across the answers were enough to fail them
+/// all with `upstream_disconnected`.
+#[tokio::test]
+async fn with_http2_twenty_fast_answers_at_once_all_complete() {
+    // 300 tokens each, as fast as the sim can send them.
+    let sim = sim(0, 0.0, 300).await;
+    let server = chat(
+        &sim,
+        &[
+            ("UPSTREAM_HTTP2_PRIOR_KNOWLEDGE", "true"),
+            ("MAX_STREAMS_PER_USER", "0"),
+        ],
+    )
+    .await;
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let url = server.url("/chat");
+            tasks.push(tokio::spawn(async move {
+                let resp = reqwest::Client::new()
+                    .post(url)
+                    .json(&json!({"message": format!("fast {round} {i}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                read_sse(resp, LIMIT).await.0
+            }));
+        }
+        for t in tasks {
+            let events = t.await.unwrap();
+            let last = events.last().unwrap();
+            assert_eq!(last.event, "done", "round {round}: {}", last.data);
+            assert_eq!(answer_text(&events).split_whitespace().count(), 300);
+        }
+    }
+    assert_eq!(sim.connections(), 1);
+}
+
 /// Every response, streamed or not, success or error: nosniff, no
 /// referrer, and never stored by a browser or a shared cache.
 #[tokio::test]

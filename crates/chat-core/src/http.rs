@@ -30,7 +30,13 @@ pub fn build_client(
         .tcp_keepalive(Duration::from_secs(30))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .http2_keep_alive_while_idle(true)
-        .http2_adaptive_window(true)
+        // No adaptive window: it starts the connection window at 64 KiB,
+        // and h2 closes a connection (GOAWAY ENHANCE_YOUR_CALM,
+        // "too_many_data_frames") once its unread small DATA frames cost
+        // more than half that window. Model APIs send every delta as a
+        // small frame, so a few hundred deltas unread across the answers
+        // on one connection failed them all. hyper's fixed windows (5 MiB
+        // per connection, 2 MiB per stream) put that limit at 2.5 MiB.
         .user_agent(concat!("chat-stream/", env!("CARGO_PKG_VERSION")))
         .build()
 }
