@@ -21,8 +21,15 @@ Rows (each started fresh in every round, in turn):
 Phases: (1) latency and hits, `--rounds` rounds, rows interleaved; (2) a
 stampede: 50 identical requests at once against a slow sim, the model
 calls counted by the sim; (3) 1,000 slow streams (sim at 2 tokens/s)
-through chat-stream and the bare relay: peak RSS, CPU per stream, RSS
-after.
+through chat-stream and the bare relay, each with HTTP/1.1 to the model
+(a connection per stream, what a plain-http endpoint gets by default) and
+with HTTP/2 (h2c, prior knowledge: one connection for every stream, what
+the real APIs negotiate over TLS): peak RSS, CPU per stream, RSS after.
+
+chat-stream and the bare relay run on one runtime thread each
+(`TOKIO_WORKER_THREADS`, from BENCH_WORKERS, default 1): as chat-stream
+runs in Lambda (a current-thread runtime, one request per environment)
+and as LiteLLM runs here (one worker, one event loop).
 
 All processes share both cores (no pinning): the load generator runs on
 the same cores, as the goals say. Each row's start-up time is from spawn
@@ -167,6 +174,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")))
     ap.add_argument("--streams", type=int, default=int(os.environ.get("BENCH_STREAMS", "1000")))
+    ap.add_argument("--workers", default=os.environ.get("BENCH_WORKERS", "1"),
+                    help="runtime threads of chat-stream and the bare relay (TOKIO_WORKER_THREADS)")
     ap.add_argument("--no-litellm", action="store_true")
     a = ap.parse_args()
 
@@ -216,6 +225,7 @@ def run(a, out, procs, nofile):
         subprocess.run(["redis-cli", "-p", str(rport), "flushall"], capture_output=True)
 
     common = {"ANTHROPIC_API_KEY": "bench", "LOG_LEVEL": "info", "AUTH_MODE": "api_key",
+              "TOKIO_WORKER_THREADS": a.workers,
               "API_KEY_HASHES": f"{key_hash}:bench-user",
               # Limits high enough never to refuse: checked on every request, never hit.
               "RATE_LIMIT_RPM": "1000000", "RATE_LIMIT_TPM": "1000000000", "MAX_STREAMS_PER_USER": "10000"}
@@ -258,7 +268,16 @@ litellm_settings:
 
     def bare(sim, port):
         return [os.path.join(BIN, "bare-relay"), "--addr", f"127.0.0.1:{port}", "--upstream", sim,
-                "--redis", redis_url], {}
+                "--redis", redis_url], {"TOKIO_WORKER_THREADS": a.workers}
+
+    def over_h2c(start):
+        """The same row, speaking HTTP/2 to the model from the first byte."""
+        def h2c(sim, port):
+            argv, env = start(sim, port)
+            if start is bare:
+                return [*argv, "--http2-prior-knowledge", "true"], env
+            return argv, {**env, "UPSTREAM_HTTP2_PRIOR_KNOWLEDGE": "true"}
+        return h2c
 
     # (key, label, how to start it, path, chat-bench api, TTFT concurrencies, hit concurrencies)
     rows = [("full", "chat-stream, every feature on (API key, limits + slots + breakers in Redis, Redis cache, "
@@ -415,9 +434,12 @@ litellm_settings:
     drip = sim("sim-drip", "--ttft-ms", "500", "--tps", "2", "--tokens", "16")
     drip_url = f"http://127.0.0.1:{drip}"
     streams = {}
+    variants = []
     for key, label, start, path, api, *_ in rows:
-        if key not in ("full", "bare"):
-            continue
+        if key in ("full", "bare"):
+            variants.append((key, f"{label}; HTTP/1.1 to the model", start, path, api))
+            variants.append((f"{key}-h2c", f"{label}; HTTP/2 to the model (h2c)", over_h2c(start), path, api))
+    for key, label, start, path, api in variants:
         redis_flush()
         p, port, _ = start_row(key, start, drip_url, path, api, "streams")
         time.sleep(1.0)
@@ -428,7 +450,7 @@ litellm_settings:
         with open(os.path.join(out, "chat-bench.log"), "a") as f:
             f.write(f"## streams {key}\n{r.stderr}\n")
         line = next((l for l in r.stderr.splitlines() if l.startswith("{")), None)
-        streams[key] = json.loads(line) if line else None
+        streams[key] = (label, json.loads(line) if line else None)
         procs.stop(p)
 
     report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_litellm, nofile, out)
@@ -453,7 +475,8 @@ def errs(rs):
 def report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_litellm, nofile, out):
     import datetime
     print(f"# make bench-peers ({datetime.date.today()}, {os.cpu_count()} cores shared by every process, "
-          f"median of {a.rounds} interleaved rounds)\n")
+          f"median of {a.rounds} interleaved rounds; chat-stream and the bare relay on {a.workers} runtime "
+          f"thread(s) each, TOKIO_WORKER_THREADS={a.workers} (BENCH_WORKERS); LiteLLM 1 worker)\n")
     print("model-sim answers at once (ttft 0, 16 tokens, no pacing), so \"added\" is each row's TTFT minus "
           "model-sim direct's in the same round. Unique questions at temperature 0 (every request looks the cache "
           "up and misses). Requests per row: 500 (c=1), 2000 (c=20, c=100); LiteLLM 100 / 300 / 400; with persistence 300 (c=1); the template default 60 (c=1; moto, a Python server, is the bottleneck there).\n")
@@ -546,11 +569,11 @@ def report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_
     print("| row | errors | most open at once | RSS before MiB | peak RSS MiB | per stream KiB | RSS 3 s after MiB | "
           "CPU ms per stream | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for k, s in streams.items():
+    for k, (row_label, s) in streams.items():
         if s is None:
-            print(f"| {label[k]} | run failed (see the log) | | | | | | | |")
+            print(f"| {row_label} | run failed (see the log) | | | | | | | |")
             continue
-        print(f"| {label[k]} | {s['errors']} | {s['peak_open']} | {s['rss_base_mib']:.1f} | {s['rss_peak_mib']:.1f} | "
+        print(f"| {row_label} | {s['errors']} | {s['peak_open']} | {s['rss_base_mib']:.1f} | {s['rss_peak_mib']:.1f} | "
               f"{s['rss_per_stream_kib']:.1f} | {s['rss_after_mib']:.1f} | {s['cpu_ms_per_stream']:.3f} | "
               f"{s['wall_s']:.1f} |")
     print()
