@@ -6,12 +6,14 @@
 # in make bench-peers): peak RSS and CPU per stream.
 # chat-stream as make bench's "limits + breakers + live streams in Redis"
 # row (API-key auth, Redis for limits, breakers, cache and live streams),
-# pinned to CPU 0; client, sim and Redis on CPU 1.
+# pinned to CPU 0; client, sim and Redis on CPU 1 (unless BENCH_PIN=0).
 #
 # Use: scripts/bench-compare.sh LABEL_A=PATH_A LABEL_B=PATH_B
 # e.g. the build of an older commit against this one (see BENCHMARKS.md).
 # Knobs: BENCH_REQUESTS (2000 per row), BENCH_ROUNDS (3), BENCH_STREAMS
-# (1000; 0 skips the phase).
+# (1000; 0 skips the phase), BENCH_PIN (1; 0 shares both cores between
+# every process). A PATH may be a script that sets the environment and
+# execs chat-stream, to compare settings of one build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,15 +75,17 @@ for _ in $(seq 1 "$ROUNDS"); do
   done
 done
 
-python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" "$@" <<'PY'
+layout="chat-stream pinned to CPU 0, the rest on CPU 1"
+[ ${#on_chat[@]} -gt 0 ] || layout="every process on every core"
+python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" "$layout" "$@" <<'PY'
 import os, sys, datetime
 sys.path.insert(0, "scripts")
 from benchstats import load, med
-out, req, rounds, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-labels = [s.split("=", 1)[0] for s in sys.argv[5:]]
+out, req, rounds, cores, layout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+labels = [s.split("=", 1)[0] for s in sys.argv[6:]]
 r = lambda label, kind, c: load(os.path.join(out, f"{label}-{kind}-{c}.jsonl"))
 print(f"# bench-compare ({datetime.date.today()}, {cores} cores, {req} requests per row after 200 warm-up, "
-      f"median of {rounds} interleaved rounds)\n")
+      f"median of {rounds} interleaved rounds; {layout})\n")
 print("| build | added TTFT p50 ms, c=1 | added TTFT p50 ms, c=20 | hit, answer (done) p50 ms, c=1 | hit, body end p50 ms, c=1 | hit p50 ms, c=20 | hits/s, c=20 | errors |")
 print("|---|---|---|---|---|---|---|---|")
 for l in labels:

@@ -5,9 +5,10 @@ wait_for() { for _ in $(seq 1 200); do listening "$1" && return 0; sleep 0.1; do
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 can_pin() { command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; }
 # Prefixes that pin chat-stream to CPU 0 and everything else to CPU 1,
-# when the machine has two CPUs and taskset.
+# when the machine has two CPUs and taskset (BENCH_PIN=0: no pinning, every
+# process on every core, as make bench-peers runs).
 on_chat=(); on_rest=()
-if can_pin; then on_chat=(taskset -c 0); on_rest=(taskset -c 1); fi
+if [ "${BENCH_PIN:-1}" = 1 ] && can_pin; then on_chat=(taskset -c 0); on_rest=(taskset -c 1); fi
 
 # Services of a benchmark's own, pinned with the rest (need OUT, VENV, BIN;
 # their pids go into svc, killed by the caller's trap).
