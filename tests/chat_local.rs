@@ -16,6 +16,32 @@ async fn chat(sim: &Sim, extra: &[(&str, &str)]) -> ChatServer {
     ChatServer::start(&env).await
 }
 
+/// Asks every question at once, a client each; the events of each answer,
+/// in the order asked. Every response must be a 200.
+async fn ask_at_once(server: &ChatServer, questions: &[String]) -> Vec<Vec<Event>> {
+    let tasks: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let (url, body) = (server.url("/chat"), json!({"message": q}));
+            tokio::spawn(async move {
+                let resp = reqwest::Client::new()
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200, "{}", body["message"]);
+                read_sse(resp, LIMIT).await.0
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    answers
+}
+
 #[tokio::test]
 async fn full_answer_arrives_as_meta_deltas_done() {
     let sim = sim(10, 500.0, 12).await;
@@ -485,37 +511,12 @@ async fn twenty_concurrent_streams_each_get_their_own_complete_answer() {
     let sim = sim(20, 200.0, 15).await;
     // Twenty streams of one (dev) user: over MAX_STREAMS_PER_USER's default.
     let server = chat(&sim, &[("MAX_STREAMS_PER_USER", "0")]).await;
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let url = server.url("/chat");
-        tasks.push(tokio::spawn(async move {
-            let resp = reqwest::Client::new()
-                .post(url)
-                .json(&json!({"message": format!("question {i}")}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200);
-            let (events, _) = read_sse(resp, LIMIT).await;
-            (
-                i,
-                answer_text(&events),
-                events.last().unwrap().event.clone(),
-            )
-        }));
-    }
-    for t in tasks {
-        let (i, text, last) = t.await.unwrap();
-        assert_eq!(last, "done");
-        let direct = direct_answer(
-            &sim,
-            "claude-sonnet-4-5",
-            None,
-            &format!("question {i}"),
-            1024,
-        )
-        .await;
-        assert_eq!(text, direct, "answer {i}");
+    let questions: Vec<String> = (0..20).map(|i| format!("question {i}")).collect();
+    let answers = ask_at_once(&server, &questions).await;
+    for (q, events) in questions.iter().zip(answers) {
+        assert_eq!(events.last().unwrap().event, "done");
+        let direct = direct_answer(&sim, "claude-sonnet-4-5", None, q, 1024).await;
+        assert_eq!(answer_text(&events), direct, "{q}");
     }
 }
 
@@ -566,39 +567,21 @@ async fn with_http2_prior_knowledge_concurrent_answers_share_one_connection() {
         ],
     )
     .await;
-    // The one that leaves: it reads one delta and hangs up.
+    // The one that leaves: it reads one delta and hangs up while the
+    // others stream.
     let leaver = server
         .post_chat(None, &json!({"message": "a question left early"}))
         .await;
     assert_eq!(leaver.status(), 200);
     let mut leaver = e2e::body_stream(leaver);
     e2e::read_deltas(&mut leaver, 1).await;
-    let mut tasks = Vec::new();
-    for i in 0..10 {
-        let url = server.url("/chat");
-        tasks.push(tokio::spawn(async move {
-            let resp = reqwest::Client::new()
-                .post(url)
-                .json(&json!({"message": format!("multiplexed {i}")}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200);
-            let (events, _) = read_sse(resp, LIMIT).await;
-            (
-                i,
-                answer_text(&events),
-                events.last().unwrap().event.clone(),
-            )
-        }));
-    }
-    drop(leaver);
-    let mut texts = Vec::new();
-    for t in tasks {
-        let (i, text, last) = t.await.unwrap();
-        assert_eq!(last, "done", "answer {i}");
-        texts.push((i, text));
-    }
+    let questions: Vec<String> = (0..10).map(|i| format!("multiplexed {i}")).collect();
+    let others = {
+        let server = &server;
+        let questions = &questions;
+        async move { ask_at_once(server, questions).await }
+    };
+    let (answers, ()) = tokio::join!(others, async move { drop(leaver) });
     // The pre-warm's connection carried all eleven.
     assert_eq!(
         sim.connections(),
@@ -617,34 +600,22 @@ async fn with_http2_prior_knowledge_concurrent_answers_share_one_connection() {
     assert_eq!(sim.completed(), 10);
     // Each is the model's own answer to its question (asked directly, at
     // once: each takes a second).
-    let direct = futures_util::future::join_all(texts.iter().map(|(i, _)| {
-        let q = format!("multiplexed {i}");
-        let sim = &sim;
-        async move { direct_answer(sim, "claude-sonnet-4-5", None, &q, 1024).await }
-    }))
+    let direct = futures_util::future::join_all(
+        questions
+            .iter()
+            .map(|q| direct_answer(&sim, "claude-sonnet-4-5", None, q, 1024)),
+    )
     .await;
-    for ((i, text), direct) in texts.into_iter().zip(direct) {
-        assert_eq!(text, direct, "answer {i}");
+    for ((q, events), direct) in questions.iter().zip(answers).zip(direct) {
+        assert_eq!(events.last().unwrap().event, "done", "{q}");
+        assert_eq!(answer_text(&events), direct, "{q}");
     }
 
     // Without the setting, answers streaming at once need a connection each.
     let sim = self::sim(0, 20.0, 20).await;
     let server = chat(&sim, &[("MAX_STREAMS_PER_USER", "0")]).await;
-    let mut tasks = Vec::new();
-    for i in 0..4 {
-        let url = server.url("/chat");
-        tasks.push(tokio::spawn(async move {
-            let resp = reqwest::Client::new()
-                .post(url)
-                .json(&json!({"message": format!("one each {i}")}))
-                .send()
-                .await
-                .unwrap();
-            read_sse(resp, LIMIT).await
-        }));
-    }
-    for t in tasks {
-        let (events, _) = t.await.unwrap();
+    let questions: Vec<String> = (0..4).map(|i| format!("one each {i}")).collect();
+    for events in ask_at_once(&server, &questions).await {
         assert_eq!(events.last().unwrap().event, "done");
     }
     assert!(sim.connections() >= 4, "{} connections", sim.connections());
@@ -669,22 +640,8 @@ async fn with_http2_twenty_fast_answers_at_once_all_complete() {
     )
     .await;
     for round in 0..3 {
-        let mut tasks = Vec::new();
-        for i in 0..20 {
-            let url = server.url("/chat");
-            tasks.push(tokio::spawn(async move {
-                let resp = reqwest::Client::new()
-                    .post(url)
-                    .json(&json!({"message": format!("fast {round} {i}")}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status(), 200);
-                read_sse(resp, LIMIT).await.0
-            }));
-        }
-        for t in tasks {
-            let events = t.await.unwrap();
+        let questions: Vec<String> = (0..20).map(|i| format!("fast {round} {i}")).collect();
+        for events in ask_at_once(&server, &questions).await {
             let last = events.last().unwrap();
             assert_eq!(last.event, "done", "round {round}: {}", last.data);
             assert_eq!(answer_text(&events).split_whitespace().count(), 300);
