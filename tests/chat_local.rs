@@ -16,6 +16,13 @@ async fn chat(sim: &Sim, extra: &[(&str, &str)]) -> ChatServer {
     ChatServer::start(&env).await
 }
 
+/// HTTP/2 to the model from the first byte, and no per-user stream cap
+/// (the tests below run many answers of one dev user at once).
+const H2C_MANY_STREAMS: &[(&str, &str)] = &[
+    ("UPSTREAM_HTTP2_PRIOR_KNOWLEDGE", "true"),
+    ("MAX_STREAMS_PER_USER", "0"),
+];
+
 /// Asks every question at once, a client each; the events of each answer,
 /// in the order asked. Every response must be a 200.
 async fn ask_at_once(server: &ChatServer, questions: &[String]) -> Vec<Vec<Event>> {
@@ -559,14 +566,7 @@ async fn the_model_connection_is_prewarmed_and_reused() {
 async fn with_http2_prior_knowledge_concurrent_answers_share_one_connection() {
     // 20 tokens at 20/s: each answer streams for about a second.
     let sim = sim(0, 20.0, 20).await;
-    let server = chat(
-        &sim,
-        &[
-            ("UPSTREAM_HTTP2_PRIOR_KNOWLEDGE", "true"),
-            ("MAX_STREAMS_PER_USER", "0"),
-        ],
-    )
-    .await;
+    let server = chat(&sim, H2C_MANY_STREAMS).await;
     // The one that leaves: it reads one delta and hangs up while the
     // others stream.
     let leaver = server
@@ -631,14 +631,7 @@ async fn with_http2_prior_knowledge_concurrent_answers_share_one_connection() {
 async fn with_http2_twenty_fast_answers_at_once_all_complete() {
     // 300 tokens each, as fast as the sim can send them.
     let sim = sim(0, 0.0, 300).await;
-    let server = chat(
-        &sim,
-        &[
-            ("UPSTREAM_HTTP2_PRIOR_KNOWLEDGE", "true"),
-            ("MAX_STREAMS_PER_USER", "0"),
-        ],
-    )
-    .await;
+    let server = chat(&sim, H2C_MANY_STREAMS).await;
     for round in 0..3 {
         let questions: Vec<String> = (0..20).map(|i| format!("fast {round} {i}")).collect();
         for events in ask_at_once(&server, &questions).await {
