@@ -643,6 +643,57 @@ async fn with_http2_twenty_fast_answers_at_once_all_complete() {
     assert_eq!(sim.connections(), 1);
 }
 
+/// A client (a proxy in front, say) that speaks HTTP/2 with prior
+/// knowledge gets its answers multiplexed on one connection, more at once
+/// than hyper's default limit of 200 streams per connection: 250 answers
+/// held at their first token all reach the model before any ends.
+#[tokio::test]
+async fn clients_over_h2c_share_one_connection_beyond_hypers_default() {
+    let sim = sim(2000, 1000.0, 5).await;
+    let server = chat(&sim, H2C_MANY_STREAMS).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let asks: Vec<_> = (0..250)
+        .map(|i| {
+            let (h2, url) = (h2.clone(), server.url("/chat"));
+            tokio::spawn(async move {
+                let resp = h2
+                    .post(url)
+                    .header("x-dev-user", format!("h2-{}", i % 5))
+                    .json(&json!({"message": format!("multiplexed client {i}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+                assert_eq!(resp.status(), 200);
+                read_sse(resp, LIMIT).await.0
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    while sim.calls() < 250 {
+        assert_eq!(
+            sim.completed(),
+            0,
+            "{} of 250 reached the model",
+            sim.calls()
+        );
+        assert!(
+            t.elapsed() < LIMIT,
+            "{} of 250 reached the model",
+            sim.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for a in futures_util::future::join_all(asks).await {
+        let events = a.unwrap();
+        assert_eq!(events.last().unwrap().event, "done");
+        assert_eq!(answer_text(&events).split_whitespace().count(), 5);
+    }
+}
+
 /// Every response, streamed or not, success or error: nosniff, no
 /// referrer, and never stored by a browser or a shared cache.
 #[tokio::test]
