@@ -61,6 +61,10 @@ async fn chat_inner(state: AppState, req: Request) -> Result<Response, ApiError>
         .and_then(|v| v.to_str().ok())
         .map(CacheControl::parse)
         .unwrap_or_default();
+    // The request's headers are read: not held while the answer opens
+    // (they are a few hundred bytes per waiting answer, and over HTTP/1.1
+    // they hold on to the connection's read buffer).
+    drop(parts);
     crate::chat::start(state, ctx, identity, chat_req, cache_control).await
 }
 

@@ -265,6 +265,10 @@ impl Relay {
         frame.clone()
     }
 
+    /// The next frame for the client; `None` once the answer is over and
+    /// durable. The once-per-answer paths (failure, stop, the final
+    /// release) are boxed: inline, they would size every waiting answer's
+    /// task for them (1,000 open answers: 1,000 such tasks).
     async fn next_frame(&mut self) -> Option<Bytes> {
         if self.finished {
             // The client has the final event. Keep the body (and so the
@@ -295,7 +299,7 @@ impl Relay {
                         .next(self.timings.ttft.is_some(), self.last_chunk);
                     tokio::select! {
                         biased;
-                        () = self.stop.stopped() => return Some(self.stopped().await),
+                        () = self.stop.stopped() => return Some(Box::pin(self.stopped()).await),
                         r = timeout_at(deadline, self.upstream.next()) => r.map_err(|_| kind),
                     }
                 }
@@ -303,9 +307,9 @@ impl Relay {
             self.last_chunk = Instant::now();
             let chunk = match item {
                 Ok(Some(Ok(chunk))) => chunk,
-                Ok(Some(Err(e))) => return Some(self.fail(e).await),
-                Ok(None) => return Some(self.fail(UpstreamError::Truncated).await),
-                Err(kind) => return Some(self.fail(UpstreamError::Timeout(kind)).await),
+                Ok(Some(Err(e))) => return Some(Box::pin(self.fail(e)).await),
+                Ok(None) => return Some(Box::pin(self.fail(UpstreamError::Truncated)).await),
+                Err(kind) => return Some(Box::pin(self.fail(UpstreamError::Timeout(kind))).await),
             };
             match chunk {
                 Chunk::Delta(text) if text.is_empty() => {}
@@ -329,11 +333,11 @@ impl Relay {
                 Chunk::End => {
                     // Count the tokens before the final event, while the
                     // invocation is surely still running.
-                    crate::limits::release(
+                    Box::pin(crate::limits::release(
                         self.tokens.take(),
                         self.slot.take(),
                         self.used_tokens(),
-                    )
+                    ))
                     .await;
                     return Some(self.complete());
                 }

@@ -36,7 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Script;
-use tokio::sync::mpsc;
 
 mod follower;
 mod reader;
@@ -313,14 +312,15 @@ impl Live {
     /// Starts teeing the events of `turn_id` into its stream. `lock`: the
     /// cache key whose lease this answer renews while it holds it.
     pub fn tee(self: &Arc<Self>, turn_id: &str, owner: &str, lock: Option<String>) -> Tee {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(tee::Queue::default());
+        let rx = queue.clone();
         let live = self.clone();
         let turn_id = turn_id.to_owned();
         let owner = owner.to_owned();
         let task = tokio::runtime::Handle::try_current()
             .ok()
             .map(|h| h.spawn(async move { live.run_tee(turn_id, owner, lock, rx).await }));
-        Tee { tx: Some(tx), task }
+        Tee { queue, task }
     }
 
     async fn run_tee(
@@ -328,7 +328,7 @@ impl Live {
         turn_id: String,
         owner: String,
         lock: Option<String>,
-        mut rx: mpsc::UnboundedReceiver<tee::Queued>,
+        queue: Arc<tee::Queue>,
     ) {
         let stream = stream_key(&turn_id);
         let retention = self.config.retention.as_secs().max(1);
@@ -338,19 +338,14 @@ impl Live {
         let mut ended = false;
         // The first renewal is due one period after the lease was taken.
         let mut renew_at = tokio::time::Instant::now() + renew_every;
+        let mut batch = Vec::new();
         while !ended {
-            let mut batch = Vec::new();
-            // Wake for the next event, or (holding a lease) to renew it.
+            batch.clear();
+            // Wake for the next events, or (holding a lease) to renew it.
             let renewing = lock.is_some();
             tokio::select! {
-                got = rx.recv() => match got {
-                    Some(e) => batch.push(e),
-                    None => ended = true,
-                },
+                more = queue.next_batch(&mut batch) => ended = !more,
                 _ = tokio::time::sleep_until(renew_at), if renewing => {}
-            }
-            while let Ok(e) = rx.try_recv() {
-                batch.push(e);
             }
             let terminal = batch.iter().find(|e| e.is_terminal()).map(|e| e.event);
             if !batch.is_empty() {
@@ -376,7 +371,11 @@ impl Live {
                 // batch that is not written leaves a gap in the event ids,
                 // which readers detect (see [`Reader`]).
                 let limit = self.timeout.max(Duration::from_millis(250));
-                if self.link.pipe::<()>(&pipe, limit).await.is_none() {
+                // Boxed, as are the scripts below: inline, the Redis
+                // call's state would size this task (one per open answer)
+                // at over a kilobyte while it waits for the next event.
+                let written = Box::pin(self.link.pipe::<()>(&pipe, limit)).await;
+                if written.is_none() {
                     tracing::warn!(turn_id = %turn_id, events = batch.len(), "live stream entries not written");
                 }
             }
@@ -386,17 +385,23 @@ impl Live {
                     // answer's lease is given up by the relay once the
                     // cache has it ([`Live::release`]).
                     Some("error" | "abort" | "gone") => {
-                        let _: Option<i64> = self
-                            .link
-                            .script(&self.release, &[lock], &[&turn_id], self.timeout)
-                            .await;
+                        let _: Option<i64> = Box::pin(self.link.script(
+                            &self.release,
+                            &[lock],
+                            &[&turn_id],
+                            self.timeout,
+                        ))
+                        .await;
                     }
                     Some(_) => {}
                     None if tokio::time::Instant::now() >= renew_at => {
-                        let _: Option<i64> = self
-                            .link
-                            .script(&self.renew, &[lock], &[&turn_id, &lease_ms], self.timeout)
-                            .await;
+                        let _: Option<i64> = Box::pin(self.link.script(
+                            &self.renew,
+                            &[lock],
+                            &[&turn_id, &lease_ms],
+                            self.timeout,
+                        ))
+                        .await;
                         renew_at = tokio::time::Instant::now() + renew_every;
                     }
                     None => {}

@@ -74,6 +74,8 @@ async fn completions_inner(state: AppState, req: Request) -> Result<Response, Ap
     let cache_control = text_header("cache-control")
         .map(CacheControl::parse)
         .unwrap_or_default();
+    // Not held while the answer opens (see `/chat`'s handler).
+    drop(parts);
     let answer = crate::chat::start(state, ctx, identity, c.turn, cache_control).await?;
     if c.stream {
         Ok(streamed(answer, c.include_usage, created))
