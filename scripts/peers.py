@@ -24,7 +24,11 @@ calls counted by the sim; (3) 1,000 slow streams (sim at 2 tokens/s)
 through chat-stream and the bare relay, each with HTTP/1.1 to the model
 (a connection per stream, what a plain-http endpoint gets by default) and
 with HTTP/2 (h2c, prior knowledge: one connection for every stream, what
-the real APIs negotiate over TLS): peak RSS, CPU per stream, RSS after.
+the real APIs negotiate over TLS), and with HTTP/2 from the clients too
+(h2c, 100 streams per connection, as a proxy in front multiplexes them;
+by default each client is its own HTTP/1.1 connection): peak RSS, CPU per
+stream, RSS after; each variant once per round, interleaved, the median
+reported.
 
 chat-stream and the bare relay run on one runtime thread each
 (`TOKIO_WORKER_THREADS`, from BENCH_WORKERS, default 1): as chat-stream
@@ -56,6 +60,10 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.join(ROOT, "target", "release")
 VENV = os.path.join(ROOT, ".venv")
 BENCH_VENV = os.path.join(ROOT, ".bench-venv")
+# Streams per client connection in the multiplexed slow-streams rows (at
+# most 200: hyper's default per-connection limit, which the bare relay's
+# axum::serve keeps).
+MUX = 100
 
 
 def free_port():
@@ -442,21 +450,28 @@ litellm_settings:
     variants = []
     for key, label, start, path, api, *_ in rows:
         if key in ("full", "bare"):
-            variants.append((key, f"{label}; HTTP/1.1 to the model", start, path, api))
-            variants.append((f"{key}-h2c", f"{label}; HTTP/2 to the model (h2c)", over_h2c(start), path, api))
-    for key, label, start, path, api in variants:
-        redis_flush()
-        p, port, _ = start_row(key, start, drip_url, path, api, "streams")
-        time.sleep(1.0)
-        r = subprocess.run([os.path.join(BIN, "chat-bench"), "streams", "--url", f"http://127.0.0.1:{port}{path}",
-                            "--pid", str(p.pid), "--streams", str(a.streams), "--ramp-ms", "1000", "--settle-ms",
-                            "3000", "--clk-tck", str(os.sysconf("SC_CLK_TCK")), "--label", key],
-                           capture_output=True, text=True, cwd=ROOT)
-        with open(os.path.join(out, "chat-bench.log"), "a") as f:
-            f.write(f"## streams {key}\n{r.stderr}\n")
-        line = next((l for l in r.stderr.splitlines() if l.startswith("{")), None)
-        streams[key] = (label, json.loads(line) if line else None)
-        procs.stop(p)
+            variants.append((key, f"{label}; HTTP/1.1 to the model", start, path, api, 0))
+            variants.append((f"{key}-h2c", f"{label}; HTTP/2 to the model (h2c)", over_h2c(start), path, api, 0))
+            variants.append((f"{key}-h2c-mux", f"{label}; HTTP/2 to the model (h2c); clients multiplexed "
+                             f"(h2c, {MUX} streams per connection, as a proxy in front would)", over_h2c(start),
+                             path, api, MUX))
+    # Peak RSS moves by about a MiB from run to run: each variant runs once
+    # per round, interleaved, and the table gives the median and the rounds.
+    for rnd in range(a.rounds):
+        for key, label, start, path, api, mux in variants:
+            redis_flush()
+            p, port, _ = start_row(key, start, drip_url, path, api, "streams")
+            time.sleep(1.0)
+            r = subprocess.run([os.path.join(BIN, "chat-bench"), "streams", "--url", f"http://127.0.0.1:{port}{path}",
+                                "--pid", str(p.pid), "--streams", str(a.streams), "--ramp-ms", "1000", "--settle-ms",
+                                "3000", "--clk-tck", str(os.sysconf("SC_CLK_TCK")), "--label", key,
+                                "--h2-per-conn", str(mux)],
+                               capture_output=True, text=True, cwd=ROOT)
+            with open(os.path.join(out, "chat-bench.log"), "a") as f:
+                f.write(f"## streams {key} round {rnd + 1}\n{r.stderr}\n")
+            line = next((l for l in r.stderr.splitlines() if l.startswith("{")), None)
+            streams.setdefault(key, (label, []))[1].append(json.loads(line) if line else None)
+            procs.stop(p)
 
     report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_litellm, nofile, out)
 
@@ -585,16 +600,21 @@ def report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_
     print()
     print(f"### {a.streams} slow streams at once (sim: 500 ms to first token, 2 tokens/s, 16 tokens; "
           f"open-files limit {nofile})\n")
+    print(f"Median of {a.rounds} interleaved rounds (every round's peak in brackets); errors summed, "
+          "most open at once: the lowest round.\n")
     print("| row | errors | most open at once | RSS before MiB | peak RSS MiB | per stream KiB | RSS 3 s after MiB | "
           "CPU ms per stream | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for k, (row_label, s) in streams.items():
-        if s is None:
+    for k, (row_label, runs) in streams.items():
+        if not runs or any(s is None for s in runs):
             print(f"| {row_label} | run failed (see the log) | | | | | | | |")
             continue
-        print(f"| {row_label} | {s['errors']} | {s['peak_open']} | {s['rss_base_mib']:.1f} | {s['rss_peak_mib']:.1f} | "
-              f"{s['rss_per_stream_kib']:.1f} | {s['rss_after_mib']:.1f} | {s['cpu_ms_per_stream']:.3f} | "
-              f"{s['wall_s']:.1f} |")
+        med = lambda f: statistics.median(s[f] for s in runs)
+        peaks = ", ".join(f"{s['rss_peak_mib']:.1f}" for s in runs)
+        print(f"| {row_label} | {sum(s['errors'] for s in runs)} | {min(s['peak_open'] for s in runs)} | "
+              f"{med('rss_base_mib'):.1f} | {med('rss_peak_mib'):.1f} ({peaks}) | "
+              f"{med('rss_per_stream_kib'):.1f} | {med('rss_after_mib'):.1f} | {med('cpu_ms_per_stream'):.3f} | "
+              f"{med('wall_s'):.1f} |")
     print()
     print(f"LiteLLM: {'version ' + litellm_version + ', installed with --require-hashes from bench/litellm-requirements.txt; `litellm --num_workers 1`, cache on (type redis, same Redis), a master key (sent by the client as a bearer token, as our rows send an API key), no database, LITELLM_LOCAL_MODEL_COST_MAP=True' if use_litellm else 'not run (--no-litellm)'}.")
     print(f"Raw chat-bench output and every process's log: {out}")

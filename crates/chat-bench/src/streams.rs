@@ -3,8 +3,14 @@
 //! seconds after the last one ended (read from `/proc/PID`).
 //!
 //! ```text
-//! chat-bench streams --url http://127.0.0.1:3000/chat --pid 1234 --streams 1000 [--ramp-ms 1000] [--settle-ms 3000]
+//! chat-bench streams --url http://127.0.0.1:3000/chat --pid 1234 --streams 1000 [--ramp-ms 1000] [--settle-ms 3000] [--h2-per-conn 0]
 //! ```
+//!
+//! By default each stream is its own HTTP/1.1 connection, as browsers
+//! reach a server directly. `--h2-per-conn N` (N > 0) speaks HTTP/2 with
+//! prior knowledge (h2c) and puts N streams on each connection, as a proxy
+//! in front of the server multiplexes its clients (N at most 200: hyper's
+//! default stream limit per connection, which axum::serve keeps).
 //!
 //! Every stream asks its own question (no cache hit, no coalescing) and
 //! is read to its end; a stream counts as good when it ended with `done`
@@ -29,6 +35,7 @@ struct Args {
     settle: Duration,
     clk_tck: u64,
     label: String,
+    h2_per_conn: usize,
 }
 
 fn parse() -> Result<Args, String> {
@@ -40,6 +47,7 @@ fn parse() -> Result<Args, String> {
         settle: Duration::from_millis(3000),
         clk_tck: 100,
         label: "streams".into(),
+        h2_per_conn: 0,
     };
     let mut it = std::env::args().skip(2);
     while let Some(flag) = it.next() {
@@ -56,6 +64,7 @@ fn parse() -> Result<Args, String> {
             "--settle-ms" => a.settle = Duration::from_millis(num(&v)?),
             "--clk-tck" => a.clk_tck = num(&v)?.max(1),
             "--label" => a.label = v,
+            "--h2-per-conn" => a.h2_per_conn = num(&v)? as usize,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -136,17 +145,30 @@ pub async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let client = match reqwest::Client::builder()
-        .pool_max_idle_per_host(a.streams)
-        .tcp_nodelay(true)
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("chat-bench streams: {e}");
-            return ExitCode::FAILURE;
-        }
+    // One client per HTTP/2 connection (a reqwest client keeps one per
+    // host); one client with a connection per stream for HTTP/1.1.
+    let conns = match a.h2_per_conn {
+        0 => 1,
+        n => a.streams.div_ceil(n),
     };
+    let mut clients = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let b = reqwest::Client::builder()
+            .pool_max_idle_per_host(a.streams)
+            .tcp_nodelay(true);
+        let b = if a.h2_per_conn > 0 {
+            b.http2_prior_knowledge()
+        } else {
+            b
+        };
+        match b.build() {
+            Ok(c) => clients.push(c),
+            Err(e) => {
+                eprintln!("chat-bench streams: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let (Some(base_rss), Some(cpu0)) = (rss_kib(a.pid), cpu_ticks(a.pid)) else {
         eprintln!("chat-bench streams: cannot read /proc/{}", a.pid);
         return ExitCode::FAILURE;
@@ -177,7 +199,8 @@ pub async fn main() -> ExitCode {
     let step = a.ramp / a.streams as u32;
     let tasks: Vec<_> = (0..a.streams)
         .map(|i| {
-            let (client, url, open) = (client.clone(), a.url.clone(), open.clone());
+            let client = clients[i % conns].clone();
+            let (url, open) = (a.url.clone(), open.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(step * i as u32).await;
                 one(&client, &url, i, &open).await
@@ -203,7 +226,7 @@ pub async fn main() -> ExitCode {
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.await;
     let cpu1 = cpu_ticks(a.pid).unwrap_or(cpu0);
-    drop(client);
+    drop(clients);
     tokio::time::sleep(a.settle).await;
     let after = rss_kib(a.pid).unwrap_or(0);
     let cpu_ms = (cpu1 - cpu0) as f64 * 1000.0 / a.clk_tck as f64;
@@ -211,6 +234,7 @@ pub async fn main() -> ExitCode {
     let line = json!({
         "label": a.label,
         "streams": a.streams,
+        "h2_per_conn": a.h2_per_conn,
         "errors": errors,
         "peak_open": peak_open.load(Ordering::Relaxed),
         "wall_s": wall.as_secs_f64(),
