@@ -30,6 +30,7 @@ pub mod live;
 pub mod logging;
 pub mod obs;
 pub mod persistence;
+pub mod pipe;
 pub mod provider;
 pub mod redis;
 pub mod runner;

@@ -13,7 +13,7 @@ use super::Relay;
 /// records the turn as interrupted. A client that stops reading but keeps
 /// its socket open counts as gone once one frame has waited
 /// `CLIENT_SEND_TIMEOUT_MS`: nothing else bounds a send to the body.
-pub(super) async fn produce(mut relay: Relay, tx: tokio::sync::mpsc::Sender<Bytes>, finish: bool) {
+pub(super) async fn produce(mut relay: Relay, tx: crate::pipe::Sender<Bytes>, finish: bool) {
     let send_limit = relay.state.config().timeouts.client_send;
     let mut client = Some(tx);
     loop {
@@ -24,7 +24,7 @@ pub(super) async fn produce(mut relay: Relay, tx: tokio::sync::mpsc::Sender<Byte
                 Some(tx) => tokio::select! {
                     biased;
                     f = &mut next => (f, false),
-                    () = tx.closed() => {
+                    () = tx.receiver_gone() => {
                         if !finish {
                             return;
                         }

@@ -163,7 +163,9 @@ pub(super) fn respond(
             turn_id,
         }),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    // Up to 64 frames wait for a slow client (a pipe: its memory grows
+    // only as far as frames wait).
+    let (tx, rx) = crate::pipe::pipe::<Bytes>(64);
     tokio::spawn(
         produce(relay, tx, finish_on_disconnect).instrument(tracing::info_span!(
             "stream",
@@ -171,7 +173,7 @@ pub(super) fn respond(
             output_tokens = tracing::field::Empty,
         )),
     );
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+    let body = futures_util::stream::unfold(rx, |rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     });
     let mut resp = sse_response(Body::from_stream(body), x_cache, &server_timing, headers);

@@ -312,15 +312,18 @@ impl Live {
     /// Starts teeing the events of `turn_id` into its stream. `lock`: the
     /// cache key whose lease this answer renews while it holds it.
     pub fn tee(self: &Arc<Self>, turn_id: &str, owner: &str, lock: Option<String>) -> Tee {
-        let queue = Arc::new(tee::Queue::default());
-        let rx = queue.clone();
+        // Unbounded (`push`): a slow Redis never holds the relay.
+        let (queue, rx) = crate::pipe::pipe(1);
         let live = self.clone();
         let turn_id = turn_id.to_owned();
         let owner = owner.to_owned();
         let task = tokio::runtime::Handle::try_current()
             .ok()
             .map(|h| h.spawn(async move { live.run_tee(turn_id, owner, lock, rx).await }));
-        Tee { queue, task }
+        Tee {
+            queue: Some(queue),
+            task,
+        }
     }
 
     async fn run_tee(
@@ -328,7 +331,7 @@ impl Live {
         turn_id: String,
         owner: String,
         lock: Option<String>,
-        queue: Arc<tee::Queue>,
+        queue: crate::pipe::Receiver<tee::Queued>,
     ) {
         let stream = stream_key(&turn_id);
         let retention = self.config.retention.as_secs().max(1);
@@ -344,7 +347,7 @@ impl Live {
             // Wake for the next events, or (holding a lease) to renew it.
             let renewing = lock.is_some();
             tokio::select! {
-                more = queue.next_batch(&mut batch) => ended = !more,
+                more = queue.recv_all(&mut batch) => ended = !more,
                 _ = tokio::time::sleep_until(renew_at), if renewing => {}
             }
             let terminal = batch.iter().find(|e| e.is_terminal()).map(|e| e.event);
