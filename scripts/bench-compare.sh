@@ -11,7 +11,9 @@
 # Use: scripts/bench-compare.sh LABEL_A=PATH_A LABEL_B=PATH_B
 # e.g. the build of an older commit against this one (see BENCHMARKS.md).
 # Knobs: BENCH_REQUESTS (2000 per row), BENCH_ROUNDS (3), BENCH_STREAMS
-# (1000; 0 skips the phase), BENCH_PIN (1; 0 shares both cores between
+# (1000; 0 skips the phase), BENCH_H2_PER_CONN (0: each slow stream its
+# own HTTP/1.1 connection; N: h2c from the client, N streams per
+# connection), BENCH_PIN (1; 0 shares both cores between
 # every process). A PATH may be a script that sets the environment and
 # execs chat-stream, to compare settings of one build.
 set -euo pipefail
@@ -68,7 +70,7 @@ for _ in $(seq 1 "$ROUNDS"); do
       run_chat "$label" "$bin" "$DRIP_PORT"
       sleep 1
       "${on_rest[@]}" "$BIN/chat-bench" streams --url "http://127.0.0.1:$PORT/chat" --pid "${pids[0]}" \
-        --streams "$STREAMS" --ramp-ms 1000 --settle-ms 3000 --clk-tck "$(getconf CLK_TCK)" --label "$label" \
+        --streams "$STREAMS" --ramp-ms 1000 --settle-ms 3000 --clk-tck "$(getconf CLK_TCK)" --label "$label" --h2-per-conn "${BENCH_H2_PER_CONN:-0}" \
         2>&1 >/dev/null | grep '^{' >>"$OUT/$label-streams.jsonl" || true
       stop_chat
     fi
@@ -97,7 +99,10 @@ for l in labels:
 streams = {l: load(os.path.join(out, f"{l}-streams.jsonl")) for l in labels}
 if any(streams.values()):
     n = next(s for s in streams.values() if s)[0]["streams"]
-    print(f"\n{n} slow streams at once (sim: 500 ms to first token, 2 tokens/s, 16 tokens; median of the rounds):\n")
+    mux = next(s for s in streams.values() if s)[0].get("h2_per_conn", 0)
+    clients = f"h2c clients, {mux} streams per connection" if mux else "a client connection (HTTP/1.1) each"
+    print(f"\n{n} slow streams at once (sim: 500 ms to first token, 2 tokens/s, 16 tokens; {clients}; "
+          "median of the rounds):\n")
     print("| build | errors | most open at once | peak RSS MiB | per stream KiB | RSS 3 s after MiB | CPU ms per stream |")
     print("|---|---|---|---|---|---|---|")
     for l in labels:
