@@ -52,7 +52,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -609,12 +608,13 @@ def report(a, rows, res, meta, stampede, streams, profile, litellm_version, use_
         if not runs or any(s is None for s in runs):
             print(f"| {row_label} | run failed (see the log) | | | | | | | |")
             continue
-        med = lambda f: statistics.median(s[f] for s in runs)
+        def mid(f):
+            return statistics.median(s[f] for s in runs)
         peaks = ", ".join(f"{s['rss_peak_mib']:.1f}" for s in runs)
         print(f"| {row_label} | {sum(s['errors'] for s in runs)} | {min(s['peak_open'] for s in runs)} | "
-              f"{med('rss_base_mib'):.1f} | {med('rss_peak_mib'):.1f} ({peaks}) | "
-              f"{med('rss_per_stream_kib'):.1f} | {med('rss_after_mib'):.1f} | {med('cpu_ms_per_stream'):.3f} | "
-              f"{med('wall_s'):.1f} |")
+              f"{mid('rss_base_mib'):.1f} | {mid('rss_peak_mib'):.1f} ({peaks}) | "
+              f"{mid('rss_per_stream_kib'):.1f} | {mid('rss_after_mib'):.1f} | {mid('cpu_ms_per_stream'):.3f} | "
+              f"{mid('wall_s'):.1f} |")
     print()
     print(f"LiteLLM: {'version ' + litellm_version + ', installed with --require-hashes from bench/litellm-requirements.txt; `litellm --num_workers 1`, cache on (type redis, same Redis), a master key (sent by the client as a bearer token, as our rows send an API key), no database, LITELLM_LOCAL_MODEL_COST_MAP=True' if use_litellm else 'not run (--no-litellm)'}.")
     print(f"Raw chat-bench output and every process's log: {out}")
