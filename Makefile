@@ -80,6 +80,7 @@ lint: $(TOOLS)
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	sam validate --lint --region $(REGION)
+	pyflakes $$(git ls-files '*.py')
 
 test: lint test-template $(NODE_DEPS)
 	@env=$$(scripts/services.sh start) || { echo "the local services did not start (see above); no tests run" >&2; exit 1; }; \
