@@ -7,9 +7,7 @@
 //! answer at model speed has one or two items waiting, not 32. With 1,000
 //! answers open, the blocks were about 3 MB of the local server's heap.
 //! Here the items sit in a `VecDeque` that starts empty; wake-ups go
-//! through two `Notify`s, each wait registered before the state is
-//! checked (`Notified::enable`), so no wake-up is lost between a check and
-//! a wait.
+//! through two `Notify`s (see [`Pipe::wait_for`]).
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
@@ -61,87 +59,89 @@ impl<T> Pipe<T> {
         self.to_receiver.notify_waiters();
     }
 
+    /// Runs `ready` on the state until it gives a result, waiting on
+    /// `notify` between tries. The first try registers nothing: an item
+    /// or room that is already there costs one lock. A wait registers
+    /// before it checks again, so no wake-up is lost in between.
+    async fn wait_for<R>(
+        &self,
+        notify: &Notify,
+        mut ready: impl FnMut(&mut State<T>) -> Option<R>,
+    ) -> R {
+        if let Some(r) = ready(&mut self.lock()) {
+            return r;
+        }
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = ready(&mut self.lock()) {
+                return r;
+            }
+            notified.await;
+        }
+    }
+
     /// Queues `item` once fewer than `bound` items wait; `Err` once the
     /// receiver has gone.
     pub async fn send(&self, item: T) -> Result<(), Gone> {
         let mut item = Some(item);
-        loop {
-            let notified = self.to_sender.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut s = self.lock();
+        let bound = self.bound;
+        let sent = self
+            .wait_for(&self.to_sender, |s| {
                 if s.receiver_gone {
-                    return Err(Gone);
+                    Some(Err(Gone))
+                } else if s.items.len() < bound {
+                    s.items.extend(item.take());
+                    Some(Ok(()))
+                } else {
+                    None
                 }
-                if s.items.len() < self.bound {
-                    if let Some(item) = item.take() {
-                        s.items.push_back(item);
-                    }
-                    drop(s);
-                    self.to_receiver.notify_waiters();
-                    return Ok(());
-                }
-            }
-            notified.await;
+            })
+            .await;
+        if sent.is_ok() {
+            self.to_receiver.notify_waiters();
         }
+        sent
     }
 
     /// Resolves once the receiver has gone.
     pub async fn receiver_gone(&self) {
-        loop {
-            let notified = self.to_sender.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.lock().receiver_gone {
-                return;
-            }
-            notified.await;
-        }
+        self.wait_for(&self.to_sender, |s| s.receiver_gone.then_some(()))
+            .await
     }
 
     /// The next item; `None` once the sender is done and nothing waits.
     pub async fn recv(&self) -> Option<T> {
-        loop {
-            let notified = self.to_receiver.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut s = self.lock();
-                if let Some(item) = s.items.pop_front() {
-                    drop(s);
-                    self.to_sender.notify_waiters();
-                    return Some(item);
-                }
-                if s.sender_done {
-                    return None;
-                }
-            }
-            notified.await;
+        let item = self
+            .wait_for(&self.to_receiver, |s| match s.items.pop_front() {
+                Some(item) => Some(Some(item)),
+                None => s.sender_done.then_some(None),
+            })
+            .await;
+        if item.is_some() {
+            self.to_sender.notify_waiters();
         }
+        item
     }
 
     /// Moves every waiting item into `batch`, waiting for one if none
     /// does; false once the sender is done and nothing waits.
     pub async fn recv_all(&self, batch: &mut Vec<T>) -> bool {
-        loop {
-            let notified = self.to_receiver.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut s = self.lock();
+        let took = self
+            .wait_for(&self.to_receiver, |s| {
                 if !s.items.is_empty() {
                     batch.extend(s.items.drain(..));
-                    drop(s);
-                    self.to_sender.notify_waiters();
-                    return true;
+                    Some(true)
+                } else {
+                    s.sender_done.then_some(false)
                 }
-                if s.sender_done {
-                    return false;
-                }
-            }
-            notified.await;
+            })
+            .await;
+        if took {
+            self.to_sender.notify_waiters();
         }
+        took
     }
 
     /// No more items will come (what waits is still received).
