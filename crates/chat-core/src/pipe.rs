@@ -10,7 +10,10 @@
 //! through two `Notify`s (see [`Pipe::wait_for`]).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use tokio::sync::Notify;
 
@@ -144,6 +147,44 @@ impl<T> Pipe<T> {
         took
     }
 
+    /// Moves every waiting item into `batch` without waiting; true if it
+    /// took any.
+    pub fn take_ready(&self, batch: &mut Vec<T>) -> bool {
+        let took = {
+            let mut s = self.lock();
+            let n = s.items.len();
+            batch.extend(s.items.drain(..));
+            n > 0
+        };
+        if took {
+            self.to_sender.notify_waiters();
+        }
+        took
+    }
+
+    /// Gathers a burst: lets the runtime's other ready tasks run, turn by
+    /// turn, while each turn brings more items (at most [`MAX_TURNS`];
+    /// [`IDLE_TURNS`] turns that bring none end it), moving them into
+    /// `batch`. Never waits for a later event or a timer: a turn is one
+    /// pass of the scheduler's queue. For the writers at the ends of an
+    /// answer (the client's body, the live stream's tee): a model that
+    /// sends deltas faster than they are written reaches the socket in one
+    /// write instead of one write per delta.
+    pub async fn gather(&self, batch: &mut Vec<T>) {
+        let mut idle = 0;
+        for _ in 0..MAX_TURNS {
+            YieldOnce(false).await;
+            if self.take_ready(batch) {
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle == IDLE_TURNS {
+                    break;
+                }
+            }
+        }
+    }
+
     /// No more items will come (what waits is still received).
     pub fn sender_done(&self) {
         self.lock().sender_done = true;
@@ -160,6 +201,31 @@ impl<T> Pipe<T> {
         };
         drop(items);
         self.to_sender.notify_waiters();
+    }
+}
+
+/// How many scheduler turns [`Pipe::gather`] takes at most.
+pub const MAX_TURNS: usize = 16;
+/// How many turns in a row that bring nothing end [`Pipe::gather`]: the
+/// model's HTTP/1.1 client hands over one chunk at a time, and a chunk can
+/// take a turn or two to pass through it and the relay.
+pub const IDLE_TURNS: usize = 3;
+
+/// Pending once, with the task woken at once: tokio puts a task that
+/// wakes itself at the back of its run queue (`tokio::task::yield_now`
+/// instead waits for the next poll of the I/O driver, which a busy
+/// runtime makes only every few dozen tasks).
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -252,6 +318,45 @@ mod tests {
         assert_eq!(batch, ["b", "c"]);
         p.sender_done();
         assert!(!p.recv_all(&mut batch).await);
+    }
+
+    /// `gather` takes a burst that another task makes one item per turn
+    /// of the scheduler (as the relay makes frames from the model's
+    /// chunks), and ends on its own when nothing more comes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn gather_takes_a_burst_and_ends_when_it_stops() {
+        let p = Arc::new(Pipe::new(64));
+        let receiver = {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut batch = Vec::new();
+                assert!(p.recv_all(&mut batch).await);
+                let woke_with = batch.len();
+                p.gather(&mut batch).await;
+                (woke_with, batch)
+            })
+        };
+        tokio::task::yield_now().await;
+        let burst = {
+            let p = p.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    p.push(i);
+                    YieldOnce(false).await;
+                }
+            })
+        };
+        let (woke_with, batch) = receiver.await.unwrap();
+        assert!(woke_with < 10, "woke before the burst was over");
+        assert_eq!(batch, (0..10).collect::<Vec<_>>());
+        burst.await.unwrap();
+        // Nothing more comes: gather returns with nothing (only scheduler
+        // turns, no timer).
+        let mut more = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), p.gather(&mut more))
+            .await
+            .unwrap();
+        assert!(more.is_empty());
     }
 
     /// When the receiver goes, a sender waiting for room and any later

@@ -1,6 +1,6 @@
 //! The stream of one answer: `meta`, one `delta` per upstream text delta
-//! (written the moment it arrives; each frame is its own body chunk, so
-//! hyper and the Lambda runtime flush it at once), then `done`, or `error`
+//! (sent the moment it arrives: the body writes what is ready within one
+//! turn of the scheduler, see [`produce::body`]), then `done`, or `error`
 //! if the upstream fails. Deadlines bound the first token, the silence
 //! between chunks and the whole answer.
 //!
@@ -8,10 +8,8 @@
 //! [`produce`]), so a client that leaves does not have to stop the answer.
 //! The body ends only once the turn is durable.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::http::HeaderValue;
 use axum::response::Response;
 use bytes::Bytes;
@@ -121,7 +119,7 @@ pub(super) fn respond(
         ttft,
     };
     let server_timing = timings.server_timing();
-    let relay = Relay {
+    let mut relay = Relay {
         provider,
         model_key,
         tokens: planned.tokens,
@@ -166,6 +164,12 @@ pub(super) fn respond(
     // Up to 64 frames wait for a slow client (a pipe: its memory grows
     // only as far as frames wait).
     let (tx, rx) = crate::pipe::pipe::<Bytes>(64);
+    // The frames that need no wait are in the body before the response is
+    // returned: the client's first write carries the head, `meta` and the
+    // first delta together, without waiting for the relay's task to run.
+    while let Some(frame) = relay.ready_frame() {
+        tx.push(frame);
+    }
     tokio::spawn(
         produce(relay, tx, finish_on_disconnect).instrument(tracing::info_span!(
             "stream",
@@ -173,10 +177,7 @@ pub(super) fn respond(
             output_tokens = tracing::field::Empty,
         )),
     );
-    let body = futures_util::stream::unfold(rx, |rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
-    let mut resp = sse_response(Body::from_stream(body), x_cache, &server_timing, headers);
+    let mut resp = sse_response(produce::body(rx), x_cache, &server_timing, headers);
     resp.headers_mut()
         .insert("x-upstream-attempts", HeaderValue::from(attempts));
     resp.extensions_mut().insert(LogDeferred);
@@ -289,8 +290,8 @@ impl Relay {
             tokio::join!(persisting, teeing);
             return None;
         }
-        if let Some(meta) = self.meta.take() {
-            return Some(self.frame("meta", &meta));
+        if let Some(frame) = self.ready_frame() {
+            return Some(frame);
         }
         loop {
             let item = match self.pending.take() {
@@ -315,13 +316,7 @@ impl Relay {
             };
             match chunk {
                 Chunk::Delta(text) if text.is_empty() => {}
-                Chunk::Delta(text) => {
-                    self.text_chars += text.chars().count();
-                    if self.draft.is_some() || self.cache_put.is_some() {
-                        self.answer.push_str(&text);
-                    }
-                    return Some(self.delta_frame(&text));
-                }
+                Chunk::Delta(text) => return Some(self.delta(&text)),
                 Chunk::Start { .. } => {}
                 Chunk::Stop {
                     stop_reason,
@@ -345,6 +340,29 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// The next frame when it needs no wait: `meta`, then the first
+    /// chunk when it is text (it came with the answer's opening).
+    fn ready_frame(&mut self) -> Option<Bytes> {
+        if let Some(meta) = self.meta.take() {
+            return Some(self.frame("meta", &meta));
+        }
+        match self.pending.take() {
+            Some(Chunk::Delta(text)) if !text.is_empty() => Some(self.delta(&text)),
+            other => {
+                self.pending = other;
+                None
+            }
+        }
+    }
+
+    fn delta(&mut self, text: &str) -> Bytes {
+        self.text_chars += text.chars().count();
+        if self.draft.is_some() || self.cache_put.is_some() {
+            self.answer.push_str(text);
+        }
+        self.delta_frame(text)
     }
 
     fn complete(&mut self) -> Bytes {
