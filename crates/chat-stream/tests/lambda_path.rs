@@ -151,10 +151,19 @@ async fn with_redis_the_live_stream_is_complete_when_the_invocation_ends() {
     // Read at once: no waiting for a background task to catch up.
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let len: usize = redis::cmd("XLEN")
+    // An entry holds the events written together: `i e d i e d ...`.
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg(format!("live:{{{stream_id}}}"))
+        .arg("-")
+        .arg("+")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(len, events.len(), "every event, meta to done");
+    let ids: Vec<u64> = entries
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().filter(|(k, _)| k == "i"))
+        .map(|(_, v)| v.parse().unwrap())
+        .collect();
+    let want: Vec<u64> = (1..=events.len() as u64).collect();
+    assert_eq!(ids, want, "every event, meta to done, in order");
 }

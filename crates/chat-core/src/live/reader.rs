@@ -102,6 +102,7 @@ fn parse_xread(reply: redis::Value) -> Vec<(String, Entry)> {
                 continue;
             };
             let Some(id) = text(id) else { continue };
+            // The entry's events one after another: `i e d i e d ...`.
             let (mut seq, mut event, mut data) = (None, None, None);
             for pair in fields.chunks(2) {
                 let [k, v] = pair else { continue };
@@ -111,9 +112,13 @@ fn parse_xread(reply: redis::Value) -> Vec<(String, Entry)> {
                     Some("d") => data = text(v),
                     _ => {}
                 }
-            }
-            if let (Some(seq), Some(event), Some(data)) = (seq, event, data) {
-                out.push((id, Entry { seq, event, data }));
+                if seq.is_some() && event.is_some() && data.is_some() {
+                    if let (Some(seq), Some(event), Some(data)) =
+                        (seq.take(), event.take(), data.take())
+                    {
+                        out.push((id.clone(), Entry { seq, event, data }));
+                    }
+                }
             }
         }
     }
@@ -171,13 +176,30 @@ mod tests {
                 // Missing field: skipped, not a panic.
                 Value::Array(vec![bulk("1-2"), Value::Array(vec![bulk("i")])]),
                 entry("1-3", "3", "done", "{}"),
+                // Several events in one entry, in order.
+                Value::Array(vec![
+                    bulk("1-4"),
+                    Value::Array(
+                        [
+                            "i", "4", "e", "delta", "d", "a", "i", "5", "e", "delta", "d", "b",
+                        ]
+                        .into_iter()
+                        .map(bulk)
+                        .collect(),
+                    ),
+                ]),
             ]),
         ])]);
         let got = parse_xread(reply);
         let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
-        assert_eq!(ids, ["1-0", "1-1", "1-3"]);
+        assert_eq!(ids, ["1-0", "1-1", "1-3", "1-4", "1-4"]);
         assert_eq!(got[1].1.data, "{\"text\":\"hi\"}");
         assert!(got[2].1.is_terminal() && !got[1].1.is_terminal());
+        let seqs: Vec<(u64, &str)> = got[3..]
+            .iter()
+            .map(|(_, e)| (e.seq, e.data.as_str()))
+            .collect();
+        assert_eq!(seqs, [(4, "a"), (5, "b")]);
         assert!(
             parse_xread(Value::Nil).is_empty(),
             "a timed-out read is empty"
