@@ -49,6 +49,9 @@ run_chat() { # LABEL BIN SIM_PORT
   wait_for "$PORT"
 }
 
+# utime + stime of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
 for _ in $(seq 1 "$ROUNDS"); do
   for spec in "$@"; do
     label=${spec%%=*}; bin=${spec#*=}
@@ -59,8 +62,11 @@ for _ in $(seq 1 "$ROUNDS"); do
         --concurrency "$c" --requests "$REQ" --warmup 200 --label direct --json >/dev/null 2>>"$OUT/$label-direct-$c.jsonl"
       # Unique questions at temperature 0: each is looked up and misses
       # (and takes the coalescing lease), as in make bench-peers.
+      c0=$(cpu_ticks "${pids[0]}"); r0=$(cpu_ticks "${svc[0]}")
       "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat --temperature 0 \
         --concurrency "$c" --requests "$REQ" --warmup 200 --label miss --json >/dev/null 2>>"$OUT/$label-miss-$c.jsonl"
+      # CPU per miss (warm-up included), chat-stream's and Redis's.
+      echo "$(( $(cpu_ticks "${pids[0]}") - c0 )) $(( $(cpu_ticks "${svc[0]}") - r0 ))" >>"$OUT/$label-cpu-$c.txt"
       "${on_rest[@]}" "$BIN/chat-bench" --url "http://127.0.0.1:$PORT/chat" --api chat --repeat \
         --concurrency "$c" --requests "$REQ" --warmup 200 --label hit --json >/dev/null 2>>"$OUT/$label-hit-$c.jsonl"
     done
@@ -79,12 +85,12 @@ done
 
 layout="chat-stream pinned to CPU 0, the rest on CPU 1"
 [ ${#on_chat[@]} -gt 0 ] || layout="every process on every core"
-python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" "$layout" "$@" <<'PY'
-import os, sys, datetime
+python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" "$layout" "$(getconf CLK_TCK)" "$@" <<'PY'
+import os, sys, datetime, statistics
 sys.path.insert(0, "scripts")
 from benchstats import load, med
-out, req, rounds, cores, layout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-labels = [s.split("=", 1)[0] for s in sys.argv[6:]]
+out, req, rounds, cores, layout, tck = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
+labels = [s.split("=", 1)[0] for s in sys.argv[7:]]
 r = lambda label, kind, c: load(os.path.join(out, f"{label}-{kind}-{c}.jsonl"))
 print(f"# bench-compare ({datetime.date.today()}, {cores} cores, {req} requests per row after 200 warm-up, "
       f"median of {rounds} interleaved rounds; {layout})\n")
@@ -96,6 +102,16 @@ for l in labels:
     end1 = med(r(l, "hit", 1), "total_ms", "p50")
     errs = sum(x["errors"] for k in ("miss", "hit") for c in (1, 20) for x in r(l, k, c))
     print(f"| {l} | {add[0]:.3f} | {add[1]:.3f} | {hit1:.3f} | {end1:.3f} | {hit20:.3f} | {med(r(l, 'hit', 20), 'rps'):.0f} | {errs} |")
+print("\nCPU per miss (the whole miss run, warm-up included; /proc/PID/stat, median of the rounds):\n")
+print("| build | chat-stream us, c=1 | Redis us, c=1 | chat-stream us, c=20 | Redis us, c=20 |")
+print("|---|---|---|---|---|")
+for l in labels:
+    cols = []
+    for c in (1, 20):
+        rows = [tuple(map(int, line.split())) for line in open(os.path.join(out, f"{l}-cpu-{c}.txt"))]
+        per = lambda i: statistics.median(x[i] for x in rows) / tck / (int(req) + 200) * 1e6
+        cols += [f"{per(0):.0f}", f"{per(1):.0f}"]
+    print(f"| {l} | " + " | ".join(cols) + " |")
 streams = {l: load(os.path.join(out, f"{l}-streams.jsonl")) for l in labels}
 if any(streams.values()):
     n = next(s for s in streams.values() if s)[0]["streams"]
