@@ -23,7 +23,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: bench-peers fuzz bench-jwt bench-limits bench-obs bench-stop node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: bench-peers profile fuzz bench-jwt bench-limits bench-obs bench-stop node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -153,6 +153,12 @@ bench: $(TOOLS)
 bench-peers: $(TOOLS) $(BENCH_VENV)/.installed
 	cargo build --release --locked -p chat-stream -p model-sim -p chat-bench
 	scripts/bench-peers.sh
+
+# Where a request's CPU and system calls go, per process (misses at c=20 by
+# default; PROFILE_ARGS='--mode hit', '--bin PATH', '-c N', '-n N').
+profile:
+	cargo build --release -p chat-stream -p model-sim -p chat-bench
+	python3 scripts/profile.py $(PROFILE_ARGS)
 
 # What JWT sign-in costs per request, per algorithm (first and cached).
 bench-jwt:
