@@ -158,7 +158,7 @@ bench-peers: $(TOOLS) $(BENCH_VENV)/.installed
 # default; PROFILE_ARGS='--mode hit', '--bin PATH', '-c N', '-n N').
 profile:
 	cargo build --release -p chat-stream -p model-sim -p chat-bench
-	python3 scripts/profile.py $(PROFILE_ARGS)
+	python3 scripts/request_profile.py $(PROFILE_ARGS)
 
 # What JWT sign-in costs per request, per algorithm (first and cached).
 bench-jwt:

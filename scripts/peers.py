@@ -49,11 +49,12 @@ import os
 import resource
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
+
+from benchstats import free_port, wait_port
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.join(ROOT, "target", "release")
@@ -63,25 +64,6 @@ BENCH_VENV = os.path.join(ROOT, ".bench-venv")
 # most 200: hyper's default per-connection limit, which the bare relay's
 # axum::serve keeps).
 MUX = 100
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, timeout=30.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.01)
-    raise RuntimeError(f"port {port} never opened")
 
 
 def answer_once(port, path, body, headers):

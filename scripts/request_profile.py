@@ -9,7 +9,7 @@ with chat-bench, and prints for each process (chat-stream, Redis, the sim,
 the load generator) its CPU time per request, and, where `perf` may count
 tracepoints, chat-stream's and Redis's system calls per request by name.
 
-Use: scripts/profile.py [--bin PATH] [--mode miss|hit] [-c C] [-n N]
+Use: scripts/request_profile.py [--bin PATH] [--mode miss|hit] [-c C] [-n N]
 (`miss`: unique questions at temperature 0, each looked up, missed and
 answered by the model; `hit`: one question, answered from the cache).
 Two builds side by side: run it once per `--bin`. A build with symbols
@@ -21,34 +21,16 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from benchstats import free_port, wait_port
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.join(ROOT, "target", "release")
 SYSCALLS = ["writev", "write", "sendto", "recvfrom", "read", "epoll_wait", "getrandom", "futex"]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, timeout=20.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} never opened")
 
 
 def ticks(pid):
