@@ -34,6 +34,15 @@ struct State<T> {
     receiver_gone: bool,
 }
 
+impl<T> State<T> {
+    /// Moves every waiting item into `batch`; true if there were any.
+    fn take_into(&mut self, batch: &mut Vec<T>) -> bool {
+        let any = !self.items.is_empty();
+        batch.extend(self.items.drain(..));
+        any
+    }
+}
+
 /// The receiver has gone: the item was not queued.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Gone;
@@ -133,8 +142,7 @@ impl<T> Pipe<T> {
     pub async fn recv_all(&self, batch: &mut Vec<T>) -> bool {
         let took = self
             .wait_for(&self.to_receiver, |s| {
-                if !s.items.is_empty() {
-                    batch.extend(s.items.drain(..));
+                if s.take_into(batch) {
                     Some(true)
                 } else {
                     s.sender_done.then_some(false)
@@ -150,12 +158,7 @@ impl<T> Pipe<T> {
     /// Moves every waiting item into `batch` without waiting; true if it
     /// took any.
     pub fn take_ready(&self, batch: &mut Vec<T>) -> bool {
-        let took = {
-            let mut s = self.lock();
-            let n = s.items.len();
-            batch.extend(s.items.drain(..));
-            n > 0
-        };
+        let took = self.lock().take_into(batch);
         if took {
             self.to_sender.notify_waiters();
         }

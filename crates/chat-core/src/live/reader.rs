@@ -112,12 +112,16 @@ fn parse_xread(reply: redis::Value) -> Vec<(String, Entry)> {
                     Some("d") => data = text(v),
                     _ => {}
                 }
-                if seq.is_some() && event.is_some() && data.is_some() {
-                    if let (Some(seq), Some(event), Some(data)) =
-                        (seq.take(), event.take(), data.take())
-                    {
-                        out.push((id.clone(), Entry { seq, event, data }));
-                    }
+                if let (Some(_), Some(_), Some(_)) = (&seq, &event, &data) {
+                    let (seq, event, data) = (seq.take(), event.take(), data.take());
+                    out.push((
+                        id.clone(),
+                        Entry {
+                            seq: seq.unwrap_or_default(),
+                            event: event.unwrap_or_default(),
+                            data: data.unwrap_or_default(),
+                        },
+                    ));
                 }
             }
         }
