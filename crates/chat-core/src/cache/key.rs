@@ -69,15 +69,68 @@ impl KeySpec {
     }
 }
 
-/// The canonical JSON document the key is the hash of.
+/// The canonical JSON document the key is the hash of: `{"format", "input"}`
+/// with every object's members in name order and `temperature` as the
+/// 64-bit number its 32-bit value widens to (the document as a
+/// `serde_json::Value` printed it, written here without building one).
 pub fn cache_doc(input: &KeyInput<'_>) -> String {
-    serde_json::json!({ "format": CACHE_FORMAT, "input": input }).to_string()
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        format: u32,
+        input: Input<'a>,
+    }
+    #[derive(Serialize)]
+    struct Input<'a> {
+        max_tokens: u32,
+        messages: Messages<'a>,
+        model: &'a str,
+        provider: &'a str,
+        scope: &'a str,
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        stop: &'a [String],
+        system: Option<&'a str>,
+        temperature: Option<f64>,
+    }
+    struct Messages<'a>(&'a [Message]);
+    impl Serialize for Messages<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            #[derive(Serialize)]
+            struct Canonical<'a> {
+                content: &'a str,
+                role: crate::provider::Role,
+            }
+            s.collect_seq(self.0.iter().map(|m| Canonical {
+                content: &m.content,
+                role: m.role,
+            }))
+        }
+    }
+    let doc = Doc {
+        format: CACHE_FORMAT,
+        input: Input {
+            max_tokens: input.max_tokens,
+            messages: Messages(input.messages),
+            model: input.model,
+            provider: input.provider,
+            scope: input.scope,
+            stop: input.stop,
+            system: input.system,
+            temperature: input.temperature.map(f64::from),
+        },
+    };
+    serde_json::to_string(&doc).unwrap_or_default()
 }
 
 /// The key of a canonical document: lowercase hex SHA-256.
 pub fn key_of_doc(doc: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(doc.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    let mut key = String::with_capacity(64);
+    for b in digest {
+        key.push(char::from(HEX[usize::from(b >> 4)]));
+        key.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    key
 }
 
 /// The cache key: lowercase hex SHA-256 of the canonical JSON.
@@ -174,5 +227,67 @@ mod tests {
         assert_eq!(spec.messages, m);
         assert!(KeySpec::from_doc("{\"format\":0,\"input\":{}}").is_none());
         assert!(KeySpec::from_doc("not json").is_none());
+    }
+
+    /// Keys never change without a new `CACHE_FORMAT`: these are the
+    /// keys (and one document) as the first release computed them, by
+    /// printing a `serde_json::Value` of the inputs.
+    #[test]
+    fn keys_are_those_of_the_first_format() {
+        let m = vec![
+            Message {
+                role: Role::User,
+                content: "h\u{e9}llo \"q\"\n\u{1}".into(),
+            },
+            Message {
+                role: Role::Assistant,
+                content: "a".into(),
+            },
+            Message {
+                role: Role::User,
+                content: "again".into(),
+            },
+        ];
+        let stop = ["END".to_owned()];
+        let doc = |temperature| {
+            cache_doc(&KeyInput {
+                scope: "user:u1",
+                provider: "anthropic",
+                model: "claude",
+                system: Some("be brief"),
+                messages: &m,
+                max_tokens: 64,
+                temperature,
+                stop: &stop,
+            })
+        };
+        assert_eq!(
+            doc(Some(0.7)),
+            "{\"format\":1,\"input\":{\"max_tokens\":64,\"messages\":[{\"content\":\"h\u{e9}llo \\\"q\\\"\\n\\u0001\",\"role\":\"user\"},{\"content\":\"a\",\"role\":\"assistant\"},{\"content\":\"again\",\"role\":\"user\"}],\"model\":\"claude\",\"provider\":\"anthropic\",\"scope\":\"user:u1\",\"stop\":[\"END\"],\"system\":\"be brief\",\"temperature\":0.699999988079071}}"
+        );
+        for (t, want) in [
+            (
+                None,
+                "fe403a4cbe289922c94fcf516c6a8996d5bc9aa785c02f9aa52646bfb74655a6",
+            ),
+            (
+                Some(0.0),
+                "3409c7b7e0b5da9ce660c39a5986d6487e41b1e833738b75b4461e8779d0e791",
+            ),
+            (
+                Some(0.7),
+                "ea7a62d2d2de01c8c978b2597610c8754436963895beffbea1a452c72dbc3976",
+            ),
+            (
+                Some(1.0),
+                "8a394bb55e4cb281ec379623a67579272a9933a13bae80a0ae04f826c8347706",
+            ),
+            (
+                Some(0.3),
+                "422cc49872d7890b5f6a6b6049f8b4fcb98048e256153dcbb60f1d5c3afcfffc",
+            ),
+        ] {
+            assert_eq!(key_of_doc(&doc(t)), want, "temperature {t:?}");
+        }
     }
 }
