@@ -164,3 +164,36 @@ async fn two_instances_share_one_breaker() {
     read_sse(r, LIMIT).await;
     assert_eq!(sim.calls(), 4);
 }
+
+#[tokio::test]
+async fn a_circuit_another_instance_opened_is_seen_within_a_tenth_of_a_second() {
+    let redis = RedisServer::start().await;
+    let sim = sim(0, 0.0, 3).await;
+    let a = instance(&sim, &redis.url(), &[("BREAKER_COOLDOWN_MS", "60000")]).await;
+    let r = chat(&a, "m").await;
+    assert_eq!(r.status(), 200);
+    read_sse(r, LIMIT).await;
+    // Another instance opens the circuit (its keys as the breaker keeps them).
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for flag in ["open", "tripped"] {
+        let _: () = redis::cmd("SET")
+            .arg(format!("cb:{{anthropic:m}}:{flag}"))
+            .arg("1")
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // a took the circuit as closed a moment ago; past that moment it asks
+    // Redis again, finds it open, and calls nobody.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = chat(&a, "m").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["code"],
+        "upstream_circuit_open"
+    );
+    assert_eq!(sim.calls(), 1);
+}

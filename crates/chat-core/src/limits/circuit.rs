@@ -13,8 +13,17 @@
 //! each change, and for the check a plain `MGET` of the circuit's two
 //! flags, with the script only when a probe may be due. The keys of a
 //! circuit share a `{hash tag}`, so cluster mode accepts them.
+//!
+//! A circuit Redis found closed is taken as closed, without asking again,
+//! for [`CLOSED_READ_FOR`] (100 ms): a busy instance reads each circuit
+//! ten times a second, not once per request. A failure this instance
+//! sees forgets that at once, so an instance learns of a circuit another
+//! one opened by its own next failure or within 100 ms, whichever is
+//! first.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use redis::Script;
 use tokio::time::Instant;
@@ -26,8 +35,17 @@ use crate::redis::{RedisLink, tag};
 #[derive(Clone)]
 pub struct Circuits(Arc<Inner>);
 
+/// How long a circuit Redis found closed is taken as closed.
+pub const CLOSED_READ_FOR: Duration = Duration::from_millis(100);
+
+/// The most circuits remembered as closed (model names come from
+/// requests; past this the memory is cleared).
+const CLOSED_READS_MAX: usize = 256;
+
 struct Inner {
     redis: Option<Arc<RedisLink>>,
+    /// Circuits Redis found closed, and until when that is trusted.
+    closed: Mutex<HashMap<String, Instant>>,
     local: Breakers,
     cfg: BreakerConfig,
     admit: Script,
@@ -40,6 +58,7 @@ impl Circuits {
     pub fn new(redis: Option<Arc<RedisLink>>, cfg: BreakerConfig) -> Self {
         Self(Arc::new(Inner {
             redis,
+            closed: Mutex::new(HashMap::new()),
             local: Breakers::new(cfg),
             cfg,
             admit: Script::new(ADMIT_LUA),
@@ -79,8 +98,36 @@ impl Circuits {
         })
     }
 
+    fn closed_read(&self, model_key: &str, now: Instant) -> bool {
+        self.0
+            .closed
+            .lock()
+            .ok()
+            .and_then(|m| m.get(model_key).copied())
+            .is_some_and(|until| now < until)
+    }
+
+    fn remember_closed(&self, model_key: &str, now: Instant) {
+        if let Ok(mut m) = self.0.closed.lock() {
+            if m.len() >= CLOSED_READS_MAX && !m.contains_key(model_key) {
+                m.clear();
+            }
+            m.insert(model_key.to_owned(), now + CLOSED_READ_FOR);
+        }
+    }
+
+    fn forget_closed(&self, model_key: &str) {
+        if let Ok(mut m) = self.0.closed.lock() {
+            m.remove(model_key);
+        }
+    }
+
     async fn admission(&self, model_key: &str) -> Admission {
         if let Some(r) = &self.0.redis {
+            let now = Instant::now();
+            if self.closed_read(model_key, now) {
+                return Admission::Allowed;
+            }
             let keys = Self::keys(model_key);
             // Closed or open is a plain read of the two flags (one slot: a
             // shared tag), cheaper for Redis than a script; only a circuit
@@ -92,7 +139,10 @@ impl Circuits {
                 .pipe::<((Option<String>, Option<String>),)>(&read, r.timeout())
                 .await
             {
-                Some(((None, None),)) => return Admission::Allowed,
+                Some(((None, None),)) => {
+                    self.remember_closed(model_key, now);
+                    return Admission::Allowed;
+                }
                 Some(((Some(_), _),)) => return Admission::Rejected,
                 Some(((None, Some(_)),)) => {}
                 None => return self.0.local.get(model_key).admit(Instant::now()),
@@ -115,6 +165,7 @@ impl Circuits {
     /// broke off after it started.
     pub async fn record_failure(&self, model_key: &str) {
         self.0.local.get(model_key).on_failure(Instant::now());
+        self.forget_closed(model_key);
         if let Some(r) = &self.0.redis {
             let c = &self.0.cfg;
             let args = [
