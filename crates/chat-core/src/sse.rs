@@ -153,33 +153,51 @@ pub fn encode(id: Option<u64>, event: &str, data: &str) -> Bytes {
 
 /// [`encode`], and where `data` is in the frame (to share it).
 pub fn encode_at(id: Option<u64>, event: &str, data: &str) -> (Bytes, std::ops::Range<usize>) {
-    let mut b = head(id, event, data.len());
+    let mut b = BytesMut::with_capacity(data.len() + event.len() + 40);
+    let at = encode_into(&mut b, id, event, data);
+    (b.freeze(), at)
+}
+
+/// [`encode`] at the end of `b`; where `data` is in `b`.
+pub fn encode_into(
+    b: &mut BytesMut,
+    id: Option<u64>,
+    event: &str,
+    data: &str,
+) -> std::ops::Range<usize> {
+    head(b, id, event);
     let at = b.len();
     b.put_slice(data.as_bytes());
     let end = b.len();
     b.put_slice(b"\n\n");
-    (b.freeze(), at..end)
+    at..end
 }
 
 /// The frame of a `delta` event, `{"text":"..."}` with `text` escaped
 /// as JSON straight into the frame, and where its data is.
 pub fn encode_delta(id: u64, text: &str) -> (Bytes, std::ops::Range<usize>) {
-    let mut b = head(Some(id), "delta", text.len() + 12);
+    let mut b = BytesMut::with_capacity(text.len() + 64);
+    let at = encode_delta_into(&mut b, id, text);
+    (b.freeze(), at)
+}
+
+/// [`encode_delta`] at the end of `b`; where its data is in `b`.
+pub fn encode_delta_into(b: &mut BytesMut, id: u64, text: &str) -> std::ops::Range<usize> {
+    head(b, Some(id), "delta");
     let at = b.len();
     b.put_slice(b"{\"text\":");
     // Writing into a BytesMut cannot fail, nor can serialising a str.
-    let mut w = b.writer();
+    let mut w = std::mem::take(b).writer();
     let _ = serde_json::to_writer(&mut w, text);
-    let mut b = w.into_inner();
+    *b = w.into_inner();
     b.put_u8(b'}');
     let end = b.len();
     b.put_slice(b"\n\n");
-    (b.freeze(), at..end)
+    at..end
 }
 
-/// `id:` and `event:` lines and `data: `, in a buffer with room for `data_len`.
-fn head(id: Option<u64>, event: &str, data_len: usize) -> BytesMut {
-    let mut b = BytesMut::with_capacity(data_len + event.len() + 40);
+/// `id:` and `event:` lines and `data: `.
+fn head(b: &mut BytesMut, id: Option<u64>, event: &str) {
     if let Some(id) = id {
         // (formatting into a BytesMut cannot fail)
         let _ = writeln!(b, "id: {id}");
@@ -187,7 +205,6 @@ fn head(id: Option<u64>, event: &str, data_len: usize) -> BytesMut {
     b.put_slice(b"event: ");
     b.put_slice(event.as_bytes());
     b.put_slice(b"\ndata: ");
-    b
 }
 
 /// A 200 `text/event-stream` response that proxies and browsers pass on

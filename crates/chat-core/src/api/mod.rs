@@ -186,21 +186,24 @@ async fn request_context(mut req: Request, next: Next) -> Response {
     if resp.extensions().get::<LogDeferred>().is_none() {
         let code = resp.extensions().get::<ErrorCode>().map(|c| c.0);
         let _in = span.enter();
-        tracing::info!(
-            request_id = %id,
-            method = %method,
-            path = %path,
-            status = resp.status().as_u16(),
-            error_code = code,
-            total_ms = ms(elapsed),
-            "request"
-        );
-        let cache = resp
-            .headers()
-            .get("x-cache")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        request_metrics(resp.status(), code, cache.as_deref(), elapsed).emit();
+        // The log line and the metrics line in one write.
+        crate::obs::log::together(|| {
+            tracing::info!(
+                request_id = %id,
+                method = %method,
+                path = %path,
+                status = resp.status().as_u16(),
+                error_code = code,
+                total_ms = ms(elapsed),
+                "request"
+            );
+            let cache = resp
+                .headers()
+                .get("x-cache")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            request_metrics(resp.status(), code, cache.as_deref(), elapsed).emit();
+        });
     }
     resp
 }

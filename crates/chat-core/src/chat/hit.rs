@@ -8,12 +8,11 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde_json::json;
 
 use super::finish::{Answer, Finish, TurnDraft};
 use super::plan::Planned;
 use super::request::ChatRequest;
-use super::{Timings, answer_ids, sse_response};
+use super::{DoneEvent, MetaEvent, Timings, Usage, answer_ids, event_json, sse_response};
 use crate::auth::Identity;
 use crate::cache::CachedAnswer;
 use crate::persistence::turn::TurnStatus;
@@ -41,32 +40,44 @@ pub(super) fn respond(
     let new_conversation = req.conversation_id.is_none();
     let conversation_id = req.conversation_id.unwrap_or_else(new_id);
     let turn_id = new_id();
-    let mut frames = Vec::new();
-    let next_id = |frames: &Vec<Bytes>| Some(frames.len() as u64 + 1);
-    frames.push(sse::encode(
-        next_id(&frames),
+    // The whole answer in one buffer: one chunk for the connection to
+    // write, where a frame each made a chunk each.
+    let mut body = bytes::BytesMut::with_capacity(hit.text.len() + hit.text.len() / 8 + 512);
+    let mut seq = 1;
+    sse::encode_into(
+        &mut body,
+        Some(seq),
         "meta",
-        &json!({"conversation_id": conversation_id, "turn_id": turn_id, "model": hit.model, "cache": "hit"})
-            .to_string(),
-    ));
+        &event_json(&MetaEvent {
+            cache: "hit",
+            conversation_id: &conversation_id,
+            model: &hit.model,
+            stream_id: None,
+            turn_id: &turn_id,
+        }),
+    );
     for part in split_utf8(&hit.text, 1024) {
-        frames.push(sse::encode_delta(frames.len() as u64 + 1, part).0);
+        seq += 1;
+        sse::encode_delta_into(&mut body, seq, part);
     }
     let total = timings.start.elapsed();
     let t = Timings {
         ttft: Some(total),
         ..timings
     };
-    frames.push(sse::encode(
-        next_id(&frames),
+    sse::encode_into(
+        &mut body,
+        Some(seq + 1),
         "done",
-        &json!({
-            "stop_reason": hit.stop_reason,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
-            "timings_ms": t.json(total),
-        })
-        .to_string(),
-    ));
+        &event_json(&DoneEvent {
+            stop_reason: hit.stop_reason.as_deref(),
+            timings_ms: t.json(total),
+            usage: Usage {
+                input_tokens: 0,
+                output_tokens: 0,
+            },
+        }),
+    );
     let mut headers = answer_ids(req.persist, &conversation_id, &turn_id);
     headers.extend(planned.rate_headers);
     let persister = state.deps().persister.clone().filter(|_| req.persist);
@@ -104,7 +115,7 @@ pub(super) fn respond(
         ..Finish::default()
     }
     .spawn();
-    let frames = futures_util::stream::iter(frames.into_iter().map(Ok::<_, Infallible>));
+    let frames = futures_util::stream::once(async move { Ok::<_, Infallible>(body.freeze()) });
     // As for a miss: the body ends once the turn is durable.
     let end = futures_util::stream::once(async move {
         if let Some(h) = persisting {

@@ -29,7 +29,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
-use serde_json::json;
+use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::auth::Identity;
@@ -99,17 +99,62 @@ impl Timings {
         )
     }
 
-    pub(crate) fn json(&self, total: Duration) -> serde_json::Value {
-        json!({
-            "validate": ms(self.validate),
-            "limits": ms(self.limits),
-            "history": ms(self.history),
-            "upstream_connect": ms(self.upstream_connect),
-            "ttft": self.ttft.map(ms),
-            "overhead": self.overhead().map(ms),
-            "total": ms(total),
-        })
+    pub(crate) fn json(&self, total: Duration) -> TimingsMs {
+        TimingsMs {
+            history: ms(self.history),
+            limits: ms(self.limits),
+            overhead: self.overhead().map(ms),
+            total: ms(total),
+            ttft: self.ttft.map(ms),
+            upstream_connect: ms(self.upstream_connect),
+            validate: ms(self.validate),
+        }
     }
+}
+
+/// `done`'s `timings_ms`. The fields of this and the other event types
+/// below are in name order, as the JSON objects they replace had them.
+#[derive(Debug, Serialize)]
+pub(crate) struct TimingsMs {
+    history: f64,
+    limits: f64,
+    overhead: Option<f64>,
+    total: f64,
+    ttft: Option<f64>,
+    upstream_connect: f64,
+    validate: f64,
+}
+
+/// The `meta` event: the first of every answer.
+#[derive(Debug, Serialize)]
+pub(crate) struct MetaEvent<'a> {
+    /// `hit`, `miss` or `follow`.
+    pub cache: &'static str,
+    pub conversation_id: &'a str,
+    pub model: &'a str,
+    /// Resumable (`GET /chat/streams/{stream_id}`): the live copy is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_id: Option<&'a str>,
+    pub turn_id: &'a str,
+}
+
+/// The `done` event: the last of a complete (or stopped) answer.
+#[derive(Debug, Serialize)]
+pub(crate) struct DoneEvent<'a> {
+    pub stop_reason: Option<&'a str>,
+    pub timings_ms: TimingsMs,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Usage {
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+}
+
+/// An event's data line: JSON of a type that always serialises.
+pub(crate) fn event_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 /// Marks a response whose log line is written when its body ends (the

@@ -14,7 +14,6 @@ use axum::http::HeaderValue;
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde_json::json;
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument;
 
@@ -27,7 +26,9 @@ use super::finish::{Answer, CachePut, Finish, Lease, PopularJob, TurnDraft};
 use super::plan::Planned;
 use super::request::ChatRequest;
 use super::stop::StopWatch;
-use super::{LogDeferred, Timings, answer_ids, sse_response};
+use super::{
+    DoneEvent, LogDeferred, MetaEvent, Timings, Usage, answer_ids, event_json, sse_response,
+};
 use crate::auth::Identity;
 use crate::cache::CachedAnswer;
 use crate::error::{ApiError, UpstreamError};
@@ -97,16 +98,14 @@ pub(super) fn respond(
         new_conversation: req.conversation_id.is_none(),
         user_message: req.message,
     });
-    let mut meta = json!({
-        "conversation_id": conversation_id,
-        "turn_id": turn_id,
-        "model": model,
-        "cache": if following { "follow" } else { "miss" },
-    });
-    if tee.is_some() {
+    let meta = event_json(&MetaEvent {
+        cache: if following { "follow" } else { "miss" },
+        conversation_id: &conversation_id,
+        model: &model,
         // Resumable: GET /chat/streams/{stream_id} with Last-Event-ID.
-        meta["stream_id"] = json!(turn_id);
-    }
+        stream_id: tee.is_some().then_some(turn_id.as_str()),
+        turn_id: &turn_id,
+    });
     let finish_on_disconnect =
         tee.is_some() && live.as_ref().is_some_and(|l| l.config.finish_on_disconnect);
     let timings = Timings {
@@ -128,7 +127,7 @@ pub(super) fn respond(
         state,
         upstream,
         pending: Some(first),
-        meta: Some(meta.to_string()),
+        meta: Some(meta),
         seq: 0,
         deadlines,
         last_chunk: Instant::now(),
@@ -369,15 +368,15 @@ impl Relay {
         self.finished = true;
         self.state.health(self.provider).record_ok();
         let total = self.timings.start.elapsed();
-        let data = json!({
-            "stop_reason": self.stop_reason,
-            "usage": {
-                "input_tokens": self.input_tokens.unwrap_or(0),
-                "output_tokens": self.output_tokens.unwrap_or(0),
+        let data = event_json(&DoneEvent {
+            stop_reason: self.stop_reason.as_deref(),
+            timings_ms: self.timings.json(total),
+            usage: Usage {
+                input_tokens: self.input_tokens.unwrap_or(0),
+                output_tokens: self.output_tokens.unwrap_or(0),
             },
-            "timings_ms": self.timings.json(total),
         });
-        let frame = self.frame("done", &data.to_string());
+        let frame = self.frame("done", &data);
         self.persisting = self.hand_over(TurnStatus::Completed, None);
         self.write_log("complete", None);
         frame
@@ -393,16 +392,18 @@ impl Relay {
         crate::limits::release(self.tokens.take(), self.slot.take(), self.used_tokens()).await;
         self.stop_reason = Some("stopped".to_owned());
         let total = self.timings.start.elapsed();
-        let data = json!({
-            "stop_reason": "stopped",
-            "usage": {
-                "input_tokens": self.input_tokens.unwrap_or(0),
-                "output_tokens": self.output_tokens.unwrap_or_else(|| u32::try_from(self.text_chars / 4).unwrap_or(u32::MAX)),
+        let data = event_json(&DoneEvent {
+            stop_reason: Some("stopped"),
+            timings_ms: self.timings.json(total),
+            usage: Usage {
+                input_tokens: self.input_tokens.unwrap_or(0),
+                output_tokens: self
+                    .output_tokens
+                    .unwrap_or_else(|| u32::try_from(self.text_chars / 4).unwrap_or(u32::MAX)),
             },
-            "timings_ms": self.timings.json(total),
         });
         tracing::info!(seq = self.seq, "answer stopped on request");
-        let frame = self.frame("done", &data.to_string());
+        let frame = self.frame("done", &data);
         self.persisting = self.hand_over(TurnStatus::Stopped, None);
         self.write_log("stopped", None);
         frame
@@ -436,7 +437,12 @@ impl Relay {
         frame
     }
 
+    /// The answer's log line and its metrics line, in one write.
     fn write_log(&mut self, outcome: &'static str, error_code: Option<&'static str>) {
+        crate::obs::log::together(|| self.write_log_lines(outcome, error_code));
+    }
+
+    fn write_log_lines(&mut self, outcome: &'static str, error_code: Option<&'static str>) {
         let Some(log) = self.log.take() else { return };
         let t = &self.timings;
         tracing::info!(

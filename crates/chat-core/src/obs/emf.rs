@@ -211,7 +211,7 @@ impl Metrics {
             Some((n, f, o)) => (n.as_str(), f.as_str(), o),
             None => ("ChatRelay", "local", &LogOut::Stdout),
         };
-        out.write_line(&self.line(ns, function, crate::util::now_ms()));
+        out.write_line(self.line(ns, function, crate::util::now_ms()).as_bytes());
     }
 }
 

@@ -27,26 +27,65 @@ pub enum LogOut {
 }
 
 impl LogOut {
-    pub(crate) fn write_line(&self, line: &str) {
+    pub(crate) fn write_line(&self, line: &[u8]) {
         match self {
             LogOut::Stdout => {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(line.as_bytes());
-                let _ = out.write_all(b"\n");
+                let held = HELD.with(|h| {
+                    let mut h = h.borrow_mut();
+                    let Some(buf) = h.as_mut() else {
+                        return false;
+                    };
+                    buf.extend_from_slice(line);
+                    buf.push(b'\n');
+                    true
+                });
+                if !held {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(line);
+                    let _ = out.write_all(b"\n");
+                }
             }
             LogOut::Memory(m) => {
                 if let Ok(mut v) = m.lock() {
-                    v.push(line.to_owned());
+                    v.push(String::from_utf8_lossy(line).into_owned());
                 }
             }
             LogOut::Writer(w) => {
                 if let Ok(mut w) = w.lock() {
-                    let _ = w.write_all(line.as_bytes());
+                    let _ = w.write_all(line);
                     let _ = w.write_all(b"\n");
                 }
             }
         }
     }
+}
+
+thread_local! {
+    /// Lines for stdout held by [`together`] on this thread.
+    static HELD: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (synchronous: nothing else runs on this thread meanwhile) and
+/// writes the stdout lines it made in one write: a request's log line and
+/// its metrics line are one system call, not two. A `together` inside
+/// another adds to the outer one's.
+pub fn together<R>(f: impl FnOnce() -> R) -> R {
+    let outer = HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        if h.is_some() {
+            return true;
+        }
+        *h = Some(Vec::new());
+        false
+    });
+    let r = f();
+    if !outer {
+        let lines = HELD.with(|h| h.borrow_mut().take());
+        if let Some(lines) = lines.filter(|l| !l.is_empty()) {
+            let _ = std::io::stdout().lock().write_all(&lines);
+        }
+    }
+    r
 }
 
 /// The context a span gives every line under it.
@@ -241,7 +280,7 @@ where
             put(k, v);
         }
         line.push(b'}');
-        self.out.write_line(&String::from_utf8_lossy(&line));
+        self.out.write_line(&line);
     }
 }
 
