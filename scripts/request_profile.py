@@ -39,6 +39,18 @@ def ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def redis_calls(port):
+    """Calls so far per Redis command (INFO commandstats)."""
+    r = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True, text=True)
+    calls = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line.partition(":")
+            fields = dict(kv.split("=", 1) for kv in rest.split(",") if "=" in kv)
+            calls[name.removeprefix("cmdstat_")] = int(fields.get("calls", 0))
+    return calls
+
+
 def perf_ok():
     if not shutil.which("perf"):
         return False
@@ -52,6 +64,8 @@ def main():
     ap.add_argument("--mode", choices=["miss", "hit"], default="miss")
     ap.add_argument("-c", type=int, default=20)
     ap.add_argument("-n", type=int, default=4000)
+    ap.add_argument("--record", metavar="FILE", help="also `perf record` chat-stream (DWARF call graphs) into FILE "
+                    "(for `perf report -i FILE`; use a build with symbols)")
     a = ap.parse_args()
     out = tempfile.mkdtemp(prefix="profile-")
     procs = []
@@ -99,17 +113,24 @@ def main():
                 counters.append((name, path, subprocess.Popen(
                     ["perf", "stat", "-x", ",", "-e", ev, "-p", str(p.pid), "-o", path],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        if a.record:
+            counters.append((None, None, subprocess.Popen(
+                ["perf", "record", "--call-graph", "dwarf,16384", "-F", "500", "-o", a.record, "-p", str(chat.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        if counters:
             time.sleep(0.5)
+        calls0 = redis_calls(rport)
         before = {k: ticks(p.pid) for k, p in (("chat-stream", chat), ("redis", redis), ("model-sim", sim))}
         r0 = os.times()
         result = bench(a.n, 0)
         r1 = os.times()
         after = {k: ticks(p.pid) for k, p in (("chat-stream", chat), ("redis", redis), ("model-sim", sim))}
+        calls1 = redis_calls(rport)
         for _, _, c in counters:
             c.send_signal(2)
             c.wait()
         tck = os.sysconf("SC_CLK_TCK")
-        print(f"# make profile ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {a.mode}es, concurrency "
+        print(f"# make profile ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {'misses' if a.mode == 'miss' else 'hits'}, concurrency "
               f"{a.c}, {a.n} requests; chat-stream {a.bin} on 1 runtime thread)\n")
         print(f"TTFT p50 {result['ttft_ms']['p50']:.3f} ms, whole answer p50 {result['total_ms']['p50']:.3f} ms, "
               f"{result['rps']:.0f} requests/s, {result['errors']} errors\n")
@@ -119,11 +140,17 @@ def main():
             print(f"| {k} | {(after[k] - before[k]) / tck / a.n * 1e6:.0f} |")
         bench_cpu = (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system)
         print(f"| chat-bench (load generator) | {bench_cpu / a.n * 1e6:.0f} |")
-        if counters:
+        per = {k: (v - calls0.get(k, 0)) / a.n for k, v in calls1.items() if k != "info"}
+        per = {k: v for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+        print(f"\nRedis commands per request (INFO commandstats): {sum(per.values()):.2f}, "
+              + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
+        if any(name for name, _, _ in counters):
             print("\nSystem calls per request (perf stat, tracepoints):\n")
             print("| process | " + " | ".join(SYSCALLS) + " |")
             print("|---|" + "---|" * len(SYSCALLS))
             for name, path, _ in counters:
+                if name is None:
+                    continue
                 got = {}
                 for line in open(path):
                     parts = line.strip().split(",")
@@ -133,7 +160,7 @@ def main():
                         except ValueError:
                             pass
                 print(f"| {name} | " + " | ".join(f"{got.get(s, 0) / a.n:.2f}" for s in SYSCALLS) + " |")
-        else:
+        elif not a.record:
             print("\n(perf cannot count tracepoints here: no system-call counts)")
     finally:
         for p in reversed(procs):
