@@ -70,22 +70,27 @@ thread_local! {
 /// its metrics line are one system call, not two. A `together` inside
 /// another adds to the outer one's.
 pub fn together<R>(f: impl FnOnce() -> R) -> R {
+    /// Writes the held lines when the outermost `together` ends, also if
+    /// `f` unwinds (later lines on this thread must not stay held).
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let lines = HELD.with(|h| h.borrow_mut().take());
+            if let Some(lines) = lines.filter(|l| !l.is_empty()) {
+                let _ = std::io::stdout().lock().write_all(&lines);
+            }
+        }
+    }
     let outer = HELD.with(|h| {
         let mut h = h.borrow_mut();
         if h.is_some() {
-            return true;
+            return false;
         }
         *h = Some(Vec::new());
-        false
+        true
     });
-    let r = f();
-    if !outer {
-        let lines = HELD.with(|h| h.borrow_mut().take());
-        if let Some(lines) = lines.filter(|l| !l.is_empty()) {
-            let _ = std::io::stdout().lock().write_all(&lines);
-        }
-    }
-    r
+    let _release = outer.then_some(Release);
+    f()
 }
 
 /// The context a span gives every line under it.
