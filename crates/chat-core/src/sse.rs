@@ -187,9 +187,7 @@ pub fn encode_delta_into(b: &mut BytesMut, id: u64, text: &str) -> std::ops::Ran
     let at = b.len();
     b.put_slice(b"{\"text\":");
     // Writing into a BytesMut cannot fail, nor can serialising a str.
-    let mut w = std::mem::take(b).writer();
-    let _ = serde_json::to_writer(&mut w, text);
-    *b = w.into_inner();
+    let _ = serde_json::to_writer((&mut *b).writer(), text);
     b.put_u8(b'}');
     let end = b.len();
     b.put_slice(b"\n\n");
