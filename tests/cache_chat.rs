@@ -67,6 +67,7 @@ impl Backend {
 
 struct Answer {
     x_cache: String,
+    server_timing: String,
     meta_cache: String,
     text: String,
     kinds: Vec<String>,
@@ -83,10 +84,12 @@ async fn ask(server: &ChatServer, user: &str, body: Value, cache_control: Option
     let resp = req.send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
+    let server_timing = resp.headers()["server-timing"].to_str().unwrap().to_owned();
     let (events, err) = read_sse(resp, LIMIT).await;
     assert_eq!(err, None);
     Answer {
         x_cache,
+        server_timing,
         meta_cache: events[0].data["cache"].as_str().unwrap().to_owned(),
         text: answer_text(&events),
         kinds: kinds(&events).iter().map(|k| (*k).to_owned()).collect(),
@@ -246,7 +249,17 @@ async fn cache_control_no_store_no_cache_and_max_age(kind: Kind) {
 async fn with_redis_down_chat_still_answers_and_the_cache_recovers() {
     let mut redis = RedisServer::start().await;
     let sim = sim(5, 2000.0, 10).await;
-    let server = server(&sim, &redis.url()).await;
+    let url = sim.url();
+    let redis_url = redis.url();
+    // The shared cache alone: the instance's copies would answer the
+    // repeated questions below without asking Redis.
+    let server = ChatServer::start(&[
+        ("ANTHROPIC_BASE_URL", url.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("REDIS_TIMEOUT_MS", "1000"),
+        ("CACHE_LOCAL_MB", "0"),
+    ])
+    .await;
     assert_eq!(ask(&server, "eve", q("hello"), None).await.x_cache, "miss");
     assert_eq!(ask(&server, "eve", q("hello"), None).await.x_cache, "hit");
     redis.stop();
@@ -270,4 +283,151 @@ async fn with_redis_down_chat_still_answers_and_the_cache_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Deletes every cached answer from `redis` (the shared cache).
+async fn forget_shared(redis: &RedisServer) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("cache:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "no cached answer in redis");
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// A question this instance answered or read before is answered from its
+/// own copy: it is a hit with the shared entry gone, the rate limit still
+/// counts it, it takes no stream slot, and the copy is served only for
+/// `CACHE_LOCAL_TTL_SECS`.
+#[tokio::test]
+async fn a_repeated_question_is_answered_from_the_instances_copy() {
+    let redis = RedisServer::start().await;
+    let sim = sim(5, 2000.0, 20).await;
+    let url = sim.url();
+    let redis_url = redis.url();
+    let server = ChatServer::start(&[
+        ("ANTHROPIC_BASE_URL", url.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("REDIS_TIMEOUT_MS", "1000"),
+        ("CACHE_LOCAL_TTL_SECS", "2"),
+        ("RATE_LIMIT_RPM", "8"),
+        ("MAX_STREAMS_PER_USER", "1"),
+    ])
+    .await;
+
+    // 1, 2: the answer, then a hit from the copy the miss left.
+    let first = ask(&server, "fay", q("local copy"), None).await;
+    assert_eq!(first.x_cache, "miss");
+    let calls = sim.calls();
+    let second = ask(&server, "fay", q("local copy"), None).await;
+    assert_eq!(second.x_cache, "hit");
+    assert!(
+        second.server_timing.contains("cache;desc=local"),
+        "{}",
+        second.server_timing
+    );
+    assert_eq!(second.text, first.text);
+    // 3: the shared entry gone, the copy still answers, with no model call.
+    forget_shared(&redis).await;
+    let third = ask(&server, "fay", q("local copy"), None).await;
+    assert_eq!(
+        (third.x_cache.as_str(), third.meta_cache.as_str()),
+        ("hit", "hit")
+    );
+    assert_eq!(third.text, first.text);
+    assert_eq!(third.kinds.last().map(String::as_str), Some("done"));
+    assert_eq!(sim.calls(), calls);
+
+    // 4: an answer streaming holds the user's one slot...
+    let slow = {
+        let url = server.url("/chat");
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .header("x-dev-user", "fay")
+                .json(
+                    &json!({"message": "slow", "model": "claude-sim+ttft=1500", "temperature": 0}),
+                )
+                .send()
+                .await
+                .unwrap();
+            read_sse(resp, LIMIT).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // 5: ... so a question that needs the model is refused,
+    let busy = server.post_chat(Some("fay"), &q("another question")).await;
+    assert_eq!(busy.status(), 429);
+    assert_eq!(
+        busy.json::<Value>().await.unwrap()["code"],
+        "too_many_streams"
+    );
+    // 6: but the copy, which is over as it starts, is answered.
+    let during = ask(&server, "fay", q("local copy"), None).await;
+    assert_eq!(during.x_cache, "hit");
+    let (events, err) = slow.await.unwrap();
+    assert_eq!(err, None);
+    assert_eq!(kinds(&events).last().copied(), Some("done"));
+
+    // 7: past CACHE_LOCAL_TTL_SECS the copy is not served, and the shared
+    // entry is gone: a miss, and the model is called.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let calls = sim.calls();
+    assert_eq!(
+        ask(&server, "fay", q("local copy"), None).await.x_cache,
+        "miss"
+    );
+    assert_eq!(sim.calls(), calls + 1);
+    // 8, 9: the rate limit (8 a minute) counts hits from the copy, then
+    // refuses them.
+    assert_eq!(
+        ask(&server, "fay", q("local copy"), None).await.x_cache,
+        "hit"
+    );
+    let limited = server.post_chat(Some("fay"), &q("local copy")).await;
+    assert_eq!(limited.status(), 429);
+    assert_eq!(
+        limited.json::<Value>().await.unwrap()["code"],
+        "rate_limited"
+    );
+}
+
+/// `CACHE_LOCAL_MB=0` keeps no copies: every hit is read from the shared
+/// cache.
+#[tokio::test]
+async fn without_local_copies_every_hit_is_read_from_the_shared_cache() {
+    let redis = RedisServer::start().await;
+    let sim = sim(5, 2000.0, 20).await;
+    let url = sim.url();
+    let redis_url = redis.url();
+    let server = ChatServer::start(&[
+        ("ANTHROPIC_BASE_URL", url.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("REDIS_TIMEOUT_MS", "1000"),
+        ("CACHE_LOCAL_MB", "0"),
+    ])
+    .await;
+    assert_eq!(
+        ask(&server, "gus", q("shared only"), None).await.x_cache,
+        "miss"
+    );
+    let hit = ask(&server, "gus", q("shared only"), None).await;
+    assert_eq!(hit.x_cache, "hit");
+    assert!(
+        hit.server_timing.contains("cache;desc=shared"),
+        "{}",
+        hit.server_timing
+    );
+    forget_shared(&redis).await;
+    assert_eq!(
+        ask(&server, "gus", q("shared only"), None).await.x_cache,
+        "miss"
+    );
 }

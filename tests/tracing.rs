@@ -191,7 +191,8 @@ async fn a_turn_is_one_trace_of_named_phases_with_ids_on_every_line_and_valid_me
         "{pairs2:?}"
     );
 
-    // The same question again: a hit, no model call in its trace.
+    // The same question again: a hit from the instance's copy (no lookup),
+    // no model call in its trace.
     let (root3, header3) = trace_header();
     let resp = send(json!({"message": secret, "temperature": 0}), &header3)
         .await
@@ -199,7 +200,8 @@ async fn a_turn_is_one_trace_of_named_phases_with_ids_on_every_line_and_valid_me
     assert_eq!(resp.headers()["x-cache"], "hit");
     read_sse(resp, Duration::from_secs(20)).await;
     let doc3 = doc_of(&root3).await;
-    assert!(find_segment(&doc3, "cache_lookup").is_some());
+    assert!(find_segment(&doc3, "limits").is_some(), "{doc3}");
+    assert!(find_segment(&doc3, "cache_lookup").is_none(), "{doc3}");
     assert!(find_segment(&doc3, "upstream_connect").is_none(), "{doc3}");
 
     // Unsampled: no document at all.

@@ -27,6 +27,9 @@ fn env(sim: &Sim, redis: &RedisServer) -> Vec<(String, String)> {
         ("AUTH_MODE".into(), "dev".into()),
         ("LOG_LEVEL".into(), "warn".into()),
         ("BREAKER_FAILURES".into(), "2".into()),
+        // The tests expire the shared entries early (`expire_all`), which
+        // an instance's copies would not notice: every hit is read from Redis.
+        ("CACHE_LOCAL_MB".into(), "0".into()),
     ]
 }
 

@@ -77,6 +77,8 @@ pub struct Deps {
     pub persister: Option<Arc<Persister>>,
     /// The response cache, when on.
     pub cache: Option<Arc<dyn ResponseCache>>,
+    /// The instance's copies of recent answers, in front of `cache`.
+    pub local: Option<Arc<cache::LocalAnswers>>,
     /// Resumable and followable answer streams, with Redis.
     pub live: Option<Arc<Live>>,
     /// How often cacheable questions are asked, with Redis.
@@ -486,6 +488,10 @@ async fn build_deps(config: &Config, redis: Option<&Arc<RedisLink>>) -> Result<D
         None => None,
     };
     let (cache, popular) = build_cache(config.cache.as_ref(), redis, config.redis_timeout).await;
+    let local = match (&config.cache, &cache) {
+        (Some(c), Some(_)) => cache::LocalAnswers::new(c.local, c.policy.ttl).map(Arc::new),
+        _ => None,
+    };
     let live = match (&config.live, redis) {
         (Some(l), Some(r)) => Some(Arc::new(Live::new(r.clone(), config.redis_timeout, *l))),
         _ => None,
@@ -516,6 +522,7 @@ async fn build_deps(config: &Config, redis: Option<&Arc<RedisLink>>) -> Result<D
         buffer,
         persister,
         cache,
+        local,
         live,
         popular,
     })

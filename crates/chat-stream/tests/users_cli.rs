@@ -47,6 +47,9 @@ async fn erasing_a_user_leaves_nothing_of_theirs_readable() {
         ("TABLE_NAME", aws.table.as_str()),
         ("REDIS_URL", redis_url.as_str()),
         ("REDIS_TIMEOUT_MS", "1000"),
+        // The instance's copy of an answer outlives its erasure by this
+        // much (README "Erasing a user").
+        ("CACHE_LOCAL_TTL_SECS", "1"),
     ])
     .await;
     let store = aws.store().await;
@@ -104,7 +107,9 @@ async fn erasing_a_user_leaves_nothing_of_theirs_readable() {
     assert_eq!(store.usage(&ann, &day).await.unwrap(), (0, 0, 0));
     assert_eq!(store.lookup_api_key(&hash).await.unwrap(), None);
     assert!(store.list_api_keys(&ann).await.unwrap().is_empty());
-    // The cached answer is gone: the same question is a miss again.
+    // The cached answer is gone: once the server's copy of it has passed
+    // its CACHE_LOCAL_TTL_SECS, the same question is a miss again.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let calls = sim.calls();
     assert_eq!(ask(&server, &ann, "first private question").await.0, "miss");
     assert_eq!(sim.calls(), calls + 1);

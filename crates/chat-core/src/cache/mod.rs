@@ -16,7 +16,9 @@
 //! neither, `max-age=N` accepts only entries younger than N seconds.
 //!
 //! Layout: [`key`] (the key), [`policy`] (what one request does), the
-//! backends [`redis`] and [`dynamo`] behind [`ResponseCache`], and the
+//! backends [`redis`] and [`dynamo`] behind [`ResponseCache`], the
+//! instance's own copies of recent answers in front of them ([`local`]),
+//! and the
 //! cache-warmer's inputs and work: [`popular`] and [`warmer`].
 //!
 //! Uses: `provider` (messages, for the key; the warmer calls models),
@@ -25,6 +27,7 @@
 
 pub mod dynamo;
 pub mod key;
+pub mod local;
 pub mod policy;
 pub mod popular;
 pub mod redis;
@@ -37,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 pub use dynamo::{DYNAMO_ENTRY_MAX_BYTES, DynamoCache};
 pub use key::{CACHE_FORMAT, KeyInput, KeySpec, cache_doc, cache_key, key_of_doc};
+pub use local::{LocalAnswers, LocalConfig, Ready};
 pub use policy::{CacheControl, CachePolicy, Plan};
 pub use redis::RedisCache;
 
@@ -57,6 +61,8 @@ pub struct CacheConfig {
     pub dynamodb_timeout: Duration,
     /// Entries are per user (`user`, default) or shared by all (`global`).
     pub global_scope: bool,
+    /// The instance's own copies of answers (see [`local`]).
+    pub local: LocalConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

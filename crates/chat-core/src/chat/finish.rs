@@ -9,7 +9,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use crate::cache::popular::Popularity;
-use crate::cache::{CachedAnswer, ResponseCache};
+use crate::cache::{CachedAnswer, LocalAnswers, ResponseCache};
 use crate::live::Live;
 use crate::persistence::producer::Persister;
 use crate::persistence::turn::{TURN_SCHEMA_VERSION, TurnRecord, TurnStatus};
@@ -66,8 +66,14 @@ impl TurnDraft {
 /// Counts one ask of a cacheable question: (tracker, key, key document).
 pub(super) type PopularJob = (Arc<Popularity>, String, String);
 
-/// Where a complete answer is cached: (cache, key, ttl).
-pub(super) type CachePut = (Arc<dyn ResponseCache>, String, Duration);
+/// Where a complete answer is cached: the shared cache under `key` for
+/// `ttl`, and the instance's own copy when it keeps them.
+pub(super) struct CachePut {
+    pub cache: Arc<dyn ResponseCache>,
+    pub key: String,
+    pub ttl: Duration,
+    pub local: Option<Arc<LocalAnswers>>,
+}
 
 /// The coalescing lease an answer may hold: (live, cache key, turn id).
 pub(super) type Lease = (Arc<Live>, String, String);
@@ -108,40 +114,43 @@ impl Finish {
                     // The entry and the lease are in one slot: one round
                     // trip where one after the other took two.
                     let cache = async {
-                        // (the entry key is asked for once, in the guard)
-                        let one_script = match (&cache, &lease) {
-                            (Some(((c, key, _), _)), Some((_, lease_key, _)))
-                                if lease_key == key =>
-                            {
-                                c.redis_key(key)
+                        let Some((put, entry)) = cache else {
+                            // Later identical requests find the cache now, not us.
+                            if let Some((live, key, turn_id)) = lease {
+                                live.release(&key, &turn_id).await;
+                            }
+                            return;
+                        };
+                        // The entry and the lease are in one slot: one round
+                        // trip where one after the other took two.
+                        let one_script = match &lease {
+                            Some((_, lease_key, _)) if *lease_key == put.key => {
+                                put.cache.redis_key(&put.key)
                             }
                             _ => None,
                         };
-                        match (cache, lease, one_script) {
-                            (
-                                Some(((_, key, ttl), entry)),
-                                Some((live, _, turn_id)),
-                                Some(entry_key),
-                            ) => {
+                        let stored = match (lease, one_script) {
+                            (Some((live, _, turn_id)), Some(entry_key)) => {
                                 let json = serde_json::to_string(&entry).unwrap_or_default();
-                                if !live
-                                    .store_and_release(&entry_key, &json, ttl, &key, &turn_id)
-                                    .await
-                                {
-                                    tracing::debug!("cache unavailable; answer not stored");
-                                }
+                                live.store_and_release(
+                                    &entry_key, &json, put.ttl, &put.key, &turn_id,
+                                )
+                                .await
                             }
-                            (cache, lease, _) => {
-                                if let Some(((cache, key, ttl), entry)) = cache {
-                                    if cache.put(&key, &entry, ttl).await.is_err() {
-                                        tracing::debug!("cache unavailable; answer not stored");
-                                    }
-                                }
-                                // Later identical requests find the cache now, not us.
+                            (lease, _) => {
+                                let stored = put.cache.put(&put.key, &entry, put.ttl).await.is_ok();
                                 if let Some((live, key, turn_id)) = lease {
                                     live.release(&key, &turn_id).await;
                                 }
+                                stored
                             }
+                        };
+                        if !stored {
+                            tracing::debug!("cache unavailable; answer not stored");
+                        }
+                        // This instance answers the next ask itself.
+                        if let Some(local) = put.local {
+                            local.keep(&put.key, Arc::new(super::hit::ready(entry)), now_ms());
                         }
                     };
                     let persist = async {

@@ -3,6 +3,7 @@
 //! any other before the body ends.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::response::Response;
@@ -14,7 +15,7 @@ use super::plan::Planned;
 use super::request::ChatRequest;
 use super::{DoneEvent, MetaEvent, Timings, Usage, answer_ids, event_json, sse_response};
 use crate::auth::Identity;
-use crate::cache::CachedAnswer;
+use crate::cache::{CachedAnswer, Ready};
 use crate::persistence::turn::TurnStatus;
 use crate::sse;
 use crate::state::{AppState, RequestCtx};
@@ -26,7 +27,7 @@ pub(super) fn respond(
     identity: &Identity,
     req: ChatRequest,
     planned: Planned,
-    hit: CachedAnswer,
+    hit: Arc<Ready>,
 ) -> Response {
     let timings = Timings {
         start: ctx.start,
@@ -41,25 +42,22 @@ pub(super) fn respond(
     let conversation_id = req.conversation_id.unwrap_or_else(new_id);
     let turn_id = new_id();
     // The whole answer in one buffer: one chunk for the connection to
-    // write, where a frame each made a chunk each.
-    let mut body = bytes::BytesMut::with_capacity(hit.text.len() + hit.text.len() / 8 + 512);
-    let mut seq = 1;
+    // write, where a frame each made a chunk each. The deltas were encoded
+    // when the answer was read (or kept), not per hit.
+    let mut body = bytes::BytesMut::with_capacity(hit.frames.len() + 512);
     sse::encode_into(
         &mut body,
-        Some(seq),
+        Some(1),
         "meta",
         &event_json(&MetaEvent {
             cache: "hit",
             conversation_id: &conversation_id,
-            model: &hit.model,
+            model: &hit.answer.model,
             stream_id: None,
             turn_id: &turn_id,
         }),
     );
-    for part in split_utf8(&hit.text, 1024) {
-        seq += 1;
-        sse::encode_delta_into(&mut body, seq, part);
-    }
+    body.extend_from_slice(&hit.frames);
     let total = timings.start.elapsed();
     let t = Timings {
         ttft: Some(total),
@@ -67,10 +65,10 @@ pub(super) fn respond(
     };
     sse::encode_into(
         &mut body,
-        Some(seq + 1),
+        Some(hit.next_id),
         "done",
         &event_json(&DoneEvent {
-            stop_reason: hit.stop_reason.as_deref(),
+            stop_reason: hit.answer.stop_reason.as_deref(),
             timings_ms: t.json(total),
             usage: Usage {
                 input_tokens: 0,
@@ -94,9 +92,9 @@ pub(super) fn respond(
         .record(Answer {
             status: TurnStatus::Completed,
             error_code: None,
-            model: hit.model,
-            text: hit.text,
-            stop_reason: hit.stop_reason,
+            model: hit.answer.model.clone(),
+            text: hit.answer.text.clone(),
+            stop_reason: hit.answer.stop_reason.clone(),
             input_tokens: 0,
             output_tokens: 0,
         })
@@ -124,10 +122,11 @@ pub(super) fn respond(
     })
     .filter_map(|()| async { None::<Result<Bytes, Infallible>> });
     let server_timing = format!(
-        "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, cache;dur={:.3}",
+        "validate;dur={:.3}, limits;dur={:.3}, history;dur={:.3}, cache;desc={};dur={:.3}",
         ms(timings.validate),
         ms(timings.limits),
         ms(timings.history),
+        if planned.local_hit { "local" } else { "shared" },
         ms(total)
     );
     sse_response(
@@ -136,4 +135,20 @@ pub(super) fn respond(
         &server_timing,
         headers,
     )
+}
+
+/// `answer` ready to send as a hit: its text as `delta` events, numbered
+/// from 2 (the hit's `meta` is 1), in parts of at most 1 KiB.
+pub(super) fn ready(answer: CachedAnswer) -> Ready {
+    let mut frames = bytes::BytesMut::with_capacity(answer.text.len() + answer.text.len() / 8 + 64);
+    let mut id = 1;
+    for part in split_utf8(&answer.text, 1024) {
+        id += 1;
+        sse::encode_delta_into(&mut frames, id, part);
+    }
+    Ready {
+        answer,
+        frames: frames.freeze(),
+        next_id: id + 1,
+    }
 }

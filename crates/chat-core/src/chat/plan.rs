@@ -14,10 +14,10 @@ use super::finish::{CachePut, PopularJob};
 use super::request::ChatRequest;
 use crate::auth::Identity;
 use crate::cache::{
-    CacheControl, CachedAnswer, KeyInput, Plan, ResponseCache, cache_doc, key_of_doc,
+    CacheControl, CachedAnswer, KeyInput, Plan, Ready, ResponseCache, cache_doc, key_of_doc,
 };
 use crate::error::ApiError;
-use crate::limits::{Permit, Reservation, Slot};
+use crate::limits::{Decision, Permit, Reservation, Slot};
 use crate::live::{Lead, Live, Looked};
 use crate::persistence::history::{self, HistoryError, PastTurn};
 use crate::provider::routing::{ModelRef, Reason};
@@ -40,7 +40,9 @@ pub(super) struct Planned {
     pub cache_key: Option<String>,
     /// Whether a cached answer may be used (and so followed).
     pub lookup: bool,
-    pub hit: Option<CachedAnswer>,
+    pub hit: Option<Arc<Ready>>,
+    /// The hit is the instance's own copy (no lookup round trip).
+    pub local_hit: bool,
     /// On a miss looked up with the lease in one script: who leads this
     /// question's answer (`None`: not known yet, see `attempt::open`).
     pub lead: Option<Lead>,
@@ -93,11 +95,63 @@ pub(super) async fn prepare(
         _ => format!("user:{}", identity.user_id),
     };
     let max_tokens = req.max_tokens.unwrap_or(config.limits.default_max_tokens);
+    let key_doc = |messages: &[Message]| {
+        cache_doc(&KeyInput {
+            scope: &scope,
+            provider: &model_ref.provider,
+            model: &model,
+            system: req.system.as_deref(),
+            messages,
+            max_tokens,
+            temperature: req.temperature,
+            stop: &req.stop,
+        })
+    };
+    let local = state.deps().local.as_deref().filter(|_| plan.lookup);
+    // The messages at once when the request gives its context or starts a
+    // conversation: no history to load.
+    let known = match (&req.context, &req.conversation_id) {
+        (Some(given), _) => Some(given.clone()),
+        (None, None) => Some(Vec::new()),
+        (None, Some(_)) => None,
+    }
+    .map(|mut m| {
+        m.push(Message {
+            role: Role::User,
+            content: req.message.clone(),
+        });
+        m
+    });
+    // Keyed now when they are known and the cache is asked; a copy of the
+    // answer this instance holds is answered without the shared state a
+    // model call needs.
+    let early = match &known {
+        Some(m) if plan.lookup || plan.store => {
+            let doc = key_doc(m);
+            let key = key_of_doc(&doc);
+            if let Some(ready) = local.and_then(|l| l.get(&key, plan.max_age, now_ms())) {
+                let hit = LocalHit {
+                    validate,
+                    started_at_ms,
+                    model: model.clone(),
+                    route,
+                    max_tokens,
+                    key,
+                    doc,
+                    ready,
+                };
+                return Box::pin(local_hit(state, ctx, identity, &caller, hit)).await;
+            }
+            Some((doc, key))
+        }
+        _ => None,
+    };
+    let looked_locally = early.is_some();
     // History, then the cache lookup (its key includes the history).
     let history = async {
         let t = tokio::time::Instant::now();
-        let earlier = match &req.context {
-            Some(given) => Ok(given.clone()),
+        let messages = match known {
+            Some(m) => Ok(m),
             // Boxed, as the table read is a large future that a new
             // conversation (no history) would otherwise carry too.
             None => Box::pin(
@@ -105,42 +159,54 @@ pub(super) async fn prepare(
                     .instrument(tracing::info_span!("history")),
             )
             .await
-            .map(|past| history::to_messages(&past)),
+            .map(|past| {
+                let mut m = history::to_messages(&past);
+                m.push(Message {
+                    role: Role::User,
+                    content: req.message.clone(),
+                });
+                m
+            }),
         };
-        let messages = earlier.map(|mut m| {
-            m.push(Message {
-                role: Role::User,
-                content: req.message.clone(),
-            });
-            m
-        });
-        let doc = match &messages {
-            Ok(m) if plan.lookup || plan.store => Some(cache_doc(&KeyInput {
-                scope: &scope,
-                provider: &model_ref.provider,
-                model: &model,
-                system: req.system.as_deref(),
-                messages: m,
-                max_tokens,
-                temperature: req.temperature,
-                stop: &req.stop,
-            })),
-            _ => None,
-        };
-        let key = doc.as_deref().map(key_of_doc);
-        let (hit, lead) = match (&cache, &key) {
-            (Some(c), Some(k)) if plan.lookup => {
-                let (hit, lead) = lookup(c.as_ref(), live, k, turn_id)
-                    .instrument(tracing::info_span!(
-                        "cache_lookup",
-                        lead = tracing::field::Empty
-                    ))
-                    .await;
-                (hit.filter(|a| a.fresh_for(plan.max_age, now_ms())), lead)
+        let (doc, key) = match (early, &messages) {
+            (Some((doc, key)), _) => (Some(doc), Some(key)),
+            (None, Ok(m)) if plan.lookup || plan.store => {
+                let doc = key_doc(m);
+                let key = key_of_doc(&doc);
+                (Some(doc), Some(key))
             }
             _ => (None, None),
         };
-        (messages, key, doc, hit, lead, t.elapsed())
+        let mut local_hit = false;
+        let (hit, lead) = match (&cache, &key) {
+            (Some(c), Some(k)) if plan.lookup => {
+                let held = local
+                    .filter(|_| !looked_locally)
+                    .and_then(|l| l.get(k, plan.max_age, now_ms()));
+                if held.is_some() {
+                    local_hit = true;
+                    (held, None)
+                } else {
+                    let (hit, lead) = lookup(c.as_ref(), live, k, turn_id)
+                        .instrument(tracing::info_span!(
+                            "cache_lookup",
+                            lead = tracing::field::Empty
+                        ))
+                        .await;
+                    let now = now_ms();
+                    let hit = hit.filter(|a| a.fresh_for(plan.max_age, now)).map(|a| {
+                        let ready = Arc::new(super::hit::ready(a));
+                        if let Some(l) = local {
+                            l.keep(k, ready.clone(), now);
+                        }
+                        ready
+                    });
+                    (hit, lead)
+                }
+            }
+            _ => (None, None),
+        };
+        (messages, key, doc, hit, lead, local_hit, t.elapsed())
     };
     let primary_key = model_ref.key();
     // The answer's tokens are reserved now (its max_tokens plus an estimate
@@ -161,8 +227,10 @@ pub(super) async fn prepare(
         (rate, slot, spent, primary)
     }
     .instrument(tracing::info_span!("limits"));
-    let (((rate, tokens), slot, spent, primary), (messages, key, doc, hit, lead, history_time)) =
-        tokio::join!(limits, history);
+    let (
+        ((rate, tokens), slot, spent, primary),
+        (messages, key, doc, hit, lead, local_hit, history_time),
+    ) = tokio::join!(limits, history);
     // A lease taken with the lookup goes back if the request is refused.
     let mut held = HeldLease(match (&lead, &key, &state.deps().live) {
         (Some(Lead::Leader), Some(k), Some(l)) => Some((l.clone(), k.clone(), turn_id.to_owned())),
@@ -173,21 +241,7 @@ pub(super) async fn prepare(
     // On any refusal the other checks' holds (tokens, slot, probe permit)
     // are given back as they drop.
     if !rate.allowed {
-        let what = rate.exceeded.unwrap_or("requests");
-        let setting = if what == "tokens" {
-            "RATE_LIMIT_TPM"
-        } else {
-            "RATE_LIMIT_RPM"
-        };
-        let mut e = ApiError::limited(
-            "rate_limited",
-            setting,
-            format!("too many {what} per minute from this caller; retry after the reset"),
-            rate.reset,
-            rate.scope,
-        );
-        e.headers = rate_headers;
-        return Err(e);
+        return Err(rate_refused(&rate, rate_headers));
     }
     let slot = slot.map_err(|full| {
         ApiError::limited(
@@ -201,7 +255,135 @@ pub(super) async fn prepare(
             full.scope,
         )
     })?;
-    let budget = config.abuse.daily_token_budget;
+    budget_check(state, spent, started_at_ms)?;
+    let messages = messages?;
+    // Counted after the answer, on the task that persists the turn.
+    let popular = match (&state.deps().popular, &key, doc) {
+        (Some(p), Some(k), Some(d)) => Some((p.clone(), k.clone(), d)),
+        _ => None,
+    };
+    let cache_put = match (cache, &key) {
+        (Some(cache), Some(k)) if plan.store => Some(CachePut {
+            cache,
+            key: k.clone(),
+            ttl,
+            local: state.deps().local.clone(),
+        }),
+        _ => None,
+    };
+    // Admitted: the lease (if any) is the answer's now.
+    held.0 = None;
+    Ok(Planned {
+        model,
+        route,
+        primary,
+        messages,
+        max_tokens,
+        cache_key: key,
+        lookup: plan.lookup,
+        hit,
+        local_hit,
+        lead,
+        cache_put,
+        popular,
+        rate_headers,
+        tokens,
+        slot,
+        started_at_ms,
+        validate,
+        limits,
+        history: history_time,
+    })
+}
+
+/// A request answered from the instance's copy (see [`local_hit`]).
+struct LocalHit {
+    validate: Duration,
+    started_at_ms: u64,
+    model: String,
+    route: Reason,
+    max_tokens: u32,
+    key: String,
+    doc: String,
+    ready: Arc<Ready>,
+}
+
+/// A hit from the instance's copy of the answer: of the shared state only
+/// the rate limit is asked (and the daily budget, when one is set). It
+/// takes no stream slot and reserves no tokens, as the answer is over as
+/// it starts and calls no model; nor a circuit permit. One round trip,
+/// where a hit in the shared cache takes the lookup and a release too.
+async fn local_hit(
+    state: &AppState,
+    ctx: &RequestCtx,
+    identity: &Identity,
+    caller: &str,
+    hit: LocalHit,
+) -> Result<Planned, ApiError> {
+    let checks = async {
+        tokio::join!(
+            state.limiter().check(caller, 0),
+            spent_today(state, &identity.user_id, hit.started_at_ms),
+        )
+    }
+    .instrument(tracing::info_span!("limits"));
+    let ((rate, _), spent) = checks.await;
+    let limits = ctx.start.elapsed() - hit.validate;
+    let rate_headers = rate.headers();
+    if !rate.allowed {
+        return Err(rate_refused(&rate, rate_headers));
+    }
+    budget_check(state, spent, hit.started_at_ms)?;
+    let popular = state
+        .deps()
+        .popular
+        .as_ref()
+        .map(|p| (p.clone(), hit.key.clone(), hit.doc));
+    Ok(Planned {
+        model: hit.model,
+        route: hit.route,
+        primary: None,
+        messages: Vec::new(),
+        max_tokens: hit.max_tokens,
+        cache_key: Some(hit.key),
+        lookup: true,
+        hit: Some(hit.ready),
+        local_hit: true,
+        lead: None,
+        cache_put: None,
+        popular,
+        rate_headers,
+        tokens: None,
+        slot: None,
+        started_at_ms: hit.started_at_ms,
+        validate: hit.validate,
+        limits,
+        history: Duration::ZERO,
+    })
+}
+
+/// The 429 of a rate check that refused.
+fn rate_refused(rate: &Decision, headers: Vec<(&'static str, String)>) -> ApiError {
+    let what = rate.exceeded.unwrap_or("requests");
+    let setting = if what == "tokens" {
+        "RATE_LIMIT_TPM"
+    } else {
+        "RATE_LIMIT_RPM"
+    };
+    let mut e = ApiError::limited(
+        "rate_limited",
+        setting,
+        format!("too many {what} per minute from this caller; retry after the reset"),
+        rate.reset,
+        rate.scope,
+    );
+    e.headers = headers;
+    e
+}
+
+/// The 429 when the user's daily token budget is used up (`spent`).
+fn budget_check(state: &AppState, spent: Option<u64>, started_at_ms: u64) -> Result<(), ApiError> {
+    let budget = state.config().abuse.daily_token_budget;
     if budget > 0 && spent.is_some_and(|s| s >= budget) {
         let midnight = (started_at_ms / 86_400_000 + 1) * 86_400_000;
         let mut e = ApiError::limited(
@@ -216,38 +398,7 @@ pub(super) async fn prepare(
         }
         return Err(e);
     }
-    let messages = messages?;
-    // Counted after the answer, on the task that persists the turn.
-    let popular = match (&state.deps().popular, &key, doc) {
-        (Some(p), Some(k), Some(d)) => Some((p.clone(), k.clone(), d)),
-        _ => None,
-    };
-    let cache_put = match (cache, &key) {
-        (Some(c), Some(k)) if plan.store => Some((c, k.clone(), ttl)),
-        _ => None,
-    };
-    // Admitted: the lease (if any) is the answer's now.
-    held.0 = None;
-    Ok(Planned {
-        model,
-        route,
-        primary,
-        messages,
-        max_tokens,
-        cache_key: key,
-        lookup: plan.lookup,
-        hit,
-        lead,
-        cache_put,
-        popular,
-        rate_headers,
-        tokens,
-        slot,
-        started_at_ms,
-        validate,
-        limits,
-        history: history_time,
-    })
+    Ok(())
 }
 
 /// The cache lookup of `key`: with the coalescing lease in one script when

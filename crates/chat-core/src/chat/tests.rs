@@ -50,6 +50,7 @@ fn state(extra: &[(&str, &str)], redis: Option<Arc<RedisLink>>) -> (AppState, Ar
         buffer: None,
         persister: None,
         cache: None,
+        local: None,
         live: None,
         popular: None,
         counters: None,

@@ -218,9 +218,14 @@ pub(crate) fn cache<S: ConfigSource + ?Sized>(
                 ));
             }
         };
+        let ttl = Duration::from_secs(r.ranged("CACHE_TTL_SECS", 3600u64, 1, 30 * 86_400)?);
+        let local = crate::cache::LocalConfig {
+            max_bytes: r.ranged("CACHE_LOCAL_MB", 8u64, 0, 4096)? * 1024 * 1024,
+            ttl: Duration::from_secs(r.ranged("CACHE_LOCAL_TTL_SECS", 60u64, 1, 86_400)?),
+        };
         Some(CacheConfig {
             policy: crate::cache::CachePolicy {
-                ttl: Duration::from_secs(r.ranged("CACHE_TTL_SECS", 3600u64, 1, 30 * 86_400)?),
+                ttl,
                 cache_sampled: r.bool("CACHE_SAMPLED", false)?,
             },
             backend,
@@ -228,6 +233,7 @@ pub(crate) fn cache<S: ConfigSource + ?Sized>(
             dynamodb_table,
             dynamodb_timeout: r.ms("CACHE_DYNAMODB_TIMEOUT_MS", 250)?,
             global_scope,
+            local,
         })
     } else {
         None

@@ -39,6 +39,22 @@ fn cache_backends_live_streams_and_the_warm_budget() {
     let cache = c.cache.unwrap();
     assert_eq!(cache.backend, CacheBackend::Redis);
     assert!(cache.popularity.is_some());
+    // The instance's copies: 8 MiB for 60 s unless set; 0 MiB keeps none.
+    assert_eq!(
+        (cache.local.max_bytes, cache.local.ttl),
+        (8 << 20, Duration::from_secs(60))
+    );
+    let r = ("REDIS_URL", "redis://r");
+    let off = cfg(&[r, ("CACHE_LOCAL_MB", "0"), ("CACHE_LOCAL_TTL_SECS", "5")]).unwrap();
+    let local = off.cache.unwrap().local;
+    assert_eq!((local.max_bytes, local.ttl), (0, Duration::from_secs(5)));
+    for (var, bad) in [
+        ("CACHE_LOCAL_MB", "-1"),
+        ("CACHE_LOCAL_MB", "5000"),
+        ("CACHE_LOCAL_TTL_SECS", "0"),
+    ] {
+        assert_eq!(cfg(&[r, (var, bad)]).unwrap_err().variable, var);
+    }
     let live = c.live.unwrap();
     assert!(live.coalesce && live.finish_on_disconnect);
     assert_eq!(live.lease, Duration::from_secs(3));
