@@ -82,14 +82,18 @@ lint: $(TOOLS)
 	sam validate --lint --region $(REGION)
 	pyflakes $$(git ls-files '*.py')
 
+# The services it starts (moto, Redis) are stopped when it ends, however
+# it ends; those it found running are left running.
 test: lint test-template $(NODE_DEPS)
-	@env=$$(scripts/services.sh start) || { echo "the local services did not start (see above); no tests run" >&2; exit 1; }; \
+	@set -eo pipefail; \
+	export SERVICES_RUN=target/test-services; \
+	trap 'scripts/services.sh stop' EXIT; \
+	env=$$(scripts/services.sh start) || { echo "the local services did not start (see above); no tests run" >&2; exit 1; }; \
 	eval "$$env"; \
 	mkdir -p target/test-logs; rm -f target/test-logs/*.log; \
-	set -o pipefail; \
 	cargo nextest run --workspace --locked --no-fail-fast --success-output final --failure-output final \
-		2>&1 | tee target/test-logs/nextest.log
-	$(MAKE) --no-print-directory test-artifact
+		2>&1 | tee target/test-logs/nextest.log; \
+	$(MAKE) --no-print-directory test-artifact; \
 	scripts/log-scan.sh target/test-logs
 
 # (--workspace: the same feature set as the main test run, so its test

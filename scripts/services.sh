@@ -8,10 +8,12 @@
 #   (scripts/local_aws.py, names prefixed LOCAL_PREFIX, default "local")
 #   Redis on REDIS_PORT (6379), installed from Debian's packages if missing
 #
-# `scripts/services.sh stop` stops what this script started.
+# `scripts/services.sh stop` stops what this script started. SERVICES_RUN
+# (default .run) is where it keeps their pids: `make test` uses its own, so
+# it stops only what it started, never the services of a `make run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=.run
+RUN=${SERVICES_RUN:-.run}
 MOTO_PORT=${MOTO_PORT:-5005}
 REDIS_PORT=${REDIS_PORT:-6379}
 VENV=${VENV:-.venv}
