@@ -1,7 +1,8 @@
 //! One turn of `POST /chat`, after the request was parsed:
 //!
-//! 1. [`plan`]: rate limit, the first model's circuit, history and the
-//!    cache lookup, all at once.
+//! 1. [`plan`]: a copy of the answer this instance holds (then only the
+//!    rate limit is asked), else the rate limit, the first model's
+//!    circuit, history and the cache lookup, all at once.
 //! 2. A hit is streamed at once ([`hit`]).
 //! 3. A miss is started by [`attempt`]: follow an identical answer in
 //!    flight, or call the model with retries and fallbacks.
