@@ -147,29 +147,14 @@ pub(crate) fn default_kind(status: u16) -> &'static str {
     }
 }
 
+// Each event is parsed straight into the struct its SSE event name calls
+// for: an internally tagged enum (`#[serde(tag = "type")]`) would first
+// buffer the whole event as `serde_json`'s generic content to find its
+// tag, then parse that buffer again (one allocation per member).
+
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Event {
-    MessageStart {
-        message: StartMessage,
-    },
-    ContentBlockStart {
-        content_block: ContentBlock,
-    },
-    ContentBlockDelta {
-        delta: Delta,
-    },
-    MessageDelta {
-        delta: StopDelta,
-        #[serde(default)]
-        usage: Usage,
-    },
-    MessageStop,
-    Error {
-        error: ErrorDetail,
-    },
-    #[serde(other)]
-    Other,
+struct MessageStart {
+    message: StartMessage,
 }
 
 #[derive(Deserialize)]
@@ -186,24 +171,81 @@ struct Usage {
 }
 
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ContentBlock {
-    Text {
-        #[serde(default)]
-        text: String,
-    },
-    #[serde(other)]
-    Other,
+struct BlockStart<'a> {
+    #[serde(borrow)]
+    content_block: Block<'a>,
 }
 
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Delta {
-    TextDelta {
-        text: String,
-    },
-    #[serde(other)]
-    Other,
+struct BlockDelta<'a> {
+    #[serde(borrow)]
+    delta: Block<'a>,
+}
+
+/// A content block (`text`) or a delta (`text_delta`): its type and, for
+/// those two, its text. Other kinds (tool use, thinking, signatures) carry
+/// no text for us, and their other members are skipped unread.
+#[derive(Deserialize)]
+struct Block<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    text: MaybeText,
+}
+
+/// A member kept when it is a string and skipped when it is anything else,
+/// so a block kind we do not know never fails the answer.
+#[derive(Default)]
+struct MaybeText(Option<String>);
+
+impl<'de> Deserialize<'de> for MaybeText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Text;
+        impl<'de> Visitor<'de> for Text {
+            type Value = MaybeText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<MaybeText, E> {
+                Ok(MaybeText(Some(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<MaybeText, E> {
+                Ok(MaybeText(Some(v)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<MaybeText, E> {
+                Ok(MaybeText(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<MaybeText, E> {
+                Ok(MaybeText(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<MaybeText, E> {
+                Ok(MaybeText(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<MaybeText, E> {
+                Ok(MaybeText(None))
+            }
+            fn visit_unit<E>(self) -> Result<MaybeText, E> {
+                Ok(MaybeText(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<MaybeText, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MaybeText(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<MaybeText, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(MaybeText(None))
+            }
+        }
+        d.deserialize_any(Text)
+    }
+}
+
+#[derive(Deserialize)]
+struct MessageDelta {
+    delta: StopDelta,
+    #[serde(default)]
+    usage: Usage,
 }
 
 #[derive(Deserialize)]
@@ -211,52 +253,69 @@ struct StopDelta {
     stop_reason: Option<String>,
 }
 
+#[derive(Deserialize)]
+struct ErrorEvent {
+    error: ErrorDetail,
+}
+
 /// Converts one Anthropic SSE event into at most one chunk. Pure.
 ///
 /// `ping`, block boundaries, non-text deltas and unknown event types give
-/// `Ok(None)`; an `error` event gives `Err`.
+/// `Ok(None)`; an `error` event gives `Err`. Unknown events may carry any
+/// payload: they are not parsed.
 pub fn event_to_chunk(ev: &SseEvent) -> Result<Option<Chunk>, UpstreamError> {
-    // Unknown events may carry any payload; do not insist on parsing them.
-    if !matches!(
-        ev.event.as_str(),
-        "message_start"
-            | "content_block_start"
-            | "content_block_delta"
-            | "message_delta"
-            | "message_stop"
-            | "error"
-    ) {
-        return Ok(None);
-    }
-    let event: Event = serde_json::from_str(&ev.data)
-        .map_err(|e| UpstreamError::Protocol(format!("bad {} event: {e}", ev.event)))?;
-    Ok(match event {
-        Event::MessageStart { message } => Some(Chunk::Start {
-            model: message.model,
-            input_tokens: message.usage.input_tokens,
-        }),
-        Event::ContentBlockStart {
-            content_block: ContentBlock::Text { text },
-        } if !text.is_empty() => Some(Chunk::Delta(text)),
-        // An empty text delta carries nothing: no empty `delta` event for
+    let bad =
+        |e: serde_json::Error| UpstreamError::Protocol(format!("bad {} event: {e}", ev.event));
+    let data = ev.data.as_str();
+    Ok(match ev.event.as_str() {
+        "message_start" => {
+            let MessageStart { message } = serde_json::from_str(data).map_err(bad)?;
+            Some(Chunk::Start {
+                model: message.model,
+                input_tokens: message.usage.input_tokens,
+            })
+        }
+        // An empty text carries nothing: no empty `delta` event for
         // clients, no first token that is not one (an anthropic_sse fuzz
         // find; the other decoders already skip them).
-        Event::ContentBlockDelta {
-            delta: Delta::TextDelta { text },
-        } if !text.is_empty() => Some(Chunk::Delta(text)),
-        Event::MessageDelta { delta, usage } => Some(Chunk::Stop {
-            stop_reason: delta.stop_reason,
-            input_tokens: usage.input_tokens,
-            output_tokens: usage.output_tokens,
-        }),
-        Event::MessageStop => Some(Chunk::End),
-        Event::Error { error } => {
+        "content_block_start" => {
+            let BlockStart { content_block: b } = serde_json::from_str(data).map_err(bad)?;
+            b.text
+                .0
+                .filter(|t| b.kind == "text" && !t.is_empty())
+                .map(Chunk::Delta)
+        }
+        "content_block_delta" => {
+            let BlockDelta { delta: b } = serde_json::from_str(data).map_err(bad)?;
+            match b.text.0 {
+                Some(t) if b.kind == "text_delta" => (!t.is_empty()).then_some(Chunk::Delta(t)),
+                // A text delta without its text is malformed.
+                None if b.kind == "text_delta" => {
+                    return Err(bad(serde::de::Error::missing_field("text")));
+                }
+                _ => None,
+            }
+        }
+        "message_delta" => {
+            let MessageDelta { delta, usage } = serde_json::from_str(data).map_err(bad)?;
+            Some(Chunk::Stop {
+                stop_reason: delta.stop_reason,
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+            })
+        }
+        "message_stop" => {
+            serde_json::from_str::<serde::de::IgnoredAny>(data).map_err(bad)?;
+            Some(Chunk::End)
+        }
+        "error" => {
+            let ErrorEvent { error } = serde_json::from_str(data).map_err(bad)?;
             return Err(UpstreamError::StreamEvent {
                 kind: error.kind,
                 message: error.message,
             });
         }
-        Event::ContentBlockStart { .. } | Event::ContentBlockDelta { .. } | Event::Other => None,
+        _ => None,
     })
 }
 
@@ -386,6 +445,63 @@ mod tests {
             id: None,
         };
         assert_eq!(event_to_chunk(&thinking).unwrap(), None);
+        // A kind we do not know whose `text` is not a string (and a text
+        // block's, in the same shape) is skipped, not a broken answer.
+        for (event, data) in [
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":2,"delta":{"type":"future_delta","text":{"parts":[1,[2]],"n":null}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":2,"content_block":{"type":"future_block","text":[true,1.5,-3]}}"#,
+            ),
+        ] {
+            let ev = SseEvent {
+                event: event.into(),
+                data: data.into(),
+                id: None,
+            };
+            assert_eq!(event_to_chunk(&ev).unwrap(), None, "{data}");
+        }
+    }
+
+    /// The event's name says what it is: the data is read as that kind,
+    /// whatever else it holds; a text delta must have its text.
+    #[test]
+    fn events_are_read_by_their_name() {
+        let ev = |event: &str, data: &str| SseEvent {
+            event: event.into(),
+            data: data.into(),
+            id: None,
+        };
+        assert_eq!(
+            event_to_chunk(&ev(
+                "content_block_delta",
+                r#"{"delta":{"text":"a\u00e9\"b","type":"text_delta"},"index":0}"#
+            ))
+            .unwrap(),
+            Some(Chunk::Delta("a\u{e9}\"b".into()))
+        );
+        let missing = event_to_chunk(&ev(
+            "content_block_delta",
+            r#"{"type":"content_block_delta","delta":{"type":"text_delta"}}"#,
+        ));
+        assert!(
+            matches!(&missing, Err(UpstreamError::Protocol(m)) if m.contains("missing field `text`")),
+            "{missing:?}"
+        );
+        let stop = event_to_chunk(&ev("message_stop", "{}")).unwrap();
+        assert_eq!(stop, Some(Chunk::End));
+        assert!(matches!(
+            event_to_chunk(&ev("message_stop", "{")),
+            Err(UpstreamError::Protocol(_))
+        ));
+        // A name we do not know is not parsed at all.
+        assert_eq!(
+            event_to_chunk(&ev("future_event", "{not json")).unwrap(),
+            None
+        );
     }
 
     #[test]
