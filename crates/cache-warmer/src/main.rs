@@ -15,8 +15,13 @@ use chat_core::config::WarmerConfig;
 use chat_core::runner::{self, in_lambda};
 use lambda_runtime::{LambdaEvent, service_fn};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// One thread in Lambda (an environment runs one invocation at a time),
+/// a worker per core locally: [`runner::block_on`].
+fn main() -> ExitCode {
+    runner::block_on("cache-warmer", run())
+}
+
+async fn run() -> ExitCode {
     let args = std::env::args().skip(1).collect();
     runner::run("cache-warmer", args, |config: WarmerConfig| async move {
         let warmer = Arc::new(chat_core::build_warmer(&config).await?);

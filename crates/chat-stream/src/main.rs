@@ -20,26 +20,7 @@ use chat_core::{Config, app, build_state};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // In Lambda an environment serves one request at a time: one thread
-    // runs it, with no wake-ups handed between threads (on two shared
-    // cores those were a third of a cache hit's profile). The local server
-    // runs a worker per core (`TOKIO_WORKER_THREADS` sets the count).
-    let runtime = if in_lambda() {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-    };
-    match runtime {
-        Ok(runtime) => runtime.block_on(run()),
-        Err(e) => {
-            eprintln!("chat-stream: could not start the async runtime: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    runner::block_on("chat-stream", run())
 }
 
 async fn run() -> ExitCode {

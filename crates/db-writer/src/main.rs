@@ -14,8 +14,13 @@ use chat_core::runner::{self, in_lambda};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use tracing::Instrument;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// One thread in Lambda (an environment runs one invocation at a time),
+/// a worker per core locally: [`runner::block_on`].
+fn main() -> ExitCode {
+    runner::block_on("db-writer", run())
+}
+
+async fn run() -> ExitCode {
     let args = std::env::args().skip(1).collect();
     runner::run("db-writer", args, |config: WriterConfig| async move {
         let store = build_store(&config).await;
