@@ -23,7 +23,7 @@ PARAMS   ?=
 REGION   ?= $(or $(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1)
 ARM      := aarch64-unknown-linux-gnu
 
-.PHONY: bench-peers profile fuzz bench-jwt bench-limits bench-obs bench-stop node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
+.PHONY: bench-peers bench-lambda profile fuzz bench-jwt bench-limits bench-obs bench-stop node-deps help run test test-template test-artifact smoke bench-coldstart lint fmt build sam-build deploy bench tools rust-arm64 services clean
 
 help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
@@ -157,6 +157,13 @@ bench: $(TOOLS)
 bench-peers: $(TOOLS) $(BENCH_VENV)/.installed
 	cargo build --release --locked -p chat-stream -p model-sim -p chat-bench
 	scripts/bench-peers.sh
+
+# chat-stream under a local Lambda Runtime API: how its responses reach it
+# (delivery to last byte for a hit and /health, token gaps of a paced
+# answer). LAMBDA_BASE=PATH adds another build, alternated with this one.
+bench-lambda: $(TOOLS)
+	cargo build --release -p chat-stream -p model-sim -p chat-bench
+	python3 scripts/lambda_stream.py $(if $(LAMBDA_BASE),--bin $(LAMBDA_BASE)) --bin target/release/chat-stream $(LAMBDA_ARGS)
 
 # Where a request's CPU and system calls go, per process (misses at c=20 by
 # default; PROFILE_ARGS='--mode hit', '--bin PATH', '-c N', '-n N').

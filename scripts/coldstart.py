@@ -25,6 +25,10 @@ def run_once(cmd, event, env):
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Nagle's algorithm off on this side, as Go's net package (Lambda's
+        # own Runtime API) has it: the event's body is not held behind its
+        # headers.
+        disable_nagle_algorithm = True
 
         def log_message(self, *a):
             pass

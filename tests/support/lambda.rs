@@ -141,6 +141,35 @@ impl FakeRuntimeApi {
             .kill_on_drop(true)
     }
 
+    /// For each socket of process `pid` connected to this Runtime API,
+    /// whether it has `TCP_NODELAY` (read through a duplicate of the
+    /// process's descriptor: `pidfd_getfd`, which needs the right to trace
+    /// it, as a parent or root has).
+    pub fn nodelay_of(&self, pid: u32) -> Vec<bool> {
+        use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+        let pid = Pid::from_raw(pid as i32).expect("a pid");
+        let pidfd = pidfd_open(pid, PidfdFlags::empty()).expect("pidfd_open");
+        let mut out = Vec::new();
+        for entry in
+            std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the process's descriptors")
+        {
+            let entry = entry.unwrap();
+            let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(dup) = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) else {
+                continue;
+            };
+            let Ok(Some(peer)) = rustix::net::getpeername(&dup) else {
+                continue;
+            };
+            if SocketAddr::try_from(peer).ok() == Some(self.addr) {
+                out.push(rustix::net::sockopt::tcp_nodelay(&dup).expect("TCP_NODELAY"));
+            }
+        }
+        out
+    }
+
     /// Queues one event and waits (up to `limit`) for the function's answer.
     pub async fn invoke(&self, event: Value, limit: Duration) -> Invocation {
         self.invoke_traced(

@@ -34,6 +34,7 @@ pub mod pipe;
 pub mod provider;
 pub mod redis;
 pub mod runner;
+pub mod runtime_api;
 pub mod secrets;
 pub mod server;
 pub mod sse;

@@ -39,6 +39,8 @@ async fn run() -> ExitCode {
         if in_lambda() {
             let router = chat_core::api::with_client_addr(router, source_ip);
             let router = chat_core::api::with_trace(router, trace_header);
+            let endpoint = std::env::var("AWS_LAMBDA_RUNTIME_API").unwrap_or_default();
+            let router = chat_core::api::with_runtime_nodelay(router, &endpoint);
             lambda_http::run_with_streaming_response(router).await
         } else {
             // The template's Function URL CORS policy, when origins are set.

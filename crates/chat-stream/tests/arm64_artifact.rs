@@ -15,7 +15,7 @@ use model_sim::Sim;
 async fn answers(sim: &Sim, arm64: bool) -> Vec<(u16, Vec<String>, String)> {
     let runtime = FakeRuntimeApi::start().await;
     let mut cmd = function_command(env!("CARGO_BIN_EXE_chat-stream"), "chat-stream", arm64);
-    let _child = runtime
+    let child = runtime
         .environment(&mut cmd, "chat-stream", 1024)
         .env("ANTHROPIC_BASE_URL", sim.url())
         .env("ANTHROPIC_API_KEY", "test-key")
@@ -45,6 +45,14 @@ async fn answers(sim: &Sim, arm64: bool) -> Vec<(u16, Vec<String>, String)> {
             },
         ));
     }
+    // The Runtime API connection has Nagle's algorithm off in this build
+    // too (the system calls it takes pass through qemu-user).
+    let nodelay = runtime.nodelay_of(child.id().unwrap());
+    out.push((
+        0,
+        nodelay.iter().map(|on| on.to_string()).collect(),
+        "nodelay".into(),
+    ));
     out
 }
 
@@ -57,5 +65,10 @@ async fn the_arm64_bootstrap_answers_like_the_x86_build() {
     assert_eq!(x86[0].0, 200);
     assert_eq!(x86[0].1.first().map(String::as_str), Some("meta"));
     assert_eq!(x86[0].1.last().map(String::as_str), Some("done"));
+    let nodelay = &x86.last().unwrap().1;
+    assert!(
+        !nodelay.is_empty() && nodelay.iter().all(|on| on == "true"),
+        "TCP_NODELAY on the Runtime API sockets: {nodelay:?}"
+    );
     assert_eq!(arm, x86);
 }

@@ -85,6 +85,15 @@ async fn function_url_events_stream_through_the_lambda_adapter() {
     assert_eq!(kinds.iter().filter(|k| **k == "delta").count(), 15);
     assert_eq!(events.last().unwrap().data["usage"]["output_tokens"], 15);
     assert!(!answer_text(&events).is_empty());
+    // The binary turned Nagle's algorithm off on its Runtime API
+    // connection (the runtime client leaves it on; see
+    // chat_core::runtime_api).
+    let pid = _function.0.id().unwrap();
+    let nodelay = runtime.nodelay_of(pid);
+    assert!(
+        !nodelay.is_empty() && nodelay.iter().all(|on| *on),
+        "TCP_NODELAY of the function's Runtime API sockets: {nodelay:?}"
+    );
     // Streamed, not buffered: the first delta reached the runtime API well
     // before the answer ended (generation takes ~0.93 s after it).
     let first = events.iter().find(|e| e.event == "delta").unwrap();

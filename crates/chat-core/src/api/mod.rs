@@ -73,6 +73,17 @@ pub fn with_client_addr(
     ))
 }
 
+/// Turns Nagle's algorithm off on the Runtime API connection as each
+/// invocation starts, before its response streams back on it (Lambda
+/// only: see [`crate::runtime_api`]).
+pub fn with_runtime_nodelay(router: Router, endpoint: &str) -> Router {
+    let socket = std::sync::Arc::new(crate::runtime_api::RuntimeSocket::new(endpoint));
+    router.layer(middleware::map_request(move |req: Request| {
+        socket.ensure();
+        async move { req }
+    }))
+}
+
 /// The invocation's X-Ray trace header: in Lambda the runtime's
 /// (`Lambda-Runtime-Trace-Id`, set by the binary, see [`with_trace`]);
 /// locally a client's `X-Amzn-Trace-Id` (see [`with_local_trace`]).
