@@ -29,7 +29,7 @@ help:
 	@echo "make run      build and start the local stack: Redis, moto (table + queues), model-sim, chat-stream, db-writer poller"
 	@echo "make test     lint (fmt, clippy, sam validate --lint) and all tests"
 	@echo "make build    arm64 Lambda bootstraps in target/lambda/ (cargo lambda)"
-	@echo "make bench    latency benchmarks; see BENCHMARKS.md"
+	@echo "make bench    latency benchmarks; see BENCHMARKS.md (also bench-peers, bench-lambda, bench-coldstart, profile)"
 	@echo "make deploy   sam build + sam deploy (ENV=default|prod, PARAMS='Key=Value ...' merged with samconfig)"
 	@echo "make smoke    check a deployed stack: URL=<ChatUrl> KEY=<api key> [ORIGIN=<allowed origin>]"
 
