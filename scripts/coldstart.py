@@ -16,23 +16,16 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from runtime_api import RuntimeHandler
 
 
 def run_once(cmd, event, env):
     marks = {}
     done = threading.Event()
 
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Nagle's algorithm off on this side, as Go's net package (Lambda's
-        # own Runtime API) has it: the event's body is not held behind its
-        # headers.
-        disable_nagle_algorithm = True
-
-        def log_message(self, *a):
-            pass
-
+    class H(RuntimeHandler):
         def do_GET(self):
             if self.path.endswith("/invocation/next"):
                 if "next" in marks:
@@ -42,34 +35,16 @@ def run_once(cmd, event, env):
                     self.end_headers()
                     return
                 marks["next"] = time.perf_counter()
-                body = json.dumps(event).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("lambda-runtime-aws-request-id", "cold-1")
-                self.send_header("lambda-runtime-deadline-ms", str(int(time.time() * 1000) + 60000))
-                self.send_header("lambda-runtime-invoked-function-arn", "arn:aws:lambda:us-east-1:123456789012:function:f")
-                self.send_header("lambda-runtime-trace-id", "Root=1-00000000-000000000000000000000000")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_event("cold-1", event)
 
         def do_POST(self):
             # The response (streamed with chunked encoding, or whole).
-            if self.headers.get("transfer-encoding", "").lower() == "chunked":
-                while True:
-                    size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                    self.rfile.read(size + 2)
-                    if size == 0:
-                        break
-            else:
-                self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.read_body()
             if "/response" in self.path:
                 marks["response"] = time.perf_counter()
             elif "/error" in self.path:
                 marks["error"] = time.perf_counter()
-            self.send_response(202)
-            self.send_header("content-length", "0")
-            self.end_headers()
+            self.accepted()
             done.set()
 
     class Quiet(ThreadingHTTPServer):

@@ -27,36 +27,19 @@ import json
 import os
 import queue
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from benchstats import free_port, wait_port
+from runtime_api import RuntimeHandler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "ck_local_example_key_do_not_use_in_production"
 KEY_HASH = "92d6376288da154534b93448f4e79fc1e9bd83f3cf398ad65f74212a4626523c"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, limit=20.0):
-    end = time.time() + limit
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 class RuntimeApi:
@@ -68,54 +51,19 @@ class RuntimeApi:
         self.results = queue.Queue()
         api = self
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # As Go's net package (Lambda's Runtime API) does: Nagle's
-            # algorithm off on this side, so the event's body is not held
-            # behind its headers.
-            disable_nagle_algorithm = True
-
-            def log_message(self, *a):
-                pass
-
+        class H(RuntimeHandler):
             def do_GET(self):
                 if not self.path.endswith("/invocation/next"):
                     self.send_error(404)
                     return
                 rid, event = api.events.get()
-                body = json.dumps(event).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("lambda-runtime-aws-request-id", rid)
-                self.send_header("lambda-runtime-deadline-ms", str(int(time.time() * 1000) + 60000))
-                self.send_header("lambda-runtime-invoked-function-arn",
-                                 "arn:aws:lambda:us-east-1:123456789012:function:chat-stream")
-                self.send_header("lambda-runtime-trace-id", "Root=1-00000000-000000000000000000000000;Sampled=0")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                self.wfile.flush()
+                self.send_event(rid, event, "chat-stream")
                 api.delivered = time.perf_counter()
 
             def do_POST(self):
-                chunks = []
-                if self.headers.get("transfer-encoding", "").lower() == "chunked":
-                    while True:
-                        size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                        if size == 0:
-                            # Trailers (if any), then an empty line.
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            break
-                        data = self.rfile.read(size + 2)[:size]
-                        chunks.append((time.perf_counter(), data))
-                else:
-                    data = self.rfile.read(int(self.headers.get("content-length", "0")))
-                    chunks.append((time.perf_counter(), data))
+                chunks = self.read_body()
                 end = time.perf_counter()
-                self.send_response(202)
-                self.send_header("content-length", "0")
-                self.end_headers()
+                self.accepted()
                 api.results.put({"path": self.path, "chunks": chunks, "end": end,
                                  "delivered": api.delivered})
 
