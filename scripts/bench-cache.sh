@@ -53,13 +53,18 @@ cpu_secs() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read
 sim_calls() { curl -s "http://127.0.0.1:$1/sim/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["calls"])'; }
 
 declare -A calls_before calls_after
-for backend in redis dynamodb; do
+# Each backend as deployed (after the first read, a hit is the instance's
+# own copy: CACHE_LOCAL_MB, default 8) and with those copies off, so every
+# hit reads the shared cache.
+for backend in redis dynamodb redis-shared dynamodb-shared; do
   calls_before[$backend]=$(sim_calls "$SIM_PORT")
-  if [ "$backend" = redis ]; then
-    start_chat "$SIM_PORT" REDIS_URL="redis://127.0.0.1:$RPORT"
+  [ "${backend%-shared}" = "$backend" ] && local_mb=8 || local_mb=0
+  redis-cli -p "$RPORT" flushall >/dev/null
+  if [ "${backend%-shared}" = redis ]; then
+    start_chat "$SIM_PORT" REDIS_URL="redis://127.0.0.1:$RPORT" CACHE_LOCAL_MB=$local_mb
   else
     # No Redis at all: the DynamoDB backend alone, as deployed without a VPC.
-    start_chat "$SIM_PORT" CACHE_BACKEND=dynamodb CACHE_TABLE_NAME="$CACHE_TABLE"
+    start_chat "$SIM_PORT" CACHE_BACKEND=dynamodb CACHE_TABLE_NAME="$CACHE_TABLE" CACHE_LOCAL_MB=$local_mb
   fi
   chat_pid=${pids[-1]}
   cpu0=$(cpu_secs "$chat_pid"); moto0=$(cpu_secs "$MOTO_PID"); t0=$(date +%s.%N)
@@ -89,26 +94,33 @@ for mode in on off; do
   done
 done
 
-python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" \
-  "$(( calls_after[redis] - calls_before[redis] ))" "$(( calls_after[dynamodb] - calls_before[dynamodb] ))" <<'PY'
+calls=""
+for b in redis dynamodb redis-shared dynamodb-shared; do calls+="$b=$(( calls_after[$b] - calls_before[$b] )) "; done
+python3 - "$OUT" "$REQ" "$ROUNDS" "$(nproc)" "$calls" <<'PY'
 import os, statistics, sys, datetime
 sys.path.insert(0, "scripts")
 from benchstats import load, med
-out, req, rounds, cores, calls_redis, calls_dynamo = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+out, req, rounds, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+calls = dict(kv.split("=") for kv in sys.argv[5].split())
+backends = (("redis", "Redis (as deployed: the instance's copy after the first read)"),
+            ("redis-shared", "Redis, no instance copies (CACHE_LOCAL_MB=0)"),
+            ("dynamodb", "DynamoDB (moto; as deployed: the instance's copy after the first read)"),
+            ("dynamodb-shared", "DynamoDB (moto), no instance copies (CACHE_LOCAL_MB=0)"))
 print(f"### Cache hits ({datetime.date.today()}, {cores} cores, {req} requests per row after 200 warm-up, median of {rounds} rounds)\n")
 print("| backend | concurrency | first delta p50 ms | p95 ms | p99 ms | full answer p50 ms | p95 ms | p99 ms | req/s | errors |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for backend, label in (("redis", "Redis"), ("dynamodb", "DynamoDB (moto)")):
+for backend, label in backends:
     for c in (1, 20):
         rs = load(os.path.join(out, f"{backend}-{c}.jsonl"))
         print(f"| {label} | {c} | {med(rs,'ttft_ms','p50'):.3f} | {med(rs,'ttft_ms','p95'):.3f} | {med(rs,'ttft_ms','p99'):.3f} | "
               f"{med(rs,'total_ms','p50'):.3f} | {med(rs,'total_ms','p95'):.3f} | {med(rs,'total_ms','p99'):.3f} | "
               f"{statistics.median(r['rps'] for r in rs):.0f} | {sum(r['errors'] for r in rs)} |")
-print(f"\nmodel-sim calls during all rounds (the first request's miss): Redis {calls_redis}, DynamoDB {calls_dynamo}\n")
+print("\nmodel-sim calls during all rounds (the first request's miss; the table keeps its entry between rows): "
+      + ", ".join(f"{b} {calls[b]}" for b, _ in backends) + "\n")
 print("Where the time went (all rounds of a backend): wall seconds, CPU seconds used by chat-stream (CPU 0) and by moto (CPU 1, shared with the client):\n")
 print("| backend | wall s | chat-stream CPU s | moto CPU s |")
 print("|---|---|---|---|")
-for backend, label in (("redis", "Redis"), ("dynamodb", "DynamoDB (moto)")):
+for backend, label in backends:
     wall, chat, moto = open(os.path.join(out, f"{backend}.cpu")).read().split()
     print(f"| {label} | {wall} | {chat} | {moto} |")
 print()
