@@ -13,9 +13,9 @@
 //! - leaves: [`redis`], [`error`], [`sse`], [`secrets`], [`util`],
 //!   [`http`], [`logging`], [`obs`], [`server`]; [`auth`] (uses the store).
 //!
-//! Off to the side: [`config`] reads the settings and [`state`] builds the
-//! clients once; only `state` and the mains (through [`runner`]) use
-//! `config`.
+//! Off to the side: [`config`] reads the settings, [`init`] builds the
+//! clients once into a [`state::AppState`]; only `init`, `state` (which
+//! holds the settings) and the mains (through [`runner`]) use `config`.
 
 pub mod api;
 pub mod auth;
@@ -25,6 +25,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod init;
 pub mod limits;
 pub mod live;
 pub mod logging;
@@ -44,5 +45,6 @@ pub mod util;
 pub use api::app;
 pub use aws::aws_sdk_config;
 pub use config::{Config, ConfigError};
+pub use init::{InitError, build_state, build_warmer};
 pub use persistence::store::{StoreRole, store_for, store_with_timeouts};
-pub use state::{AppState, InitError, build_state, build_warmer};
+pub use state::AppState;

@@ -26,7 +26,7 @@ use crate::limits::Circuits;
 use crate::provider::routing::ModelRef;
 use crate::provider::{Chunk, ModelRequest, Providers};
 
-/// What a run needs, built once per process (`state::build_warmer`).
+/// What a run needs, built once per process (`init::build_warmer`).
 pub struct Warmer {
     pub providers: Providers,
     pub circuits: Circuits,

@@ -10,7 +10,7 @@
 //! `cache::CacheConfig`, `limits::RateLimits`, ...); this folder reads the
 //! source and assembles them: [`Config`] for chat-stream, [`WriterConfig`]
 //! for db-writer, [`WarmerConfig`] for cache-warmer, each with only what
-//! its binary uses. Used only by `state` and the mains.
+//! its binary uses. Used only by `init`, `state` and the mains.
 //!
 //! Layout: [`source`] (sources, flags, the validating reader),
 //! `providers` (models, routing, retries, deadlines, request limits),

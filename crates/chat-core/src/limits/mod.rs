@@ -12,7 +12,7 @@
 //! per-instance): never an open door, never an outage because a store is
 //! down. Every 429 says which in `X-RateLimit-Scope`.
 //!
-//! Uses: [`crate::redis`], the AWS SDK. Used by: `chat`, `cache::warmer`, `state`.
+//! Uses: [`crate::redis`], the AWS SDK. Used by: `chat`, `cache::warmer`, `state`, `init`.
 
 pub mod admit;
 pub mod breaker;
