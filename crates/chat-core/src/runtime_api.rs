@@ -6,10 +6,10 @@
 //! leaves Nagle's algorithm on and which the runtime offers no way to
 //! configure. With Nagle on, a chunk written while the previous one is
 //! not yet acknowledged waits for that ACK, and Linux delays the ACKs of
-//! a connection used request/response-wise by up to 40 ms: an answer's
-//! events left in bursts, and its end (so the invocation's end, and its
-//! billed duration) came that much later. Measured against a local
-//! Runtime API: BENCHMARKS.md ("Lambda's side of the stream").
+//! a connection used request/response-wise by up to 40 ms: a streamed
+//! answer's first token came 42 ms late, and a JSON answer ended (so the
+//! invocation, and its billed duration) 43 ms late. Measured against a
+//! local Runtime API: BENCHMARKS.md ("Lambda's side of the stream").
 //!
 //! The socket is the runtime client's, so it is reached from outside:
 //! found among the process's own descriptors (`/proc/self/fd`; its peer is
@@ -20,7 +20,8 @@
 //! starts, before its response does: one `readlink` while the connection
 //! is the one already set, a new search when the runtime has reconnected.
 //! Where the system calls are refused (a kernel before 5.6, a seccomp
-//! filter) it says so once and stays out of the way.
+//! filter), or searches keep finding no connection to the endpoint, it
+//! says so once and stays out of the way.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -48,8 +49,15 @@ pub struct RuntimeSocket {
 struct State {
     /// The descriptor set last and what it named (`socket:[inode]`).
     last: Option<(i32, std::path::PathBuf)>,
+    /// Searches in a row that found no connection to the endpoint.
+    empty: u8,
     off: bool,
 }
+
+/// After this many searches in a row find no connection to the Runtime
+/// API (it is reached some other way), no more are made: each one reads
+/// every descriptor of the process.
+const EMPTY_SEARCHES: u8 = 3;
 
 impl RuntimeSocket {
     /// For the Runtime API at `endpoint` (`AWS_LAMBDA_RUNTIME_API`, an
@@ -66,6 +74,7 @@ impl RuntimeSocket {
             peer,
             state: Mutex::new(State {
                 last: None,
+                empty: 0,
                 off: peer.is_none(),
             }),
         }
@@ -93,9 +102,21 @@ impl RuntimeSocket {
                     );
                 }
                 state.last = Some(last);
+                state.empty = 0;
                 Nodelay::Set(n)
             }
-            Ok(None) => Nodelay::NotFound,
+            Ok(None) => {
+                state.empty += 1;
+                if state.empty < EMPTY_SEARCHES {
+                    return Nodelay::NotFound;
+                }
+                state.off = true;
+                tracing::warn!(
+                    runtime_api = %peer,
+                    "no connection to the Runtime API among this process's sockets; it keeps Nagle's algorithm"
+                );
+                Nodelay::Off
+            }
             Err(e) => {
                 state.off = true;
                 tracing::warn!(
@@ -184,6 +205,15 @@ mod tests {
         assert!(second.nodelay().unwrap());
         drop(second);
         assert_eq!(socket.ensure(), Nodelay::NotFound);
+        // A connection found again starts the count over; only searches
+        // in a row that find none turn it off.
+        let third = std::net::TcpStream::connect(addr).unwrap();
+        assert_eq!(socket.ensure(), Nodelay::Set(1));
+        drop(third);
+        assert_eq!(socket.ensure(), Nodelay::NotFound);
+        assert_eq!(socket.ensure(), Nodelay::NotFound);
+        assert_eq!(socket.ensure(), Nodelay::Off);
+        assert_eq!(socket.ensure(), Nodelay::Off);
     }
 
     #[test]
