@@ -85,9 +85,10 @@ def url_event(method, path, body=None):
     e["requestContext"]["http"]["method"] = method
     e["requestContext"]["http"]["path"] = path
     e["headers"]["authorization"] = f"Bearer {KEY}"
-    e["body"] = json.dumps(body) if body is not None else None
     if body is None:
-        e.pop("body")
+        e.pop("body", None)
+    else:
+        e["body"] = json.dumps(body)
     return e
 
 
