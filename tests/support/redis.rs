@@ -91,47 +91,16 @@ impl RedisCluster {
         let dir =
             std::env::temp_dir().join(format!("redis-cluster-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<u16> = (0..3)
-            .map(|_| {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap().port()
-            })
-            .collect();
-        let mut children = Vec::new();
-        for p in &ports {
-            let child = std::process::Command::new("redis-server")
-                .current_dir(&dir)
-                .args([
-                    "--port",
-                    &p.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &format!("nodes-{p}.conf"),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server");
-            children.push(child);
-        }
-        for p in &ports {
-            for _ in 0..100 {
-                if tokio::net::TcpStream::connect(("127.0.0.1", *p))
-                    .await
-                    .is_ok()
-                {
-                    break;
+        // A port picked here can be taken by another test's server before
+        // ours binds it: then those nodes are started again elsewhere.
+        let (ports, children) = 'nodes: {
+            for _ in 0..5 {
+                if let Some(up) = Self::start_nodes(&dir).await {
+                    break 'nodes up;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-        }
+            panic!("three cluster nodes did not start on free ports");
+        };
         let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = std::process::Command::new("redis-cli")
             .arg("--cluster")
@@ -164,6 +133,74 @@ impl RedisCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the cluster did not come up");
+    }
+
+    /// Three cluster-enabled nodes on ports of their own, each answering
+    /// as ours; `None` (all stopped) when one is not.
+    async fn start_nodes(dir: &std::path::Path) -> Option<(Vec<u16>, Vec<std::process::Child>)> {
+        // Held together while picking, so the three ports differ.
+        let listeners: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        drop(listeners);
+        let mut children = Vec::new();
+        for p in &ports {
+            let child = std::process::Command::new("redis-server")
+                .current_dir(dir)
+                .args([
+                    "--port",
+                    &p.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &format!("nodes-{p}.conf"),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            children.push(child);
+        }
+        let cluster_node = |p: u16| {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "info", "cluster"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_enabled:1"))
+                .unwrap_or(false)
+        };
+        let mut up = true;
+        for (p, child) in ports.iter().zip(children.iter_mut()) {
+            let mut ours = false;
+            for _ in 0..100 {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break; // it exited: the port was taken
+                }
+                if cluster_node(*p) {
+                    ours = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            up &= ours;
+        }
+        if up {
+            return Some((ports, children));
+        }
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        None
     }
 
     /// One node's address: a cluster client finds the others from it.
